@@ -1,0 +1,55 @@
+# Thin targets: each one line that calls the kit's command line (`python -m kit …`) with the variables passed on.
+# Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
+#            FILE, MESSAGE, DRY_RUN=1.
+
+CONFIG ?= configs/baseline.yaml
+FOLD ?= 0
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+
+EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
+             $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
+FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
+
+.PHONY: demo test demo-data cache train train-all predict submit venv clean-venv
+
+# The virtual environment is (re)built whenever requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kit demo-data --out data/demo
+	$(PY) -m kit train-all --config configs/demo.yaml $(FORCE_FLAG) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(PY) -m kit predict --config configs/demo.yaml $(if $(OUT),--out $(OUT)) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo-data: $(STAMP)
+	$(PY) -m kit demo-data --out $(or $(DATA_DIR),data/demo) $(FORCE_FLAG)
+
+cache: $(STAMP)
+	$(PY) -m kit cache $(EXPERIMENT)
+
+train: $(STAMP)
+	$(PY) -m kit train --fold $(FOLD) $(FORCE_FLAG) $(EXPERIMENT)
+
+train-all: $(STAMP)
+	$(PY) -m kit train-all $(FORCE_FLAG) $(EXPERIMENT)
+
+predict: $(STAMP)
+	$(PY) -m kit predict $(if $(filter 1 true yes,$(ALLOW_MISSING_FOLDS)),--allow-missing-folds) $(EXPERIMENT)
+
+submit: $(STAMP)
+	$(PY) -m kit submit --file "$(FILE)" $(if $(MESSAGE),--message "$(MESSAGE)") \
+	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(EXPERIMENT)
+
+clean-venv:
+	rm -rf $(VENV)

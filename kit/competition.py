@@ -1,0 +1,14 @@
+"""Facts about the Kaggle competition, defined once for the whole kit."""
+
+COMPETITION = "histopathologic-cancer-detection"
+IMAGE_SIZE = 96          # every patch is 96×96 RGB
+CHANNELS = 3
+CENTRE_SIZE = 32         # a patch is positive when tumour tissue touches its centre 32×32
+CENTRE_START = (IMAGE_SIZE - CENTRE_SIZE) // 2
+CENTRE = slice(CENTRE_START, CENTRE_START + CENTRE_SIZE)
+
+TRAIN_LABELS_CSV = "train_labels.csv"
+SAMPLE_SUBMISSION_CSV = "sample_submission.csv"
+TRAIN_DIR = "train"
+TEST_DIR = "test"
+IMAGE_SUFFIX = ".tif"

@@ -1,0 +1,255 @@
+"""Experiment configuration: the schema, YAML loading, `key=value` overrides, and errors that name the key.
+
+A config is plain data (nested dataclasses). Defaults live here; a YAML file in `configs/` overrides them;
+`key=value` pairs on the command line override the file (dotted keys reach nested sections, e.g.
+`optimizer.lr=3e-4`). Every key and value is checked, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import KitError
+from .io import atomic_write_text
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------
+
+def _seed_augmentation() -> list[dict]:
+    """The seed notebook's ImageDataGenerator recipe: flips, ±20° rotation, ±15% zoom."""
+    return [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "VerticalFlip", "p": 0.5},
+        {"name": "Affine", "rotate": [-20, 20], "scale": [0.85, 1.15], "border_mode": 4, "p": 1.0},
+    ]
+
+
+@dataclass
+class FoldsConfig:
+    n_splits: int = 5            # stratified k-fold; every fold of an experiment reuses the same split file
+    seed: int = 42               # split seed: change it to get a different partition of the same data
+
+
+@dataclass
+class ModelConfig:
+    name: str = "baseline"       # "baseline" = the seed notebook's CNN; any other name is a timm model
+    pretrained: bool = False     # timm only: start from ImageNet weights (needs the hub or its local cache)
+    dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5))
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"           # adam | adamw | sgd
+    lr: float = 1e-3             # the seed's Adam default
+    weight_decay: float = 0.0
+    momentum: float = 0.9        # sgd only
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"       # constant (the seed) | cosine (per step, after a linear warm-up)
+    warmup_epochs: float = 0.0   # linear warm-up from lr/100, in epochs (fractions allowed)
+    min_lr: float = 0.0          # cosine floor
+
+
+@dataclass
+class AugmentConfig:
+    # albumentations transforms by class name, with their parameters; applied to uint8 RGB 96×96 patches.
+    train: list = field(default_factory=_seed_augmentation)
+    valid: list = field(default_factory=list)
+
+
+@dataclass
+class TTAConfig:
+    views: str = "d4"            # d4 = 8 views (flips × 90° rotations) | hflip = 2 views | none = 1 view
+
+
+@dataclass
+class Config:
+    name: str = ""               # experiment name: run folder and submission file are named after it
+    data_dir: str = "data"       # the Kaggle folder: train/, test/, train_labels.csv, sample_submission.csv
+    out_dir: str = "runs"        # run folders (runs/<name>/fold<k>/), folds and the image cache live here
+    submissions_dir: str = "submissions"
+    seed: int = 42               # weights init, shuffling and augmentation
+    epochs: int = 10
+    batch_size: int = 32         # the seed's batch size
+    eval_batch_size: int = 256
+    num_workers: int = -1        # DataLoader workers for augmentation; -1 = auto (0 on CPU, up to 8 on GPU)
+    device: str = "auto"         # auto (GPU when there is one) | cpu | cuda
+    amp: bool = True             # mixed precision on GPU (bf16 where supported, else fp16); ignored on CPU
+    max_train_images: int = 0    # use only the first N training images (quick trials); 0 = all
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "schedule.name": ("constant", "cosine"),
+    "tta.views": ("d4", "hflip", "none"),
+}
+# (minimum, inclusive?) for numeric keys
+MINIMUMS = {
+    "epochs": (1, True), "batch_size": (1, True), "eval_batch_size": (1, True), "num_workers": (-1, True),
+    "max_train_images": (0, True), "folds.n_splits": (2, True), "model.dropout": (0.0, True),
+    "optimizer.lr": (0.0, False), "optimizer.weight_decay": (0.0, True), "optimizer.momentum": (0.0, True),
+    "schedule.warmup_epochs": (0.0, True), "schedule.min_lr": (0.0, True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Find a config by path, or by name in the kit's configs/ folder (so it works from any directory)."""
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        candidates += [CONFIGS_DIR / Path(path).name, CONFIGS_DIR / f"{Path(path).name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))) or "none"
+    raise KitError(f"config file not found: {path} (configs shipped with the kit: {available})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults ← YAML file ← overrides; the experiment name defaults to the file's stem."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        config_path = resolve_config_path(path)
+        source = str(path)
+        try:
+            values = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as err:
+            raise KitError(f"{source}: not valid YAML ({_first_line(err)})") from None
+        if values is None:
+            raise KitError(f"{source} is empty: start from configs/baseline.yaml")
+        if not isinstance(values, dict):
+            raise KitError(f"{source}: expected `key: value` lines at the top level, got {type(values).__name__}")
+        values.setdefault("name", config_path.stem)
+    config = _build(Config, values, prefix="", source=source)
+    if overrides:
+        config = apply_overrides(config, overrides)
+    if not config.name:
+        raise KitError(f"{source}: `name` is empty: give the experiment a name (it names runs and submissions)")
+    return config
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["epochs=3", "optimizer.lr=3e-4"]` → {"epochs": 3, "optimizer.lr": 0.0003} (values read as YAML)."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise KitError(f"override {pair!r} is not key=value (e.g. epochs=3 or optimizer.lr=3e-4)")
+        try:
+            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            parsed[key.strip()] = text
+    return parsed
+
+
+def apply_overrides(config: Config, overrides: list[str] | dict) -> Config:
+    """Return a new config with dotted-key overrides applied and checked like file values."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values = to_dict(config)
+    for dotted_key, value in overrides.items():
+        section = values
+        parts = dotted_key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(section.get(part), dict):
+                raise KitError(_unknown_key_message(".".join(parts[: depth + 1]), section, "override"))
+            section = section[part]
+        if parts[-1] not in section:
+            raise KitError(_unknown_key_message(dotted_key, section, "override", prefix=".".join(parts[:-1])))
+        section[parts[-1]] = value
+    return _build(Config, values, prefix="", source="override")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the effective config as YAML (atomically), so a run folder says exactly what produced it."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_dict(values: dict, source: str = "saved config") -> Config:
+    return _build(Config, values, prefix="", source=source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking
+# ----------------------------------------------------------------------------------------------------------------
+
+def _build(schema, values: dict, prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise KitError(f"{source}: `{prefix.rstrip('.')}` must be a section of `key: value` lines")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in values:
+        if key not in fields:
+            raise KitError(_unknown_key_message(prefix + str(key), fields, source, prefix=prefix.rstrip(".")))
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key + ".", source)
+        else:
+            kwargs[name] = _check_value(key, value, hint, source)
+    return schema(**kwargs)
+
+
+def _check_value(key: str, value, hint, source: str):
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[hint]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            value = float(value)       # YAML reads `1e-3` (no dot) as a string
+        except ValueError:
+            pass
+    if hint is str and value is None:
+        value = ""
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise KitError(f"{source}: `{key}` must be {expected}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise KitError(f"{source}: `{key}` must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in MINIMUMS:
+        minimum, inclusive = MINIMUMS[key]
+        if value < minimum or (value == minimum and not inclusive):
+            relation = "at least" if inclusive else "greater than"
+            raise KitError(f"{source}: `{key}` must be {relation} {minimum}, got {value!r}")
+    return value
+
+
+def _unknown_key_message(key: str, known, source: str, prefix: str = "") -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=3)
+    close += [name for name in known if name not in close and len(name) > 1 and (name in leaf or leaf in name)]
+    qualified = [f"{prefix}.{name}" if prefix else name for name in close]
+    hint = f"; did you mean {' or '.join(qualified)}?" if close else ""
+    return f"{source}: unknown config key `{key}`{hint}"
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,304 @@
+"""One fold's training: the loop, mixed precision, the schedule, checkpoints, resume and out-of-fold predictions.
+
+Per experiment and fold, `runs/<experiment>/fold<k>/` keeps:
+  last.pt       everything needed to resume (weights, optimizer, schedule, RNG, history), after every epoch
+  best.pt       weights of the epoch with the best validation AUC (what `predict` uses)
+  history.csv   one row per epoch: losses, AUC, learning rate, images/s
+  oof.csv       out-of-fold predictions of the best epoch: id, label, pred
+  metrics.json  written when the fold is finished
+  config.yaml   the effective config
+Every file is written atomically, so an interrupted run leaves the previous complete version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from .augment import build_transform
+from .config import Config, save_config, to_dict
+from .data import (PatchDataset, cache_dir_for, check_data_dir, load_split_images, read_train_labels,
+                   seed_worker_transform, to_model_input)
+from .errors import KitError
+from .folds import load_or_make_folds
+from .io import atomic_torch_save, atomic_write_csv, atomic_write_json
+from .models import build_model, count_parameters
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+def experiment_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def fold_dir(cfg: Config, fold: int) -> Path:
+    return experiment_dir(cfg) / f"fold{fold}"
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise KitError("config `device: cuda` but no GPU is visible to PyTorch; use device=auto or device=cpu")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None = full precision."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                               nesterov=opt.momentum > 0)
+    optimizer_class = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: constant, or linear warm-up then cosine down to `min_lr`."""
+    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    floor = cfg.schedule.min_lr / cfg.optimizer.lr
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / warmup_steps
+        if cfg.schedule.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_num_workers(requested: int, device: torch.device) -> int:
+    if requested >= 0:
+        return requested
+    # on CPU the model is the bottleneck and workers would take its cores; on GPU decode/augment in parallel
+    import os
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One epoch, and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dtype, desc: str):
+    """One pass over `loader`; returns (mean loss, images per second). Shows a bar with loss and images/s."""
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, mininterval=0.5)
+    for images, labels in bar:
+        inputs = to_model_input(images, device)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(inputs).float(), labels)
+        if not torch.isfinite(loss):
+            raise KitError(f"training diverged ({desc}: loss is {loss.item()}); lower optimizer.lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total_loss += loss.item() * len(images)
+        seen += len(images)
+        rate = seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{rate:,.0f}")
+    bar.close()
+    return total_loss / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_logits(model, images: np.ndarray, indices: np.ndarray | None, batch_size: int, device,
+                   amp_dtype=None, desc: str | None = None) -> np.ndarray:
+    """Logits for `images[indices]` (all when None), batch by batch straight from the uint8 array."""
+    model.eval()
+    order = np.arange(len(images)) if indices is None else np.asarray(indices)
+    outputs = []
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, dynamic_ncols=True):
+        # a plain slice reads the memory-mapped cache sequentially; a row list gathers
+        rows = slice(start, start + batch_size) if indices is None else order[start:start + batch_size]
+        batch = torch.from_numpy(np.array(images[rows]))   # a writable copy out of the read-only cache
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs.append(model(to_model_input(batch, device)).float().cpu())
+    return torch.cat(outputs).numpy() if outputs else np.empty(0, dtype=np.float32)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def bce_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Binary cross-entropy from logits, numerically stable."""
+    logits = logits.astype(np.float64)
+    return float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One fold
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FoldData:
+    ids: np.ndarray              # every training id, in train_labels.csv order
+    labels: np.ndarray           # 0/1 per id
+    images: np.ndarray           # (N, 96, 96, 3) uint8, memory-mapped cache
+    train_rows: np.ndarray       # rows of this fold's training part
+    valid_rows: np.ndarray       # rows of this fold's held-out part
+
+
+def prepare_fold_data(cfg: Config, fold: int) -> FoldData:
+    """Labels, folds and the image cache for one fold (cached images are shared by every fold)."""
+    if fold < 0 or fold >= cfg.folds.n_splits:
+        raise KitError(f"fold {fold} does not exist: folds.n_splits is {cfg.folds.n_splits} "
+                       f"(folds 0..{cfg.folds.n_splits - 1})")
+    data_dir = check_data_dir(cfg.data_dir)
+    labels = read_train_labels(data_dir)
+    folds = load_or_make_folds(labels, cfg.folds.n_splits, cfg.folds.seed, Path(cfg.out_dir) / "folds")
+    images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg.out_dir, data_dir))
+    fold_of_row = folds["fold"].to_numpy()
+    train_rows = np.flatnonzero(fold_of_row != fold)
+    if cfg.max_train_images:
+        train_rows = train_rows[: cfg.max_train_images]
+    return FoldData(ids=labels["id"].to_numpy(), labels=labels["label"].to_numpy(), images=images,
+                    train_rows=train_rows, valid_rows=np.flatnonzero(fold_of_row == fold))
+
+
+def fold_is_finished(cfg: Config, fold: int) -> bool:
+    metrics_path = fold_dir(cfg, fold) / "metrics.json"
+    if not metrics_path.exists():
+        return False
+    return json.loads(metrics_path.read_text()).get("epochs_trained", 0) >= cfg.epochs
+
+
+def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
+    """Train (or resume) one fold; return its metrics. A finished fold is returned as is unless `force`.
+
+    `on_epoch_end(epoch, row)` is called after each epoch's files are saved (tests use it to interrupt a run).
+    """
+    out = fold_dir(cfg, fold)
+    if force and out.exists():
+        shutil.rmtree(out)
+    if fold_is_finished(cfg, fold):
+        metrics = json.loads((out / "metrics.json").read_text())
+        log(f"{cfg.name} fold {fold}: already trained (best val AUC {metrics['best_val_auc']:.4f} at epoch "
+            f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
+        return metrics
+
+    data = prepare_fold_data(cfg, fold)
+    device = select_device(cfg.device)
+    amp_dtype = autocast_dtype(device, cfg.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.seed * 1000 + fold)
+
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    train_transform = build_transform(cfg.augment.train, "augment.train")
+    dataset = PatchDataset(data.images, data.train_rows, data.labels[data.train_rows], train_transform)
+    workers = resolve_num_workers(cfg.num_workers, device)
+    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    history: list[dict] = []
+    best_auc, best_epoch, start_epoch = -1.0, 0, 1
+    last_path = out / "last.pt"
+    if last_path.exists():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_auc, best_epoch = state["history"], state["best_auc"], state["best_epoch"]
+        start_epoch = state["epoch"] + 1
+        log(f"{cfg.name} fold {fold}: resuming after epoch {state['epoch']} (best val AUC {best_auc:.4f})")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: model {cfg.model.name}, "
+        f"{count_parameters(model):,} parameters, {len(data.train_rows):,} train / {len(data.valid_rows):,} valid "
+        f"images, device {device}{f' ({amp_dtype})' if amp_dtype else ''}")
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch   # same batches and views whether resumed or not
+        if train_transform is not None:
+            train_transform.set_random_seed(epoch_seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+            worker_init_fn=seed_worker_transform if workers else None,
+            generator=torch.Generator().manual_seed(epoch_seed))
+        started = time.perf_counter()
+        train_loss, images_per_s = train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dtype,
+                                                   desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
+        valid_logits = predict_logits(model, data.images, data.valid_rows, cfg.eval_batch_size, device, amp_dtype)
+        valid_labels = data.labels[data.valid_rows]
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": bce_loss(valid_logits, valid_labels),
+               "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": optimizer.param_groups[0]["lr"],
+               "images_per_s": images_per_s, "seconds": time.perf_counter() - started}
+        history.append(row)
+        improved = row["val_auc"] > best_auc
+        if improved:
+            best_auc, best_epoch = row["val_auc"], epoch
+            atomic_torch_save(out / "best.pt", {"model": model.state_dict(), "config": to_dict(cfg),
+                                                "epoch": epoch, "val_auc": best_auc, "fold": fold})
+            oof = pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels,
+                                "pred": sigmoid(valid_logits)})
+            atomic_write_csv(out / "oof.csv", oof)
+        atomic_write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+        atomic_torch_save(last_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+            "history": history, "best_auc": best_auc, "best_epoch": best_epoch, "config": to_dict(cfg)})
+        log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {images_per_s:,.0f} img/s  "
+            f"{row['seconds']:.0f}s")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+
+    metrics = {"experiment": cfg.name, "fold": fold, "best_val_auc": best_auc, "best_epoch": best_epoch,
+               "epochs_trained": len(history), "train_images": int(len(data.train_rows)),
+               "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
+               "parameters": count_parameters(model), "device": str(device)}
+    atomic_write_json(out / "metrics.json", metrics)
+    log(f"{cfg.name} fold {fold}: done, best val AUC {best_auc:.4f} at epoch {best_epoch} → {out}")
+    return metrics
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged or foreign file: name it rather than show torch's internals
+        raise KitError(f"cannot read checkpoint {path} ({type(err).__name__}); delete it or retrain with FORCE=1") \
+            from None

@@ -1,0 +1,115 @@
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from kit.data import check_data_dir, load_split_images, read_image, read_sample_submission, read_train_labels
+from kit.errors import KitError
+
+from conftest import REPO
+
+
+def test_demo_data_follows_the_kaggle_layout(demo_data):
+    labels = pd.read_csv(demo_data / "train_labels.csv", dtype={"id": str})
+    sample = pd.read_csv(demo_data / "sample_submission.csv", dtype={"id": str})
+    assert list(labels.columns) == ["id", "label"] == list(sample.columns)
+    for frame, folder in ((labels, "train"), (sample, "test")):
+        assert frame["id"].str.fullmatch(r"[0-9a-f]{40}").all() and frame["id"].is_unique
+        assert sorted(p.stem for p in (demo_data / folder).glob("*.tif")) == sorted(frame["id"])
+    assert set(labels["label"]) == {0, 1} and 0.3 < labels["label"].mean() < 0.5
+    assert (sample["label"] == 0).all() and sample["id"].tolist() != sorted(sample["id"])
+    image = cv2.imread(str(demo_data / "train" / f"{labels['id'][0]}.tif"), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (96, 96, 3) and image.dtype == np.uint8
+
+
+def test_read_image_returns_rgb(tmp_path):
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[..., 0] = 200                                            # pure red in RGB
+    cv2.imwrite(str(tmp_path / "a.tif"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert np.array_equal(read_image(tmp_path / "a.tif"), rgb)
+
+
+def test_cache_equals_direct_decoding_and_is_reused(demo_data, tmp_path):
+    ids = read_train_labels(demo_data)["id"]
+    cached = load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=2)
+    assert cached.shape == (len(ids), 96, 96, 3) and cached.dtype == np.uint8
+    for row in (0, 17, len(ids) - 1):
+        assert np.array_equal(cached[row], read_image(demo_data / "train" / f"{ids[row]}.tif"))
+    files = list((tmp_path / "cache").iterdir())
+    again = load_split_images(demo_data, "train", ids, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == files and np.array_equal(again, cached)
+
+
+def test_changed_source_rebuilds_the_cache(data_copy, tmp_path):
+    ids = read_sample_submission(data_copy)["id"]
+    before = load_split_images(data_copy, "test", ids, tmp_path / "cache")
+    path = data_copy / "test" / f"{ids[3]}.tif"
+    new = np.full((96, 96, 3), 7, np.uint8)
+    cv2.imwrite(str(path), new)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    after = load_split_images(data_copy, "test", ids, tmp_path / "cache")
+    assert np.array_equal(after[3], new) and not np.array_equal(before[3], after[3])
+    assert len(list((tmp_path / "cache").glob("test-*.npy"))) == 1   # the stale cache is gone
+
+
+def damage(data_dir, how):
+    labels = pd.read_csv(data_dir / "train_labels.csv", dtype={"id": str})
+    victim = data_dir / "train" / f"{labels['id'][5]}.tif"
+    if how == "missing_tif":
+        victim.unlink()
+    elif how == "truncated_tif":
+        victim.write_bytes(victim.read_bytes()[:300])
+    elif how == "not_a_tif":
+        victim.write_text("hello")
+    elif how == "wrong_size":
+        cv2.imwrite(str(victim), np.zeros((64, 64, 3), np.uint8))
+    elif how == "grayscale":
+        cv2.imwrite(str(victim), np.zeros((96, 96), np.uint8))
+    elif how == "bad_label":
+        labels.loc[5, "label"] = 2
+        labels.to_csv(data_dir / "train_labels.csv", index=False)
+    elif how == "bad_header":
+        labels.rename(columns={"label": "target"}).to_csv(data_dir / "train_labels.csv", index=False)
+    elif how == "no_labels_csv":
+        (data_dir / "train_labels.csv").unlink()
+    return victim
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing_tif", "is missing, though train_labels.csv lists its id"),
+    ("truncated_tif", "cannot decode"),
+    ("not_a_tif", "cannot decode"),
+    ("wrong_size", "is 64×64×3 uint8; every patch must be 96×96×3"),
+    ("grayscale", "is 96×96 uint8; every patch must be 96×96×3"),
+])
+def test_bad_images_are_named(data_copy, tmp_path, how, message):
+    victim = damage(data_copy, how)
+    with pytest.raises(KitError) as caught:
+        load_split_images(data_copy, "train", read_train_labels(data_copy)["id"], tmp_path / "cache", workers=2)
+    assert message in str(caught.value) and victim.name in str(caught.value)
+    assert not list((tmp_path / "cache").glob("*.npy")), "a failed build must not leave a cache taken as complete"
+
+
+@pytest.mark.parametrize("how, message", [
+    ("bad_label", "row 7 has label 2; labels must be 0 or 1"),
+    ("bad_header", "header must be `id,label`"),
+    ("no_labels_csv", "lacks train_labels.csv: run `make data`"),
+])
+def test_bad_csvs_are_refused(data_copy, how, message):
+    damage(data_copy, how)
+    with pytest.raises(KitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_train_labels(check_data_dir(data_copy))
+
+
+def test_missing_data_folder_points_at_make_data(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kit", "train", "--config", "configs/demo.yaml", "--fold", "0",
+                             "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: data folder not found: {tmp_path / 'nowhere'}: run `make data` (or `make demo-data` for generated "
+        f"data), or pass DATA_DIR=/path/to/data"]

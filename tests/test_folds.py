@@ -1,0 +1,43 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from kit.errors import KitError
+from kit.folds import assign_folds, load_or_make_folds
+
+
+@pytest.fixture
+def labels():
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"id": [f"{i:040x}" for i in range(1003)], "label": (rng.random(1003) < 0.4).astype(int)})
+
+
+def test_folds_are_stratified_disjoint_and_covering(labels):
+    folds = assign_folds(labels, n_splits=5, seed=42)
+    assert folds["id"].tolist() == labels["id"].tolist()
+    assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    # every id is held out exactly once: disjoint validation parts that cover the data
+    assert folds["id"].is_unique and len(folds) == len(labels)
+    overall = labels["label"].mean()
+    for fold, part in folds.groupby("fold"):
+        assert abs(len(part) - len(labels) / 5) <= 1
+        assert abs(part["label"].mean() - overall) < 0.01
+
+
+def test_folds_file_is_written_once_and_reused(labels, tmp_path):
+    first = load_or_make_folds(labels, 5, 42, tmp_path)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = load_or_make_folds(labels, 5, 42, tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(first, again)
+    other_seed = load_or_make_folds(labels, 5, 7, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert not np.array_equal(other_seed["fold"], first["fold"])
+
+
+def test_too_few_images_per_class_is_refused(labels):
+    tiny = labels.head(6).assign(label=[0, 0, 0, 0, 0, 1])
+    with pytest.raises(KitError, match="n_splits"):
+        assign_folds(tiny, n_splits=5, seed=0)
