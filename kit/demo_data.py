@@ -51,13 +51,13 @@ def _draw_tumour(image: np.ndarray, rng: np.random.Generator, cluster_centre: np
     """Draw a cluster of large, pale, irregular nuclei with dark rims; return the boolean tumour mask."""
     mask = np.zeros(image.shape[:2], dtype=np.uint8)
     radius = rng.uniform(8, 16)
-    for _ in range(rng.integers(2, 10)):
+    for _ in range(rng.integers(4, 10)):
         offset = rng.normal(0, radius / 2, 2)
         x, y = (int(v) for v in np.clip(cluster_centre + offset, 0, IMAGE_SIZE - 1))
         axes = (int(rng.integers(4, 8)), int(rng.integers(3, 6)))
         angle = float(rng.uniform(0, 180))
-        fill = tuple(int(v) for v in np.array([150, 95, 185]) + rng.normal(0, 10, 3))
-        rim = tuple(int(v) for v in np.array([85, 40, 130]) + rng.normal(0, 8, 3))
+        fill = tuple(int(v) for v in np.array([120, 65, 160]) + rng.normal(0, 10, 3))   # hyperchromatic
+        rim = tuple(int(v) for v in np.array([60, 25, 100]) + rng.normal(0, 8, 3))
         cv2.ellipse(image, (x, y), axes, angle, 0, 360, fill, -1, lineType=cv2.LINE_AA)
         cv2.ellipse(image, (x, y), axes, angle, 0, 360, rim, 1, lineType=cv2.LINE_AA)
         cv2.ellipse(mask, (x, y), axes, angle, 0, 360, 1, -1)
