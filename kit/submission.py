@@ -49,7 +49,7 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, name: st
     not_numeric = labels.isna()
     if not_numeric.any():
         raise KitError(f"{name}: row {_line(not_numeric)} (id {ids[not_numeric].iloc[0]}) has label "
-                       f"{submission['label'][not_numeric].iloc[0]!r}; every label must be a number in [0, 1]")
+                       f"{submission['label'][not_numeric].iloc[0]}; every label must be a number in [0, 1]")
     outside = (labels < 0) | (labels > 1) | ~np.isfinite(labels)
     if outside.any():
         raise KitError(f"{name}: row {_line(outside)} (id {ids[outside].iloc[0]}) has label "

@@ -1,0 +1,64 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kit.cli import main
+from kit.config import ModelConfig
+from kit.models import build_model
+from kit.predict import predict_probabilities
+
+
+def test_d4_tta_equals_the_mean_of_the_eight_views_by_hand():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="baseline")).eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
+    got = predict_probabilities(model, images, "d4", batch_size=2, device=torch.device("cpu"))
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    views = [torch.rot90(flipped, k, dims=(2, 3)) for flipped in (x, x.flip(3)) for k in range(4)]
+    with torch.no_grad():
+        per_view = torch.stack([torch.sigmoid(model(v)) for v in views])
+    assert len({tuple(p.numpy().round(6)) for p in per_view}) == 8, "the views must differ for the test to mean much"
+    np.testing.assert_allclose(got, per_view.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    no_tta = predict_probabilities(model, images, "none", batch_size=2, device=torch.device("cpu"))
+    np.testing.assert_allclose(no_tta, per_view[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo_data, tmp_path, capsys):
+    cfg = quick_config(epochs=1)
+    common = ["--config", "configs/demo.yaml", "--data-dir", str(demo_data), "--out", cfg.out_dir,
+              "epochs=1", "folds.n_splits=2", f"submissions_dir={cfg.submissions_dir}"]
+
+    code, out, err = run_cli(capsys, "train", "--fold", "0", *common)
+    assert code == 0 and "1,731,905 parameters" in out and "val_auc" in out
+
+    code, out, err = run_cli(capsys, "predict", *common)
+    assert code == 2 and "lacks finished folds 1 of 2" in err and "ALLOW_MISSING_FOLDS=1" in err
+    assert not list((tmp_path / "submissions").glob("*.csv")) if (tmp_path / "submissions").exists() else True
+
+    code, out, err = run_cli(capsys, "predict", "--allow-missing-folds", *common)
+    assert code == 0 and "folds 0 × 8 TTA views" in out
+
+    code, out, err = run_cli(capsys, "train-all", *common)
+    assert code == 0 and "fold 0: already trained" in out
+    code, out, err = run_cli(capsys, "predict", *common)
+    assert code == 0
+    path = out.strip().splitlines()[-1]                      # the CSV's path is the last line
+    assert path.startswith(cfg.submissions_dir) and path.endswith(".csv") and "/demo-" in path
+    assert "CV AUC (out-of-fold, 2 folds)" in out
+
+    submission = pd.read_csv(path, dtype={"id": str})
+    sample = pd.read_csv(demo_data / "sample_submission.csv", dtype={"id": str})
+    assert list(submission.columns) == ["id", "label"]
+    assert submission["id"].tolist() == sample["id"].tolist()
+    assert submission["label"].between(0, 1).all() and submission["label"].nunique() > 1
+
+    code, out, err = run_cli(capsys, "submit", "--file", path, "--dry-run", *common)
+    assert code == 0 and "valid" in out and "nothing sent" in out
