@@ -183,3 +183,91 @@ def submit(path: str | Path, sample: pd.DataFrame, message: str, competition: st
     if result == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise KitError(f"Kaggle upload of {path} failed ({result}); retry `make submit`")
     log(f"submitted {path} to {competition}: {message!r}" + (f" ({result})" if result else ""))
+
+
+def recent_submissions(competition: str = COMPETITION, limit: int = 20) -> pd.DataFrame:
+    """Date, description, status and public score of the latest submissions, newest first."""
+    api = kaggle_api()
+    try:
+        submissions = api.competition_submissions(competition, page_size=limit) or []
+    except Exception as err:
+        raise explain_api_error(err, f"list the submissions of {competition}") from None
+    rows = [{"date": s.date, "file": s.file_name, "description": s.description,
+             "status": getattr(s.status, "name", s.status), "public_score": s.public_score,
+             "private_score": s.private_score} for s in submissions if s is not None]
+    return pd.DataFrame(rows, columns=["date", "file", "description", "status", "public_score", "private_score"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downloading the competition data
+# ----------------------------------------------------------------------------------------------------------------
+
+def verify_data_dir(data_dir: Path) -> tuple[int, int]:
+    """Every id of both CSVs has its .tif; returns (train, test) counts. Raises KitError naming what is missing."""
+    from .data import check_data_dir, image_paths, read_sample_submission, read_train_labels, source_fingerprint
+    from .competition import TEST_DIR, TRAIN_DIR
+
+    check_data_dir(data_dir)
+    train_ids = read_train_labels(data_dir)["id"]
+    test_ids = read_sample_submission(data_dir)["id"]
+    source_fingerprint(image_paths(data_dir / TRAIN_DIR, train_ids), "train_labels.csv")
+    source_fingerprint(image_paths(data_dir / TEST_DIR, test_ids), "sample_submission.csv")
+    return len(train_ids), len(test_ids)
+
+
+def extract_missing(zip_path: Path, data_dir: Path, log=print) -> int:
+    """Unzip the members that are absent or of the wrong size (so an interrupted unzip resumes), each atomically."""
+    import shutil
+    import zipfile
+
+    from .io import atomic_path
+
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        zip_path.unlink()
+        raise KitError(f"{zip_path} is not a complete zip and was removed; run `make data` again") from None
+    extracted = 0
+    with archive:
+        root = data_dir.resolve()
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        todo = []
+        for member in members:
+            target = (data_dir / member.filename).resolve()
+            if root not in target.parents:
+                raise KitError(f"{zip_path}: member {member.filename} would land outside {data_dir}; not extracting")
+            if not target.is_file() or target.stat().st_size != member.file_size:
+                todo.append((member, target))
+        from tqdm import tqdm
+
+        for member, target in tqdm(todo, desc="unzip", unit="file", disable=not todo, mininterval=0.5):
+            with archive.open(member) as source, atomic_path(target) as tmp, open(tmp, "wb") as sink:
+                shutil.copyfileobj(source, sink, length=1 << 20)
+            extracted += 1
+    log(f"unzipped {extracted:,} of {len(members):,} files into {data_dir}")
+    return extracted
+
+
+def download_competition_data(data_dir: Path, competition: str = COMPETITION, log=print) -> Path:
+    """Download (resuming where the client can), unzip what is missing, verify; a complete folder is left alone."""
+    try:
+        train_count, test_count = verify_data_dir(data_dir)
+        log(f"{data_dir} is complete: {train_count:,} train / {test_count:,} test images; nothing to download")
+        return data_dir
+    except KitError:
+        pass
+    zip_path = data_dir / f"{competition}.zip"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    api = kaggle_api()
+    log(f"downloading {competition} into {data_dir} (the client resumes a partial download)")
+    try:
+        api.competition_download_files(competition, path=str(data_dir), quiet=False)
+    except Exception as err:
+        raise explain_api_error(err, f"download the {competition} data") from None
+    if not zip_path.is_file():
+        raise KitError(f"the download did not produce {zip_path}; run `make data` again")
+    extract_missing(zip_path, data_dir, log=log)
+    train_count, test_count = verify_data_dir(data_dir)
+    zip_path.unlink()
+    log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images ({zip_path.name} removed)")
+    return data_dir

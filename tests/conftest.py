@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# The kaggle client reads this at import: every test call goes to loopback, never to kaggle.com.
+os.environ["KAGGLE_API_ENVIRONMENT"] = "LOCALHOST"
 
 from kit.config import load_config  # noqa: E402
 from kit.demo_data import make_demo_data  # noqa: E402
@@ -38,3 +40,25 @@ def quick_config(demo_data, tmp_path):
         values.update(overrides)
         return load_config(REPO / "configs" / "demo.yaml", values)
     return make
+
+
+@pytest.fixture
+def no_kaggle_credentials(monkeypatch, tmp_path):
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle-config"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg-config"))
+
+
+@pytest.fixture
+def fake_kaggle(monkeypatch, tmp_path, no_kaggle_credentials):
+    """A fake Kaggle API on a free loopback port, the real kaggle client pointed at it, test credentials set."""
+    from kagglesdk import kaggle_env
+
+    from fake_kaggle import FakeKaggle
+
+    with FakeKaggle() as fake:
+        monkeypatch.setitem(kaggle_env._env_to_endpoint, kaggle_env.KaggleEnv.LOCAL, fake.url)
+        monkeypatch.setenv("KAGGLE_USERNAME", "kit-tester")
+        monkeypatch.setenv("KAGGLE_KEY", "test-key-0123456789")
+        yield fake

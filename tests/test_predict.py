@@ -60,5 +60,5 @@ def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo
     assert submission["id"].tolist() == sample["id"].tolist()
     assert submission["label"].between(0, 1).all() and submission["label"].nunique() > 1
 
-    code, out, err = run_cli(capsys, "submit", "--file", path, "--dry-run", *common)
+    code, out, err = run_cli(capsys, "submit", "--file", path, "--dry-run")   # sample found via the .json sidecar
     assert code == 0 and "valid" in out and "nothing sent" in out

@@ -45,10 +45,7 @@ def test_file_with_wrong_header_is_refused_before_upload(sample, tmp_path):
         submit(path, sample, "msg")          # raises before any credential lookup or network call
 
 
-def test_submit_without_credentials_says_how_to_provide_them(sample, tmp_path, monkeypatch, capsys):
-    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle-config"))
+def test_submit_without_credentials_says_how_to_provide_them(sample, tmp_path, no_kaggle_credentials, capsys):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     sample.to_csv(data_dir / "sample_submission.csv", index=False)

@@ -1,0 +1,148 @@
+"""The Python API: one function per make target, for notebooks (Kaggle's included) and for the command line.
+
+    from kit import api
+    cfg = api.load_config("baseline", epochs=3)     # a shipped config by name, or a path; keyword overrides
+    api.train_all(cfg)                              # or api.train(cfg, fold=0)
+    path = api.predict(cfg)                         # folds × TTA → validated CSV; returns its path
+    api.submit(path)                                # validate, then upload through the Kaggle API
+
+Inside a Kaggle notebook the competition data is found at /kaggle/input/histopathologic-cancer-detection and every
+output (runs, cache, submissions) goes under the working directory, so the kit itself can sit on a read-only input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import config as config_module
+from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
+from .config import Config
+from .errors import KitError
+
+KAGGLE_ROOT_VARIABLE = "KIT_KAGGLE_ROOT"     # where a Kaggle notebook's /kaggle tree is (tests point it elsewhere)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+def kaggle_root() -> Path:
+    return Path(os.environ.get(KAGGLE_ROOT_VARIABLE, "/kaggle"))
+
+
+def kaggle_competition_input() -> Path | None:
+    """The competition data attached to a Kaggle notebook, when there is one."""
+    path = kaggle_root() / "input" / COMPETITION
+    return path if (path / SAMPLE_SUBMISSION_CSV).is_file() else None
+
+
+def load_config(name_or_path: str | Path = "baseline", overrides: list[str] | dict | None = None,
+                **keyword_overrides) -> Config:
+    """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides.
+
+    When the config's data folder does not exist but a Kaggle notebook has the competition attached, that is used.
+    """
+    merged = config_module.parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    merged.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
+    cfg = config_module.load_config(name_or_path, merged)
+    if "data_dir" not in merged and not Path(cfg.data_dir).exists() and kaggle_competition_input() is not None:
+        cfg = config_module.apply_overrides(cfg, {"data_dir": str(kaggle_competition_input())})
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_demo_data(out_dir: str | Path = "data/demo", n_train: int = 1500, n_test: int = 400, seed: int = 0,
+                   force: bool = False, log=print) -> Path:
+    from .demo_data import demo_data_is_complete, make_demo_data as generate
+
+    if not force and demo_data_is_complete(out_dir, n_train, n_test):
+        log(f"demo data already in {out_dir} ({n_train} train / {n_test} test patches)")
+        return Path(out_dir)
+    generate(out_dir, n_train=n_train, n_test=n_test, seed=seed)
+    log(f"demo data written to {out_dir}: {n_train} train / {n_test} test patches")
+    return Path(out_dir)
+
+
+def download_data(data_dir: str | Path = "data", log=print) -> Path:
+    """Download, unzip and verify the competition files; a complete folder is left alone."""
+    from .submission import download_competition_data
+
+    return download_competition_data(Path(data_dir), log=log)
+
+
+def build_cache(cfg: Config, log=print) -> None:
+    from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, read_train_labels
+
+    data_dir = check_data_dir(cfg.data_dir)
+    cache_dir = cache_dir_for(cfg.out_dir, data_dir)
+    for split, ids in (("train", read_train_labels(data_dir)["id"]), ("test", read_sample_submission(data_dir)["id"])):
+        images = load_split_images(data_dir, split, ids, cache_dir)
+        log(f"{split}: {len(images):,} images cached in {cache_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and prediction
+# ----------------------------------------------------------------------------------------------------------------
+
+def train(cfg: Config, fold: int, force: bool = False, log=print) -> dict:
+    """Train (or resume) one fold; a finished fold is skipped unless `force`."""
+    from .engine import train_fold
+
+    return train_fold(cfg, fold, force=force, log=log)
+
+
+def train_all(cfg: Config, force: bool = False, log=print) -> list[dict]:
+    return [train(cfg, fold, force=force, log=log) for fold in range(cfg.folds.n_splits)]
+
+
+def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
+    """Fold ensemble × TTA on the test set → a validated CSV in submissions_dir; returns its path."""
+    from .data import read_sample_submission
+    from .predict import predict_test
+    from .submission import build_submission, submission_path, write_submission
+
+    prediction = predict_test(cfg, allow_missing_folds=allow_missing_folds, log=log)
+    sample = read_sample_submission(cfg.data_dir)
+    details = {"experiment": cfg.name, "cv_auc": prediction.cv_auc, "folds": [c.fold for c in prediction.folds],
+               "tta": prediction.views,
+               "sample_submission": str(Path(cfg.data_dir).resolve() / SAMPLE_SUBMISSION_CSV)}
+    path = write_submission(build_submission(prediction.ids, prediction.probabilities, sample),
+                            submission_path(cfg.submissions_dir, cfg.name), sample, details)
+    log(f"submission validated against {SAMPLE_SUBMISSION_CSV} ({len(sample):,} rows)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kaggle
+# ----------------------------------------------------------------------------------------------------------------
+
+def submit(path: str | Path, message: str | None = None, dry_run: bool = False, data_dir: str | Path | None = None,
+           log=print) -> None:
+    """Validate `path` against sample_submission.csv, then upload it (unless `dry_run`).
+
+    sample_submission.csv comes from `data_dir`, else from the folder the file was predicted from.
+    """
+    from .data import read_sample_submission
+    from .submission import default_message, read_submission_details, submit as upload
+
+    if not path or not str(path).strip():
+        raise KitError("say which file to submit: make submit FILE=submissions/<experiment>-<time>.csv")
+    details = read_submission_details(path)
+    sample_source = data_dir or details.get("sample_submission") or kaggle_competition_input()
+    if sample_source is None:
+        raise KitError(f"cannot tell which {SAMPLE_SUBMISSION_CSV} {path} answers: pass DATA_DIR=/path/to/data")
+    upload(path, read_sample_submission(sample_source), message or default_message(details, path),
+           dry_run=dry_run, log=log)
+
+
+def list_submissions(log=print):
+    """The competition's recent submissions (newest first) with status and public score, as a DataFrame."""
+    from .submission import recent_submissions
+
+    table = recent_submissions()
+    log(table.to_string(index=False) if len(table) else f"no submissions yet to {COMPETITION}")
+    return table

@@ -1,0 +1,133 @@
+"""The Kaggle round trip through the real `kaggle` client, against a fake Kaggle API on loopback."""
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kit import api
+from kit.cli import main
+from kit.errors import KitError
+
+
+@pytest.fixture
+def predicted(tmp_path):
+    """A valid submission as `make predict` leaves it: the CSV, its .json sidecar, and the sample it answers."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    sample = pd.DataFrame({"id": ["c3", "a1", "b2"], "label": 0})
+    sample.to_csv(data_dir / "sample_submission.csv", index=False)
+    path = tmp_path / "submissions" / "demo-20261125-101500.csv"
+    path.parent.mkdir()
+    sample.assign(label=[0.9, 0.1, 0.5]).to_csv(path, index=False)
+    path.with_suffix(".json").write_text(json.dumps({
+        "experiment": "demo", "cv_auc": 0.98765, "folds": [0, 1, 2], "tta": "d4",
+        "sample_submission": str(data_dir / "sample_submission.csv")}))
+    return path
+
+
+def test_submit_uploads_the_exact_bytes_with_experiment_and_cv_auc(fake_kaggle, predicted, capsys):
+    assert main(["submit", "--file", str(predicted)]) == 0
+    assert [name for name, _ in fake_kaggle.calls] == ["StartSubmissionUpload", "CreateSubmission"]
+    (uploaded,) = fake_kaggle.uploads.values()
+    assert uploaded == predicted.read_bytes()
+    (created,) = fake_kaggle.submissions
+    assert created["competitionName"] == "histopathologic-cancer-detection"
+    assert created["submissionDescription"] == "demo | CV AUC 0.9877 | folds [0, 1, 2] | TTA d4"
+    assert created["blobFileTokens"] == next(iter(fake_kaggle.uploads))
+    assert fake_kaggle.auth_headers[0].startswith("Basic ")          # the legacy key, sent as basic auth
+    out = capsys.readouterr().out
+    assert "submitted" in out and "test-key-0123456789" not in out   # credentials are never printed
+
+
+def test_message_override(fake_kaggle, predicted):
+    api.submit(predicted, message="my own words")
+    assert fake_kaggle.submissions[0]["submissionDescription"] == "my own words"
+
+
+def test_invalid_csv_never_reaches_the_server(fake_kaggle, predicted, capsys):
+    pd.DataFrame({"id": ["c3", "a1", "zz"], "label": [0.1, 0.2, 0.3]}).to_csv(predicted, index=False)
+    assert main(["submit", "--file", str(predicted)]) == 2
+    assert "row 4 has id zz, which is not in sample_submission.csv" in capsys.readouterr().err
+    assert fake_kaggle.calls == [] and fake_kaggle.uploads == {}
+
+
+def test_rules_not_accepted_gives_a_clear_line(fake_kaggle, predicted, capsys):
+    fake_kaggle.fail_status = 403
+    assert main(["submit", "--file", str(predicted)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert "HTTP 403" in err and "accept the competition rules at" in err and "/rules" in err
+    assert fake_kaggle.submissions == []
+
+
+def test_missing_credentials_send_nothing(fake_kaggle, predicted, monkeypatch, capsys):
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    assert main(["submit", "--file", str(predicted)]) == 2
+    assert "no Kaggle credentials found" in capsys.readouterr().err
+    assert fake_kaggle.calls == []
+
+
+def test_submissions_lists_status_and_public_score(fake_kaggle, predicted, capsys):
+    api.submit(predicted)
+    capsys.readouterr()
+    assert main(["submissions"]) == 0
+    out = capsys.readouterr().out
+    assert "COMPLETE" in out and "0.9712" in out and "demo | CV AUC 0.9877" in out
+
+
+def zip_of(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def test_make_data_downloads_unzips_verifies_and_feeds_training(fake_kaggle, demo_data, tmp_path, capsys):
+    fake_kaggle.data_zip = zip_of(demo_data)
+    data_dir = tmp_path / "downloaded"
+    assert main(["data", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "verified: 600 train / 48 test images" in out
+    assert not (data_dir / "histopathologic-cancer-detection.zip").exists()
+    assert sorted(p.name for p in (data_dir / "train").iterdir()) == sorted(p.name for p in (demo_data / "train").iterdir())
+
+    calls = len(fake_kaggle.calls)
+    assert main(["data", "--data-dir", str(data_dir)]) == 0           # complete: nothing downloaded again
+    assert "nothing to download" in capsys.readouterr().out and len(fake_kaggle.calls) == calls
+
+    # `make train` accepts the folder
+    assert main(["train", "--config", "configs/demo.yaml", "--fold", "0", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "runs"), "epochs=1", "folds.n_splits=2"]) == 0
+    assert (tmp_path / "runs" / "demo" / "fold0" / "best.pt").is_file()
+
+
+def test_interrupted_unzip_is_finished_without_downloading_again(fake_kaggle, demo_data, tmp_path, capsys):
+    fake_kaggle.data_zip = zip_of(demo_data)
+    data_dir = tmp_path / "downloaded"
+    data_dir.mkdir()
+    (data_dir / "histopathologic-cancer-detection.zip").write_bytes(fake_kaggle.data_zip)   # download had finished
+    with zipfile.ZipFile(data_dir / "histopathologic-cancer-detection.zip") as archive:
+        names = [n for n in archive.namelist() if n.endswith(".tif")]
+        for name in names[:200]:                                         # the unzip stopped part-way …
+            archive.extract(name, data_dir)
+    victim = data_dir / names[10]
+    victim.write_bytes(victim.read_bytes()[:100])                        # … leaving one file truncated
+    api.download_data(data_dir)
+    out = capsys.readouterr().out
+    # the client sees the complete local zip and skips the download (its own words), then only the unzip resumes
+    assert "Skipping, found more recently modified local copy" in out
+    assert f"unzipped {len(names) + 2 - 199:,} of {len(names) + 2:,} files" in out
+    assert victim.read_bytes() == (demo_data / names[10]).read_bytes()
+
+
+def test_data_download_refused_by_rules(fake_kaggle, tmp_path, capsys):
+    fake_kaggle.fail_status = 403
+    assert main(["data", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "accept the competition rules" in capsys.readouterr().err
