@@ -131,3 +131,9 @@ def test_data_download_refused_by_rules(fake_kaggle, tmp_path, capsys):
     fake_kaggle.fail_status = 403
     assert main(["data", "--data-dir", str(tmp_path / "d")]) == 2
     assert "accept the competition rules" in capsys.readouterr().err
+
+
+def test_data_without_credentials_says_where_to_put_them(no_kaggle_credentials, tmp_path, capsys):
+    assert main(["data", "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "~/.kaggle/kaggle.json" in err and "KAGGLE_USERNAME" in err and "KAGGLE_KEY" in err
