@@ -1,6 +1,6 @@
 # Thin targets: each one line that calls the kit's command line (`python -m kit …`) with the variables passed on.
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
-#            FILE, MESSAGE, DRY_RUN=1.
+#            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXP (report: configs/<EXP>.yaml), EXPS='a b', TARGET_SENSITIVITY.
 
 CONFIG ?= configs/baseline.yaml
 FOLD ?= 0
@@ -13,7 +13,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test demo-data cache train train-all predict submit venv clean-venv
+.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report venv clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -49,7 +49,22 @@ predict: $(STAMP)
 
 submit: $(STAMP)
 	$(PY) -m kit submit --file "$(FILE)" $(if $(MESSAGE),--message "$(MESSAGE)") \
-	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(EXPERIMENT)
+	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+data: $(STAMP)
+	$(PY) -m kit data --data-dir $(or $(DATA_DIR),data)
+
+submissions: $(STAMP)
+	$(PY) -m kit submissions
+
+kaggle-bundle: $(STAMP)
+	$(PY) -m kit bundle --out $(or $(BUNDLE),dist/hcd-kit.zip)
+
+# EXP=name is short for CONFIG=configs/name.yaml; EXPS="a b" compares experiments instead.
+report: CONFIG := $(or $(EXP),$(CONFIG))
+report: $(STAMP)
+	$(PY) -m kit report $(EXPERIMENT) $(if $(EXPS),--exps "$(EXPS)") \
+	    $(if $(TARGET_SENSITIVITY),--target-sensitivity $(TARGET_SENSITIVITY))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,6 +5,7 @@
     api.train_all(cfg)                              # or api.train(cfg, fold=0)
     path = api.predict(cfg)                         # folds × TTA → validated CSV; returns its path
     api.submit(path)                                # validate, then upload through the Kaggle API
+    api.report(cfg)                                 # runs/<experiment>/report.md with figures
 
 Inside a Kaggle notebook the competition data is found at /kaggle/input/histopathologic-cancer-detection and every
 output (runs, cache, submissions) goes under the working directory, so the kit itself can sit on a read-only input.
@@ -114,6 +115,19 @@ def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
                             submission_path(cfg.submissions_dir, cfg.name), sample, details)
     log(f"submission validated against {SAMPLE_SUBMISSION_CSV} ({len(sample):,} rows)")
     return path
+
+
+def report(configs: Config | list[Config], target_sensitivity: float = 0.95) -> Path:
+    """runs/<experiment>/report.md with its figures; several configs → one side-by-side comparison."""
+    from .report import write_comparison, write_report
+
+    if not 0 < target_sensitivity < 1:
+        raise KitError(f"target sensitivity must be between 0 and 1 (exclusive), got {target_sensitivity:g}; "
+                       f"e.g. TARGET_SENSITIVITY=0.95")
+    configs = [configs] if isinstance(configs, Config) else list(configs)
+    if len(configs) > 1:
+        return write_comparison(configs, target_sensitivity)
+    return write_report(configs[0], target_sensitivity)
 
 
 # ----------------------------------------------------------------------------------------------------------------

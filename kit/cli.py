@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .errors import KitError
 
@@ -51,83 +50,70 @@ def build_parser() -> argparse.ArgumentParser:
                          help="predict with the finished folds when some are missing")
 
     submit = commands.add_parser("submit", help="validate a submission CSV, then upload it to Kaggle")
-    _add_experiment_options(submit)
-    submit.add_argument("--file", required=True, help="the CSV written by `predict`")
+    submit.add_argument("--file", default="", help="the CSV written by `predict`")
+    submit.add_argument("--data-dir", help="folder with the sample_submission.csv to check against "
+                                           "(default: the one the file was predicted from)")
     submit.add_argument("--message", help="submission description (default: experiment and CV AUC)")
     submit.add_argument("--dry-run", action="store_true", help="validate only; send nothing")
+
+    data = commands.add_parser("data", help="download, unzip and verify the competition data (Kaggle API)")
+    data.add_argument("--data-dir", default="data", help="where to put it (default %(default)s)")
+
+    commands.add_parser("submissions", help="recent submissions with status and public score (Kaggle API)")
+
+    bundle = commands.add_parser("bundle", help="zip the kit for upload as a Kaggle dataset")
+    bundle.add_argument("--out", default="dist/hcd-kit.zip", help="zip to write (default %(default)s)")
+
+    report = commands.add_parser("report", help="metrics, thresholds and figures → runs/<experiment>/report.md")
+    _add_experiment_options(report)
+    report.add_argument("--exps", default="", help="several experiments (config names or paths, space- or "
+                                                   "comma-separated) side by side, instead of --config")
+    report.add_argument("--target-sensitivity", type=float, default=0.95,
+                        help="sensitivity the third threshold must reach (default %(default)s)")
     return parser
 
 
-def load_experiment(args):
-    from .config import load_config, parse_overrides
+def load_experiment(args, config: str | None = None):
+    from .api import load_config
+    from .config import parse_overrides
 
     overrides = parse_overrides(args.overrides)
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
     if args.out:
         overrides["out_dir"] = args.out
-    return load_config(args.config, overrides)
+    return load_config(config or args.config, overrides)
 
 
 def run(args) -> None:
+    from . import api
+
     if args.command == "demo-data":
-        from .demo_data import make_demo_data, demo_data_is_complete
+        api.make_demo_data(args.out, n_train=args.train, n_test=args.test, seed=args.seed, force=args.force)
+    elif args.command == "data":
+        api.download_data(args.data_dir)
+    elif args.command == "submissions":
+        api.list_submissions()
+    elif args.command == "bundle":
+        from .bundle import write_bundle
 
-        if not args.force and demo_data_is_complete(args.out, args.train, args.test):
-            print(f"demo data already in {args.out} ({args.train} train / {args.test} test patches)")
-            return
-        make_demo_data(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
-        print(f"demo data written to {args.out}: {args.train} train / {args.test} test patches")
-        return
-
-    cfg = load_experiment(args)
-
-    if args.command == "cache":
-        from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, read_train_labels
-
-        data_dir = check_data_dir(cfg.data_dir)
-        cache_dir = cache_dir_for(cfg.out_dir, data_dir)
-        for split, ids in (("train", read_train_labels(data_dir)["id"]), ("test", read_sample_submission(data_dir)["id"])):
-            images = load_split_images(data_dir, split, ids, cache_dir)
-            print(f"{split}: {len(images):,} images cached in {cache_dir}")
-
-    elif args.command == "train":
-        from .engine import train_fold
-
-        train_fold(cfg, args.fold, force=args.force)
-
-    elif args.command == "train-all":
-        from .engine import train_fold
-
-        for fold in range(cfg.folds.n_splits):
-            train_fold(cfg, fold, force=args.force)
-
-    elif args.command == "predict":
-        from .data import read_sample_submission
-        from .predict import predict_test
-        from .submission import build_submission, submission_path, write_submission
-
-        prediction = predict_test(cfg, allow_missing_folds=args.allow_missing_folds)
-        sample = read_sample_submission(cfg.data_dir)
-        details = {"experiment": cfg.name, "cv_auc": prediction.cv_auc,
-                   "folds": [c.fold for c in prediction.folds], "tta": prediction.views,
-                   "sample_submission": str(Path(cfg.data_dir).resolve() / "sample_submission.csv")}
-        path = write_submission(build_submission(prediction.ids, prediction.probabilities, sample),
-                                submission_path(cfg.submissions_dir, cfg.name), sample, details)
-        print(f"submission validated against sample_submission.csv ({len(sample):,} rows)")
-        print(path)
-
+        print(write_bundle(args.out))
     elif args.command == "submit":
-        from .data import read_sample_submission
-        from .submission import default_message, read_submission_details, submit
-
-        if not args.file:
-            raise KitError("say which file to submit: make submit FILE=submissions/<experiment>-<time>.csv")
-        details = read_submission_details(args.file)
-        # the sample_submission the file was made against, unless DATA_DIR says otherwise
-        sample_source = args.data_dir or details.get("sample_submission") or cfg.data_dir
-        submit(args.file, read_sample_submission(sample_source), args.message or default_message(details, args.file),
-               dry_run=args.dry_run)
+        api.submit(args.file, message=args.message, dry_run=args.dry_run, data_dir=args.data_dir)
+    else:
+        cfg = load_experiment(args)
+        if args.command == "cache":
+            api.build_cache(cfg)
+        elif args.command == "train":
+            api.train(cfg, args.fold, force=args.force)
+        elif args.command == "train-all":
+            api.train_all(cfg, force=args.force)
+        elif args.command == "predict":
+            print(api.predict(cfg, allow_missing_folds=args.allow_missing_folds))   # the CSV's path, last
+        elif args.command == "report":
+            names = args.exps.replace(",", " ").split()
+            configs = [load_experiment(args, name) for name in names] if names else [cfg]
+            print(api.report(configs, target_sensitivity=args.target_sensitivity))
 
 
 def main(argv: list[str] | None = None) -> int:

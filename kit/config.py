@@ -25,12 +25,17 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Schema
 # ----------------------------------------------------------------------------------------------------------------
 
-def _seed_augmentation() -> list[dict]:
-    """The seed notebook's ImageDataGenerator recipe: flips, ±20° rotation, ±15% zoom."""
+def histology_augmentation() -> list[dict]:
+    """The kit's default: D4 (the tissue has no orientation), a mild affine, and stain/colour jitter."""
     return [
         {"name": "HorizontalFlip", "p": 0.5},
         {"name": "VerticalFlip", "p": 0.5},
-        {"name": "Affine", "rotate": [-20, 20], "scale": [0.85, 1.15], "border_mode": 4, "p": 1.0},
+        {"name": "RandomRotate90", "p": 0.5},
+        {"name": "Transpose", "p": 0.5},
+        {"name": "Affine", "rotate": [-15, 15], "scale": [0.9, 1.1], "translate_percent": [-0.03, 0.03],
+         "border_mode": 4, "p": 0.5},
+        {"name": "HueSaturationValue", "hue_shift_limit": 10, "sat_shift_limit": 15, "val_shift_limit": 10, "p": 0.5},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5},
     ]
 
 
@@ -38,34 +43,58 @@ def _seed_augmentation() -> list[dict]:
 class FoldsConfig:
     n_splits: int = 5            # stratified k-fold; every fold of an experiment reuses the same split file
     seed: int = 42               # split seed: change it to get a different partition of the same data
+    groups_csv: str = ""         # id → group (e.g. the PCam slide of each patch): folds never split a group
 
 
 @dataclass
 class ModelConfig:
     name: str = "baseline"       # "baseline" = the seed notebook's CNN; any other name is a timm model
-    pretrained: bool = False     # timm only: start from ImageNet weights (needs the hub or its local cache)
-    dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5))
+    pretrained: bool = False     # timm: start from pretrained weights (timm's loader: the hub or its local cache)
+    pretrained_file: str = ""    # timm: weights from a local .pth/.safetensors (Kaggle without internet)
+    dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5); timm's drop_rate)
+    drop_path: float = 0.0       # timm: stochastic depth, for the deeper backbones
 
 
 @dataclass
 class OptimizerConfig:
     name: str = "adam"           # adam | adamw | sgd
-    lr: float = 1e-3             # the seed's Adam default
+    lr: float = 1e-3             # the head's learning rate (the seed's Adam default)
+    backbone_lr_scale: float = 1.0   # backbone lr = lr × this (e.g. 0.1: pretrained features move slowly)
     weight_decay: float = 0.0
     momentum: float = 0.9        # sgd only
+    grad_clip: float = 0.0       # clip the gradient norm to this; 0 = off
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"       # constant (the seed) | cosine (per step, after a linear warm-up)
-    warmup_epochs: float = 0.0   # linear warm-up from lr/100, in epochs (fractions allowed)
+    name: str = "constant"       # constant (the seed) | cosine (after a linear warm-up) | onecycle; all per step
+    warmup_epochs: float = 0.0   # constant/cosine: linear warm-up from lr/100, in epochs (fractions allowed)
     min_lr: float = 0.0          # cosine floor
+    pct_start: float = 0.25      # onecycle: share of the steps spent rising to lr
+
+
+@dataclass
+class LossConfig:
+    name: str = "bce"            # bce | focal (down-weights easy patches)
+    pos_weight: float = 1.0      # bce: weight of positives; 1.47 = the real set's negatives/positives
+    focal_gamma: float = 2.0
+    focal_alpha: float = -1.0    # focal: weight of positives in [0, 1]; -1 = none
+    label_smoothing: float = 0.0  # targets 0/1 → ε/2, 1-ε/2
+
+
+@dataclass
+class TrainConfig:
+    ema_decay: float = 0.0       # keep an exponential moving average of the weights (e.g. 0.999); 0 = off
+    early_stopping: int = 0      # stop after this many epochs without a better val AUC; 0 = off
+    freeze_backbone_epochs: int = 0   # train only the head for the first N epochs (pretrained backbones)
+    channels_last: bool = True   # NHWC memory layout: faster convolutions on GPUs with tensor cores
 
 
 @dataclass
 class AugmentConfig:
     # albumentations transforms by class name, with their parameters; applied to uint8 RGB 96×96 patches.
-    train: list = field(default_factory=_seed_augmentation)
+    # Default: D4 + mild affine + stain jitter (histology_augmentation above); configs/baseline.yaml carries the seed's recipe.
+    train: list = field(default_factory=histology_augmentation)
     valid: list = field(default_factory=list)
 
 
@@ -92,6 +121,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
 
@@ -99,7 +130,8 @@ class Config:
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "optimizer.name": ("adam", "adamw", "sgd"),
-    "schedule.name": ("constant", "cosine"),
+    "schedule.name": ("constant", "cosine", "onecycle"),
+    "loss.name": ("bce", "focal"),
     "tta.views": ("d4", "hflip", "none"),
 }
 # (minimum, inclusive?) for numeric keys
@@ -107,7 +139,14 @@ MINIMUMS = {
     "epochs": (1, True), "batch_size": (1, True), "eval_batch_size": (1, True), "num_workers": (-1, True),
     "max_train_images": (0, True), "folds.n_splits": (2, True), "model.dropout": (0.0, True),
     "optimizer.lr": (0.0, False), "optimizer.weight_decay": (0.0, True), "optimizer.momentum": (0.0, True),
-    "schedule.warmup_epochs": (0.0, True), "schedule.min_lr": (0.0, True),
+    "schedule.warmup_epochs": (0.0, True), "schedule.min_lr": (0.0, True), "schedule.pct_start": (0.0, False),
+    "optimizer.backbone_lr_scale": (0.0, True), "optimizer.grad_clip": (0.0, True), "model.drop_path": (0.0, True),
+    "loss.pos_weight": (0.0, False), "loss.focal_gamma": (0.0, True), "loss.label_smoothing": (0.0, True),
+    "train.ema_decay": (0.0, True), "train.early_stopping": (0, True), "train.freeze_backbone_epochs": (0, True),
+}
+MAXIMUMS = {
+    "model.dropout": 1.0, "model.drop_path": 1.0, "schedule.pct_start": 1.0, "loss.focal_alpha": 1.0,
+    "loss.label_smoothing": 1.0, "train.ema_decay": 1.0, "optimizer.backbone_lr_scale": 1.0,
 }
 
 
@@ -239,6 +278,10 @@ def _check_value(key: str, value, hint, source: str):
         if value < minimum or (value == minimum and not inclusive):
             relation = "at least" if inclusive else "greater than"
             raise KitError(f"{source}: `{key}` must be {relation} {minimum}, got {value!r}")
+    if key in MAXIMUMS and value > MAXIMUMS[key]:
+        raise KitError(f"{source}: `{key}` must be at most {MAXIMUMS[key]}, got {value!r}")
+    if key == "loss.focal_alpha" and value != -1 and value < 0:
+        raise KitError(f"{source}: `loss.focal_alpha` must be in [0, 1], or -1 for none; got {value!r}")
     return value
 
 

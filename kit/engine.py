@@ -25,16 +25,18 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .augment import build_transform
-from .config import Config, save_config, to_dict
+from .config import Config, LossConfig, save_config, to_dict
 from .data import (PatchDataset, cache_dir_for, check_data_dir, load_split_images, read_train_labels,
                    seed_worker_transform, to_model_input)
 from .errors import KitError
 from .folds import load_or_make_folds
 from .io import atomic_torch_save, atomic_write_csv, atomic_write_json
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, head_parameter_names
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
 
@@ -73,18 +75,28 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Two parameter groups: the head at `lr`, the backbone at `lr × backbone_lr_scale`."""
     opt = cfg.optimizer
+    head_names = head_parameter_names(model)
+    groups = [
+        {"name": "backbone", "lr": opt.lr * opt.backbone_lr_scale,
+         "params": [p for n, p in model.named_parameters() if n not in head_names]},
+        {"name": "head", "lr": opt.lr, "params": [p for n, p in model.named_parameters() if n in head_names]},
+    ]
     if opt.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                                nesterov=opt.momentum > 0)
     optimizer_class = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return optimizer_class(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    return optimizer_class(groups, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step learning-rate factor: constant, or linear warm-up then cosine down to `min_lr`."""
-    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Per-step schedule: constant or cosine (each after a linear warm-up from lr/100), or one-cycle."""
     total_steps = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total_steps, pct_start=cfg.schedule.pct_start)
+    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     floor = cfg.schedule.min_lr / cfg.optimizer.lr
 
     def factor(step: int) -> float:
@@ -96,6 +108,33 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int) -> torch.optim
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_loss(loss_cfg: LossConfig, device: torch.device):
+    """Training loss on logits: BCE (with `pos_weight`) or focal, after optional label smoothing."""
+    pos_weight = torch.tensor(loss_cfg.pos_weight, device=device)
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if loss_cfg.label_smoothing:
+            targets = targets * (1 - loss_cfg.label_smoothing) + 0.5 * loss_cfg.label_smoothing
+        if loss_cfg.name == "focal":
+            return sigmoid_focal_loss(logits, targets, alpha=loss_cfg.focal_alpha, gamma=loss_cfg.focal_gamma,
+                                      reduction="mean")
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+
+    return loss_fn
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze everything but the head (frozen parameters get no gradient, so no update)."""
+    head_names = head_parameter_names(model)
+    for name, parameter in model.named_parameters():
+        if name not in head_names:
+            parameter.requires_grad_(trainable)
+
+
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    return train_images // batch_size if train_images > batch_size else 1   # the loader drops a ragged last batch
 
 
 def resolve_num_workers(requested: int, device: torch.device) -> int:
@@ -110,24 +149,39 @@ def resolve_num_workers(requested: int, device: torch.device) -> int:
 # One epoch, and evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dtype, desc: str):
+@dataclass
+class TrainingParts:
+    """What one optimisation step needs besides the model and the batch."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: object
+    grad_clip: float = 0.0
+    ema: object = None                 # timm ModelEmaV3, updated after every step
+
+
+def train_one_epoch(model, loader, parts: TrainingParts, device, amp_dtype, channels_last: bool, desc: str):
     """One pass over `loader`; returns (mean loss, images per second). Shows a bar with loss and images/s."""
     model.train()
-    loss_fn = nn.BCEWithLogitsLoss()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, mininterval=0.5)
     for images, labels in bar:
-        inputs = to_model_input(images, device)
+        inputs = to_model_input(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(inputs).float(), labels)
+            loss = parts.loss_fn(model(inputs).float(), labels)
         if not torch.isfinite(loss):
             raise KitError(f"training diverged ({desc}: loss is {loss.item()}); lower optimizer.lr")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        if parts.grad_clip:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update(model)
         total_loss += loss.item() * len(images)
         seen += len(images)
         rate = seen / (time.perf_counter() - start)
@@ -138,8 +192,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dty
 
 @torch.no_grad()
 def predict_logits(model, images: np.ndarray, indices: np.ndarray | None, batch_size: int, device,
-                   amp_dtype=None, desc: str | None = None) -> np.ndarray:
-    """Logits for `images[indices]` (all when None), batch by batch straight from the uint8 array."""
+                   amp_dtype=None, desc: str | None = None, transform=None, channels_last: bool = True) -> np.ndarray:
+    """Logits for `images[indices]` (all when None), batch by batch straight from the uint8 array.
+
+    `transform` (the config's `augment.valid`, usually empty) is applied per image when given.
+    """
     model.eval()
     order = np.arange(len(images)) if indices is None else np.asarray(indices)
     outputs = []
@@ -147,9 +204,12 @@ def predict_logits(model, images: np.ndarray, indices: np.ndarray | None, batch_
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, dynamic_ncols=True):
         # a plain slice reads the memory-mapped cache sequentially; a row list gathers
         rows = slice(start, start + batch_size) if indices is None else order[start:start + batch_size]
-        batch = torch.from_numpy(np.array(images[rows]))   # a writable copy out of the read-only cache
+        batch = np.array(images[rows])   # a writable copy out of the read-only cache
+        if transform is not None:
+            batch = np.stack([transform(image=image)["image"] for image in batch])
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs.append(model(to_model_input(batch, device)).float().cpu())
+            logits = model(to_model_input(torch.from_numpy(batch), device, channels_last))
+        outputs.append(logits.float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.empty(0, dtype=np.float32)
 
 
@@ -194,10 +254,12 @@ def prepare_fold_data(cfg: Config, fold: int) -> FoldData:
 
 
 def fold_is_finished(cfg: Config, fold: int) -> bool:
+    """Finished = metrics.json written, and all epochs run or stopped early."""
     metrics_path = fold_dir(cfg, fold) / "metrics.json"
     if not metrics_path.exists():
         return False
-    return json.loads(metrics_path.read_text()).get("epochs_trained", 0) >= cfg.epochs
+    metrics = json.loads(metrics_path.read_text())
+    return metrics.get("stopped_early", False) or metrics.get("epochs_trained", 0) >= cfg.epochs
 
 
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
@@ -214,22 +276,32 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
             f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
         return metrics
 
+    # ---- Setup: data, model, optimisation -------------------------------------------------------------------
     data = prepare_fold_data(cfg, fold)
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed * 1000 + fold)
+    channels_last = cfg.train.channels_last
 
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_transform = build_transform(cfg.augment.train, "augment.train")
+    valid_transform = build_transform(cfg.augment.valid, "augment.valid")
     dataset = PatchDataset(data.images, data.train_rows, data.labels[data.train_rows], train_transform)
     workers = resolve_num_workers(cfg.num_workers, device)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    parts = TrainingParts(
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, steps_per_epoch(len(dataset), cfg.batch_size)),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),   # bf16 needs no scaling
+        loss_fn=build_loss(cfg.loss, device),
+        grad_clip=cfg.optimizer.grad_clip,
+        ema=ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay else None)
 
+    # ---- Resume ----------------------------------------------------------------------------------------------
     history: list[dict] = []
     best_auc, best_epoch, start_epoch = -1.0, 0, 1
     last_path = out / "last.pt"
@@ -237,8 +309,10 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.scaler.load_state_dict(state["scaler"])
+        if parts.ema is not None and state.get("ema") is not None:
+            parts.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         history, best_auc, best_epoch = state["history"], state["best_auc"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
@@ -250,47 +324,60 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
         f"{count_parameters(model):,} parameters, {len(data.train_rows):,} train / {len(data.valid_rows):,} valid "
         f"images, device {device}{f' ({amp_dtype})' if amp_dtype else ''}")
 
+    # ---- Epochs ----------------------------------------------------------------------------------------------
+    stopped_early = False
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch   # same batches and views whether resumed or not
         if train_transform is not None:
             train_transform.set_random_seed(epoch_seed)
+        set_backbone_trainable(model, epoch > cfg.train.freeze_backbone_epochs)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
             worker_init_fn=seed_worker_transform if workers else None,
             generator=torch.Generator().manual_seed(epoch_seed))
         started = time.perf_counter()
-        train_loss, images_per_s = train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dtype,
+        train_loss, images_per_s = train_one_epoch(model, loader, parts, device, amp_dtype, channels_last,
                                                    desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
-        valid_logits = predict_logits(model, data.images, data.valid_rows, cfg.eval_batch_size, device, amp_dtype)
+        evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
+        valid_logits = predict_logits(evaluated, data.images, data.valid_rows, cfg.eval_batch_size, device,
+                                      amp_dtype, transform=valid_transform, channels_last=channels_last)
         valid_labels = data.labels[data.valid_rows]
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": bce_loss(valid_logits, valid_labels),
-               "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": images_per_s, "seconds": time.perf_counter() - started}
+               "val_auc": float(roc_auc_score(valid_labels, valid_logits)),
+               "lr": optimizer.param_groups[-1]["lr"], "images_per_s": images_per_s,
+               "seconds": time.perf_counter() - started}
         history.append(row)
         improved = row["val_auc"] > best_auc
         if improved:
             best_auc, best_epoch = row["val_auc"], epoch
-            atomic_torch_save(out / "best.pt", {"model": model.state_dict(), "config": to_dict(cfg),
+            atomic_torch_save(out / "best.pt", {"model": evaluated.state_dict(), "config": to_dict(cfg),
                                                 "epoch": epoch, "val_auc": best_auc, "fold": fold})
             oof = pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels,
                                 "pred": sigmoid(valid_logits)})
             atomic_write_csv(out / "oof.csv", oof)
         atomic_write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
         atomic_torch_save(last_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-            "history": history, "best_auc": best_auc, "best_epoch": best_epoch, "config": to_dict(cfg)})
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+            "ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history, "best_auc": best_auc,
+            "best_epoch": best_epoch, "config": to_dict(cfg)})
         log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {images_per_s:,.0f} img/s  "
             f"{row['seconds']:.0f}s")
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
+        if cfg.train.early_stopping and epoch - best_epoch >= cfg.train.early_stopping:
+            stopped_early = True
+            log(f"fold {fold}: no better val AUC for {cfg.train.early_stopping} epochs; stopping early")
+            break
 
+    # ---- Done ------------------------------------------------------------------------------------------------
     metrics = {"experiment": cfg.name, "fold": fold, "best_val_auc": best_auc, "best_epoch": best_epoch,
-               "epochs_trained": len(history), "train_images": int(len(data.train_rows)),
-               "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
-               "parameters": count_parameters(model), "device": str(device)}
+               "epochs_trained": len(history), "stopped_early": stopped_early,
+               "train_images": int(len(data.train_rows)), "valid_images": int(len(data.valid_rows)),
+               "model": cfg.model.name, "parameters": count_parameters(model), "device": str(device)}
     atomic_write_json(out / "metrics.json", metrics)
     log(f"{cfg.name} fold {fold}: done, best val AUC {best_auc:.4f} at epoch {best_epoch} → {out}")
     return metrics

@@ -7,6 +7,7 @@ checkpoint predicts correctly on its own) and returns one logit per image, shape
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,16 +63,72 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
         close = difflib.get_close_matches(model_cfg.name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else "; `timm.list_models('*name*')` lists names"
         raise KitError(f"config `model.name`: unknown model `{model_cfg.name}` (baseline or a timm name){hint}")
-    try:
-        net = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=1,
-                                drop_rate=model_cfg.dropout)
-    except (OSError, RuntimeError) as err:   # no network and no cached weights, most often
-        if not model_cfg.pretrained:
-            raise
-        raise KitError(f"cannot load pretrained weights for `{model_cfg.name}` ({str(err).splitlines()[0]}); "
-                       f"without internet set model.pretrained=false") from None
-    data_config = timm.data.resolve_data_config({}, model=net)
+    options = {"num_classes": 1, "drop_rate": model_cfg.dropout}
+    if model_cfg.drop_path:
+        options["drop_path_rate"] = model_cfg.drop_path
+    if model_cfg.pretrained_file:
+        net = timm.create_model(model_cfg.name, pretrained=False, **options)
+        load_backbone_weights(net, model_cfg.name, Path(model_cfg.pretrained_file))
+    else:
+        try:
+            net = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, **options)
+        except Exception as err:   # the hub unreachable (no internet), no local cache entry, …
+            if not model_cfg.pretrained:
+                raise
+            raise KitError(f"cannot load pretrained weights for `{model_cfg.name}` ({type(err).__name__}: "
+                           f"{_first_line(err)}); without internet, set model.pretrained_file=path/to/weights"
+                           f".safetensors (e.g. a Kaggle dataset of timm weights) or model.pretrained=false") from None
+    data_config = timm.data.resolve_data_config({}, model=net)     # the pretrained weights' mean/std, RGB order
     return PatchClassifier(net, mean=data_config["mean"], std=data_config["std"])
+
+
+def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None:
+    """Load every backbone tensor from a local file; the classifier stays fresh (ours has one output).
+
+    Reads what timm reads (.pth, .safetensors, {"state_dict": …} checkpoints) and a kit checkpoint (best.pt).
+    Any backbone key missing, unexpected or of another shape is refused, naming the keys.
+    """
+    import timm
+
+    if not weights_file.is_file():
+        raise KitError(f"config `model.pretrained_file`: {weights_file} not found")
+    try:
+        found = timm.models.load_state_dict(str(weights_file))
+    except Exception as err:
+        raise KitError(f"config `model.pretrained_file`: cannot read {weights_file} ({type(err).__name__}: "
+                       f"{_first_line(err)})") from None
+    if found and all(k.startswith("net.") or k in ("mean", "std") for k in found):   # a kit checkpoint
+        found = {k[len("net."):]: v for k, v in found.items() if k.startswith("net.")}
+    head_ids = {id(p) for p in net.get_classifier().parameters()}
+    head = {k for k, p in net.named_parameters() if id(p) in head_ids}
+    head_prefixes = tuple(k.rsplit(".", 1)[0] + "." for k in head)
+    expected = {k: v for k, v in net.state_dict().items() if k not in head}
+    backbone = {k: v for k, v in found.items() if not k.startswith(head_prefixes)}
+    missing = [k for k in expected if k not in backbone]
+    unexpected = [k for k in backbone if k not in expected]
+    wrong_shape = [k for k in expected if k in backbone and backbone[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        def listing(keys):
+            return ", ".join(keys[:4]) + (f" … ({len(keys)} in all)" if len(keys) > 4 else "")
+
+        parts = [f"{label}: {listing(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
+        raise KitError(f"config `model.pretrained_file`: {weights_file} does not fit `{name}` ({'; '.join(parts)}); "
+                       f"use weights saved from the same architecture")
+    net.load_state_dict(backbone, strict=False)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def head_parameter_names(model: PatchClassifier) -> set[str]:
+    """Names (in `model.named_parameters()`) of the classifier head; everything else is the backbone."""
+    net = model.net
+    head = net[-1] if isinstance(net, BaselineCNN) else net.get_classifier()
+    head_ids = {id(p) for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head_ids}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,288 @@
+"""The evaluation report, on run folders written by hand: no training, so every number is known in advance."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score)
+
+import kit.report as report
+from kit.cli import main
+from kit.config import load_config
+from kit.demo_data import make_demo_data
+from kit.engine import HISTORY_COLUMNS, fold_dir
+
+from conftest import REPO
+
+FIGURES = ["training_curves.png", "roc.png", "precision_recall.png", "confusion_matrices.png", "calibration.png",
+           "mistakes.png"]
+
+
+@pytest.fixture(scope="module")
+def gallery_data(tmp_path_factory):
+    """40 generated train patches (real TIFFs for the gallery) and 8 test patches."""
+    return make_demo_data(tmp_path_factory.mktemp("report") / "data", n_train=40, n_test=8, seed=3)
+
+
+def oof_predictions(data_dir, seed=0, n_splits=3) -> pd.DataFrame:
+    """Noisy but informative scores for the generated ids, split over `n_splits` folds: id, label, pred, fold.
+    The first tumour and the first negative are confident mistakes, so the gallery always has both kinds."""
+    labels = pd.read_csv(data_dir / "train_labels.csv", dtype={"id": str})
+    rng = np.random.default_rng(seed)
+    logits = 1.5 * (2 * labels["label"].to_numpy() - 1) + rng.normal(0, 1.5, len(labels))
+    oof = labels.assign(pred=1 / (1 + np.exp(-logits)), fold=np.arange(len(labels)) % n_splits)
+    oof.loc[oof.index[oof["label"] == 1][0], "pred"] = 0.02
+    oof.loc[oof.index[oof["label"] == 0][0], "pred"] = 0.97
+    return oof
+
+
+def experiment(tmp_path, data_dir, name="demo", n_splits=3):
+    return load_config(REPO / "configs" / "demo.yaml",
+                       {"name": name, "data_dir": str(data_dir), "out_dir": str(tmp_path / "runs"),
+                        "submissions_dir": str(tmp_path / "submissions"), "folds.n_splits": n_splits})
+
+
+def write_fold(cfg, fold, oof, epochs=3, finished=True):
+    """What the engine leaves in fold<k>/: history.csv, oof.csv and (when finished) metrics.json."""
+    out = fold_dir(cfg, fold)
+    out.mkdir(parents=True)
+    history = pd.DataFrame({"epoch": range(1, epochs + 1), "train_loss": np.linspace(0.7, 0.3, epochs),
+                            "val_loss": np.linspace(0.6, 0.4, epochs), "val_auc": np.linspace(0.7, 0.9, epochs),
+                            "lr": 1e-3, "images_per_s": 100.0, "seconds": 1.0}, columns=HISTORY_COLUMNS)
+    history.to_csv(out / "history.csv", index=False)
+    if finished:
+        oof[["id", "label", "pred"]].to_csv(out / "oof.csv", index=False)
+        (out / "metrics.json").write_text(json.dumps({"fold": fold, "best_epoch": epochs, "epochs_trained": epochs}))
+
+
+def write_run(cfg, oof, unfinished=(), absent=()):
+    for fold, rows in oof.groupby("fold"):
+        if fold not in absent:
+            write_fold(cfg, fold, rows, finished=fold not in unfinished)
+
+
+def write_test_prediction(cfg, stamp, probabilities) -> Path:
+    """A `make predict` output: submissions/<experiment>-<time>.csv and its .json."""
+    path = Path(cfg.submissions_dir) / f"{cfg.name}-{stamp}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": [f"t{i}" for i in range(len(probabilities))], "label": probabilities}).to_csv(path, index=False)
+    path.with_suffix(".json").write_text(json.dumps({"experiment": cfg.name}))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_numbers_equal_scikit_learns(gallery_data):
+    oof = oof_predictions(gallery_data)
+    labels, scores = oof["label"].to_numpy(), oof["pred"].to_numpy()
+
+    aucs = report.auc_summary(oof)
+    assert aucs.overall == pytest.approx(roc_auc_score(labels, scores))
+    per_fold = [roc_auc_score(rows["label"], rows["pred"]) for _, rows in oof.groupby("fold")]
+    assert list(aucs.per_fold.values()) == pytest.approx(per_fold)
+    assert len(set(np.round(per_fold, 6))) > 1, "folds must differ for the mean and std to mean much"
+    assert (aucs.mean, aucs.std) == pytest.approx((np.mean(per_fold), np.std(per_fold)))
+
+    table = report.classification_table(labels, scores)
+    predicted = (scores >= 0.5).astype(int)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted)
+    np.testing.assert_allclose(table.iloc[:2][["precision", "recall", "f1-score"]].to_numpy(),
+                               np.column_stack([precision, recall, f1]))
+    assert table.iloc[:2]["support"].tolist() == support.tolist()
+    assert table.attrs["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+
+    test_scores = np.random.default_rng(1).uniform(0, 1, 50)
+    for threshold in (0.5, 0.3, 0.81):
+        point = report.operating_point(labels, scores, threshold, "t", test_scores)
+        tn, fp, fn, tp = confusion_matrix(labels, scores >= threshold).ravel()
+        assert (point.tn, point.fp, point.fn, point.tp) == (tn, fp, fn, tp)
+        assert point.sensitivity == pytest.approx(tp / (tp + fn))
+        assert point.specificity == pytest.approx(tn / (tn + fp))
+        assert point.test_positive_share == pytest.approx(np.mean(test_scores >= threshold))
+
+
+def brute_force_thresholds(labels, scores, target):
+    """Every distinct score as a threshold (≥ t is positive), best by each rule; ties go to the higher threshold."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    best = {}
+    for t in sorted(set(scores), reverse=True):
+        called = scores >= t
+        tp, fp = np.sum(called & (labels == 1)), np.sum(called & (labels == 0))
+        sensitivity, specificity = tp / np.sum(labels == 1), 1 - fp / np.sum(labels == 0)
+        f1 = 2 * tp / (2 * tp + fp + np.sum(~called & (labels == 1)))
+        for rule, value in (("youden", sensitivity + specificity - 1), ("f1", f1)):
+            if rule not in best or value > best[rule][0] + 1e-12:
+                best[rule] = (value, t)
+        if "sensitivity" not in best and sensitivity >= target:
+            best["sensitivity"] = (sensitivity, t)
+    return {rule: t for rule, (_, t) in best.items()}
+
+
+def test_thresholds_are_chosen_correctly_on_constructed_cases():
+    # Youden J: at 0.7 three of four tumours and no false positive (J = 0.75); at 0.4 all tumours but two of five
+    # negatives (J = 0.6); everything else is lower
+    labels = [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    scores = [0.1, 0.2, 0.3, 0.6, 0.65, 0.4, 0.7, 0.8, 0.9]
+    assert report.youden_threshold(labels, scores) == 0.7
+    # a tie (J = 0.75 at 0.7 and at 0.4 once 0.65 is gone) goes to the higher threshold
+    assert report.youden_threshold(labels[:4] + labels[5:], scores[:4] + scores[5:]) == 0.7
+
+    # F1 by hand, scores falling: 0.9 .33, 0.8 .57, 0.7 .50, 0.6 .67, 0.5 .80, 0.4 .73, 0.3 .67, 0.2 .77, 0.1 .71
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    labels = [1, 1, 0, 1, 1, 0, 0, 1, 0]
+    assert report.max_f1_threshold(labels, scores) == 0.5
+    # a tie: F1 is 2/3 both at 0.9 (one of two tumours, no false positive) and at 0.6 (both, two false positives)
+    assert report.max_f1_threshold([1, 0, 0, 1], [0.9, 0.8, 0.7, 0.6]) == 0.9
+
+    # 20 tumours: sensitivity 0.95 needs 19 of them, so the threshold is the 19th highest tumour score
+    rng = np.random.default_rng(0)
+    tumour_scores = np.sort(rng.uniform(0.2, 1.0, 20))[::-1]
+    labels = np.r_[np.ones(20, int), np.zeros(30, int)]
+    scores = np.r_[tumour_scores, rng.uniform(0.0, 0.8, 30)]
+    assert report.sensitivity_threshold(labels, scores, 0.95) == tumour_scores[18]
+    assert report.sensitivity_threshold(labels, scores, 0.90) == tumour_scores[17]
+    assert report.sensitivity_threshold(labels, scores, 0.999) == tumour_scores[19]
+
+    # and on a larger random case, against an exhaustive search
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(np.clip(0.25 * labels + rng.normal(0.4, 0.2, 300), 0, 1), 3)   # rounding makes ties
+    expected = brute_force_thresholds(labels, scores, 0.9)
+    assert report.youden_threshold(labels, scores) == expected["youden"]
+    assert report.max_f1_threshold(labels, scores) == expected["f1"]
+    assert report.sensitivity_threshold(labels, scores, 0.9) == expected["sensitivity"]
+
+
+def test_newest_test_prediction_of_the_experiment_is_found(tmp_path):
+    cfg = experiment(tmp_path, tmp_path / "data")
+    write_test_prediction(cfg, "20260101-000000", [0.1])
+    newest = write_test_prediction(cfg, "20260102-000000", [0.2])
+    other = experiment(tmp_path, tmp_path / "data", name="demo-large")      # same prefix, another experiment
+    write_test_prediction(other, "20260103-000000", [0.3])
+    assert report.find_test_prediction(cfg.submissions_dir, "demo") == newest
+    assert report.find_test_prediction(cfg.submissions_dir, "demo-large").name == "demo-large-20260103-000000.csv"
+    assert report.find_test_prediction(tmp_path / "nowhere", "demo") is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The page and its figures
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_report_writes_every_figure_and_embeds_it(gallery_data, tmp_path):
+    cfg = experiment(tmp_path, gallery_data)
+    oof = oof_predictions(gallery_data)
+    write_run(cfg, oof)
+    write_test_prediction(cfg, "20260101-000000", np.full(8, 0.99))                 # older: ignored
+    test_scores = np.linspace(0.05, 0.95, 8)
+    write_test_prediction(cfg, "20260102-000000", test_scores)
+    false_negatives, false_positives = report.confident_mistakes(oof)
+    assert len(false_negatives) and len(false_positives), "the gallery needs both kinds of mistake"
+
+    logged = []
+    path = report.write_report(cfg, target_sensitivity=0.95, log=logged.append)
+    assert path == tmp_path / "runs" / "demo" / "report.md"
+    page = path.read_text()
+    for name in FIGURES:
+        figure = path.parent / name
+        assert figure.is_file() and figure.stat().st_size > 1000, name
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in page, f"report.md does not embed {name}"
+    assert not list(path.parent.glob(".*.tmp"))
+
+    labels, scores = oof["label"].to_numpy(), oof["pred"].to_numpy()
+    auc = roc_auc_score(labels, scores)
+    assert f"OOF ROC AUC {auc:.4f}" in logged[0] and f"OOF ROC AUC {auc:.4f}" in page
+    assert "3 of 3 folds" in logged[0] and "Missing folds" not in page
+    youden = report.youden_threshold(labels, scores)
+    assert f"max Youden J | {youden:.4g} |" in page
+    target = report.sensitivity_threshold(labels, scores, 0.95)
+    assert any(line.startswith(f"  sensitivity ≥ 0.95: threshold {target:.4g}") for line in logged)
+    assert f"{np.mean(test_scores >= 0.5):.1%} |" in page and "demo-20260102-000000.csv" in page
+    assert false_negatives["id"].iloc[0] in page and false_positives["id"].iloc[0] in page
+
+
+def test_missing_folds_are_reported_and_left_out(gallery_data, tmp_path):
+    cfg = experiment(tmp_path, tmp_path / "no-data", n_splits=4)    # no images: the gallery is skipped
+    oof = oof_predictions(gallery_data, n_splits=4)
+    write_run(cfg, oof, unfinished=[2], absent=[3])
+    stale = fold_dir(cfg, 0).parent / "mistakes.png"
+    stale.write_bytes(b"an earlier report's gallery")
+
+    logged = []
+    page = report.write_report(cfg, target_sensitivity=0.9, log=logged.append).read_text()
+    assert "fold 2 (unfinished, 3 epoch(s) in history.csv); fold 3 (not trained)" in page
+    assert "pool folds 0, 1 only" in page and "2 of 4 folds" in page
+    assert any("missing folds: fold 2" in line for line in logged)
+    finished = oof[oof["fold"] < 2]
+    assert f"OOF ROC AUC {roc_auc_score(finished['label'], finished['pred']):.4f}" in page
+    assert "Gallery skipped" in page and "no-data" in page
+    assert not stale.exists() and "mistakes.png" not in page
+    assert "No test prediction" in page
+
+
+def test_side_by_side_writes_one_table_and_one_roc_plot(gallery_data, tmp_path, monkeypatch):
+    first, second = experiment(tmp_path, gallery_data), experiment(tmp_path, gallery_data, name="other")
+    write_run(first, oof_predictions(gallery_data, seed=0))
+    write_run(second, oof_predictions(gallery_data, seed=1), unfinished=[1])
+    legends = {}
+    save_figure = report.save_figure
+
+    def remember_legend(figure, path):
+        legends[path.name] = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+        return save_figure(figure, path)
+
+    monkeypatch.setattr(report, "save_figure", remember_legend)
+    path = report.write_comparison([first, second], target_sensitivity=0.95, log=lambda *_: None)
+    assert path == tmp_path / "runs" / "compare" / "demo+other" / "report.md"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.md", "roc.png"]
+    assert (path.parent / "roc.png").stat().st_size > 1000
+    page = path.read_text()
+    assert page.count("| experiment |") == 1 and "](roc.png)" in page
+    for cfg, seed in ((first, 0), (second, 1)):
+        oof = oof_predictions(gallery_data, seed=seed)
+        oof = oof[oof["fold"] != 1] if cfg is second else oof
+        auc = roc_auc_score(oof["label"], oof["pred"])
+        assert f"| {cfg.name} | " in page and f"| {auc:.4f} |" in page
+        assert f"{cfg.name} (AUC {auc:.4f})" in legends["roc.png"]
+    assert "`other`: fold 1 (unfinished" in page
+
+    with pytest.raises(report.KitError, match="more than once"):
+        report.write_comparison([first, first], target_sensitivity=0.95)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_cli_prints_the_headline_and_refuses_what_it_cannot_do(gallery_data, tmp_path, capsys):
+    cfg = experiment(tmp_path, gallery_data)
+    oof = oof_predictions(gallery_data)
+    write_run(cfg, oof)
+    common = ["--config", "configs/demo.yaml", "--data-dir", str(gallery_data), "--out", cfg.out_dir,
+              f"submissions_dir={cfg.submissions_dir}"]
+
+    assert main(["report", *common, "--target-sensitivity", "0.9"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert f"demo: OOF ROC AUC {roc_auc_score(oof['label'], oof['pred']):.4f}" in out[0]
+    assert any(line.startswith("  sensitivity ≥ 0.9: threshold") for line in out)
+    assert out[-1] == str(fold_dir(cfg, 0).parent / "report.md")
+
+    other_yaml = tmp_path / "other.yaml"
+    other_yaml.write_text("name: other\nfolds:\n  n_splits: 3\n")
+    write_run(experiment(tmp_path, gallery_data, name="other"), oof_predictions(gallery_data, seed=1))
+    assert main(["report", *common, "--exps", f"demo, {other_yaml}"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("demo: OOF ROC AUC") and out[1].startswith("other: OOF ROC AUC")
+    assert out[-1].endswith("compare/demo+other/report.md")
+
+    unfinished = load_config(REPO / "configs" / "demo.yaml", {"out_dir": str(tmp_path / "unfinished")})
+    write_fold(unfinished, 0, oof, finished=False)
+    for argv, message in ((["--out", str(tmp_path / "empty")], "does not exist; run `make train-all"),
+                          (["--out", unfinished.out_dir], "no finished fold of `demo`"),
+                          (["--target-sensitivity", "1.5"], "between 0 and 1")):
+        assert main(["report", "--config", "configs/demo.yaml", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
