@@ -1,6 +1,7 @@
 # Thin targets: each one line that calls the kit's command line (`python -m kit …`) with the variables passed on.
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
-#            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXP (report: configs/<EXP>.yaml), EXPS='a b', TARGET_SENSITIVITY.
+#            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
+#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY.
 
 CONFIG ?= configs/baseline.yaml
 FOLD ?= 0
@@ -45,7 +46,8 @@ train-all: $(STAMP)
 	$(PY) -m kit train-all $(FORCE_FLAG) $(EXPERIMENT)
 
 predict: $(STAMP)
-	$(PY) -m kit predict $(if $(filter 1 true yes,$(ALLOW_MISSING_FOLDS)),--allow-missing-folds) $(EXPERIMENT)
+	$(PY) -m kit predict $(if $(filter 1 true yes,$(ALLOW_MISSING_FOLDS)),--allow-missing-folds) \
+	    $(if $(EXPS),--exps "$(EXPS)" $(if $(BLEND),--blend $(BLEND))) $(EXPERIMENT)
 
 submit: $(STAMP)
 	$(PY) -m kit submit --file "$(FILE)" $(if $(MESSAGE),--message "$(MESSAGE)") \

@@ -130,6 +130,28 @@ def report(configs: Config | list[Config], target_sensitivity: float = 0.95) -> 
     return write_report(configs[0], target_sensitivity)
 
 
+def predict_blend(configs: list[Config], method: str = "mean", allow_missing_folds: bool = False,
+                  log=print) -> Path:
+    """Several experiments' fold ensembles blended (weights chosen on OOF) → a validated CSV; returns its path."""
+    from .data import read_sample_submission
+    from .predict import predict_blend as blend_experiments
+    from .submission import build_submission, submission_path, write_submission
+
+    blended = blend_experiments(configs, method, allow_missing_folds=allow_missing_folds, log=log)
+    first = configs[0]
+    sample = read_sample_submission(first.data_dir)
+    name = "blend-" + "+".join(blended.members)
+    details = {"experiment": name, "cv_auc": blended.cv_auc, "folds": "each member's", "tta": first.tta.views,
+               "blend": {"method": blended.method, "members": blended.members,
+                         "weights": [round(float(w), 4) for w in blended.weights],
+                         "member_cv_auc": blended.member_cv_auc},
+               "sample_submission": str(Path(first.data_dir).resolve() / SAMPLE_SUBMISSION_CSV)}
+    path = write_submission(build_submission(blended.ids, blended.probabilities, sample),
+                            submission_path(first.submissions_dir, name), sample, details)
+    log(f"submission validated against {SAMPLE_SUBMISSION_CSV} ({len(sample):,} rows)")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Kaggle
 # ----------------------------------------------------------------------------------------------------------------

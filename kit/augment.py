@@ -7,7 +7,7 @@ every pipeline is probed with a centre mask when it is built, and one that drift
 from __future__ import annotations
 
 import copy
-import inspect
+import warnings
 
 import albumentations as A
 import numpy as np
@@ -34,10 +34,11 @@ def build_transform(specs: list[dict], key: str, seed: int | None = None) -> A.C
             raise KitError(f"config {where}: `{spec['name']}` is not an albumentations transform "
                            f"(see https://albumentations.ai/docs/)")
         try:
-            if "strict" in inspect.signature(transform_class).parameters:
-                params["strict"] = True     # unknown parameters raise instead of a warning
-            transforms.append(transform_class(**params))
-        except (TypeError, ValueError) as err:
+            with warnings.catch_warnings():
+                # albumentations only warns about an unknown parameter; here it is an error that names it
+                warnings.filterwarnings("error", message=r"Argument\(s\) .* are not valid")
+                transforms.append(transform_class(**params))
+        except (TypeError, ValueError, UserWarning) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise KitError(f"config {where} ({spec['name']}): bad parameters {spec}: {message}") from None
     transform = A.Compose(transforms, seed=seed)

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_options(predict)
     predict.add_argument("--allow-missing-folds", action="store_true",
                          help="predict with the finished folds when some are missing")
+    predict.add_argument("--exps", default="", help="blend several experiments (config names or paths, space- or "
+                                                    "comma-separated) instead of --config")
+    predict.add_argument("--blend", default="mean", choices=("mean", "rank"),
+                         help="with --exps: weighted mean of probabilities or of ranks (default %(default)s)")
 
     submit = commands.add_parser("submit", help="validate a submission CSV, then upload it to Kaggle")
     submit.add_argument("--file", default="", help="the CSV written by `predict`")
@@ -109,7 +113,14 @@ def run(args) -> None:
         elif args.command == "train-all":
             api.train_all(cfg, force=args.force)
         elif args.command == "predict":
-            print(api.predict(cfg, allow_missing_folds=args.allow_missing_folds))   # the CSV's path, last
+            names = args.exps.replace(",", " ").split()
+            if len(names) > 1:
+                path = api.predict_blend([load_experiment(args, name) for name in names], args.blend,
+                                         allow_missing_folds=args.allow_missing_folds)
+            else:
+                path = api.predict(load_experiment(args, names[0]) if names else cfg,
+                                   allow_missing_folds=args.allow_missing_folds)
+            print(path)   # the CSV's path, last
         elif args.command == "report":
             names = args.exps.replace(",", " ").split()
             configs = [load_experiment(args, name) for name in names] if names else [cfg]
@@ -117,7 +128,13 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may sit between options: argparse leaves the later ones over
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         run(args)
     except KitError as err:

@@ -243,7 +243,8 @@ def prepare_fold_data(cfg: Config, fold: int) -> FoldData:
                        f"(folds 0..{cfg.folds.n_splits - 1})")
     data_dir = check_data_dir(cfg.data_dir)
     labels = read_train_labels(data_dir)
-    folds = load_or_make_folds(labels, cfg.folds.n_splits, cfg.folds.seed, Path(cfg.out_dir) / "folds")
+    folds = load_or_make_folds(labels, cfg.folds.n_splits, cfg.folds.seed, Path(cfg.out_dir) / "folds",
+                               groups_csv=cfg.folds.groups_csv)
     images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg.out_dir, data_dir))
     fold_of_row = folds["fold"].to_numpy()
     train_rows = np.flatnonzero(fold_of_row != fold)

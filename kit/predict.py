@@ -125,3 +125,88 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
     cv_auc = oof_auc(checkpoints)
     log(f"{cfg.name}: CV AUC (out-of-fold, {len(checkpoints)} folds) {cv_auc:.4f}")
     return Prediction(test_ids, np.mean(fold_probabilities, axis=0), checkpoints, cv_auc, cfg.tta.views)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blending experiments
+# ----------------------------------------------------------------------------------------------------------------
+
+BLEND_METHODS = ("mean", "rank")
+MAX_BLEND_MEMBERS = 5
+
+
+def to_ranks(scores: np.ndarray) -> np.ndarray:
+    """Scores → their rank as a fraction in (0, 1] (ties share the mean rank); AUC is unchanged."""
+    return pd.Series(scores).rank(method="average", pct=True).to_numpy()
+
+
+def blend(member_scores: list[np.ndarray], weights, method: str) -> np.ndarray:
+    """Weighted mean of probabilities, or of their ranks (`rank`: robust when members are calibrated differently)."""
+    if method == "rank":
+        member_scores = [to_ranks(scores) for scores in member_scores]
+    return np.sum([w * np.asarray(s, dtype=np.float64) for w, s in zip(weights, member_scores)], axis=0)
+
+
+def weight_grid(members: int) -> np.ndarray:
+    """Every weight vector on the simplex in steps of 1/20 (2–3 members) or 1/10 (4–5 members)."""
+    steps = 20 if members <= 3 else 10
+
+    def compositions(total: int, parts: int):
+        if parts == 1:
+            yield (total,)
+            return
+        for first in range(total, -1, -1):
+            for rest in compositions(total - first, parts - 1):
+                yield (first, *rest)
+
+    return np.array(list(compositions(steps, members)), dtype=np.float64) / steps
+
+
+def choose_blend_weights(member_oof: list[np.ndarray], labels: np.ndarray, method: str) -> tuple[np.ndarray, float]:
+    """The grid weights that maximise the blended out-of-fold AUC (first best in grid order), and that AUC."""
+    if method == "rank":
+        member_oof = [to_ranks(scores) for scores in member_oof]
+    best_weights, best_auc = None, -1.0
+    for weights in weight_grid(len(member_oof)):
+        auc = roc_auc_score(labels, blend(member_oof, weights, "mean"))
+        if auc > best_auc + 1e-12:
+            best_weights, best_auc = weights, float(auc)
+    return best_weights, best_auc
+
+
+@dataclass
+class Blend:
+    ids: list[str]
+    probabilities: np.ndarray
+    members: list[str]
+    weights: np.ndarray
+    member_cv_auc: list[float]
+    cv_auc: float
+    method: str
+
+
+def predict_blend(configs: list[Config], method: str = "mean", allow_missing_folds: bool = False,
+                  log=print) -> Blend:
+    """Each experiment's fold ensemble × TTA, blended with weights chosen on their pooled OOF predictions."""
+    if method not in BLEND_METHODS:
+        raise KitError(f"blend method must be one of {', '.join(BLEND_METHODS)}, got {method!r}")
+    names = [cfg.name for cfg in configs]
+    if len(set(names)) != len(names) or not 2 <= len(names) <= MAX_BLEND_MEMBERS:
+        raise KitError(f"blend 2 to {MAX_BLEND_MEMBERS} different experiments, got {', '.join(names)}")
+    predictions = [predict_test(cfg, allow_missing_folds=allow_missing_folds, log=log) for cfg in configs]
+    if any(p.ids != predictions[0].ids for p in predictions):
+        raise KitError(f"experiments {', '.join(names)} predicted different test sets: use the same data_dir")
+    pooled = [pd.concat([c.oof for c in p.folds]).set_index("id") for p in predictions]
+    common = pooled[0].index
+    for name, oof in zip(names[1:], pooled[1:]):
+        if set(oof.index) != set(common):
+            raise KitError(f"`{name}` has out-of-fold predictions for other images than `{names[0]}` "
+                           f"({len(oof):,} vs {len(common):,}): blend experiments trained on the same data and folds")
+    labels = pooled[0].loc[common, "label"].to_numpy()
+    member_oof = [oof.loc[common, "pred"].to_numpy() for oof in pooled]
+    weights, cv_auc = choose_blend_weights(member_oof, labels, method)
+    for name, prediction, w in zip(names, predictions, weights):
+        log(f"  {name}: OOF AUC {prediction.cv_auc:.4f}  weight {w:.2f}")
+    log(f"blend ({method}) of {' + '.join(names)}: OOF AUC {cv_auc:.4f}")
+    return Blend(predictions[0].ids, blend([p.probabilities for p in predictions], weights, method), names, weights,
+                 [p.cv_auc for p in predictions], cv_auc, method)

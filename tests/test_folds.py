@@ -41,3 +41,31 @@ def test_too_few_images_per_class_is_refused(labels):
     tiny = labels.head(6).assign(label=[0, 0, 0, 0, 0, 1])
     with pytest.raises(KitError, match="n_splits"):
         assign_folds(tiny, n_splits=5, seed=0)
+
+
+def test_grouped_folds_never_split_a_slide(labels, tmp_path):
+    rng = np.random.default_rng(1)
+    slides = pd.DataFrame({"id": labels["id"], "wsi": [f"slide_{s:02d}" for s in rng.integers(0, 40, len(labels))]})
+    ungrouped = slides["id"].iloc[:30]
+    slides.iloc[30:].to_csv(tmp_path / "slides.csv", index=False)       # the first 30 ids have no slide
+    messages = []
+    folds = load_or_make_folds(labels, 5, 42, tmp_path / "folds", groups_csv=str(tmp_path / "slides.csv"),
+                               log=messages.append)
+    merged = folds.merge(slides.iloc[30:], on="id")
+    assert (merged.groupby("wsi")["fold"].nunique() == 1).all(), "a slide landed in two folds"
+    assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert folds["id"].tolist() == labels["id"].tolist()
+    assert "30 of 1,003 ids have no group" in messages[0]
+    assert folds.set_index("id").loc[ungrouped, "fold"].nunique() > 1   # singletons are spread, not lumped
+    # a different grouping is a different split file, not a stale reuse
+    plain = load_or_make_folds(labels, 5, 42, tmp_path / "folds")
+    assert len(list((tmp_path / "folds").iterdir())) == 2
+    assert not np.array_equal(plain["fold"], folds["fold"])
+
+
+def test_bad_groups_csv_is_named(labels, tmp_path):
+    pd.DataFrame({"patch": labels["id"], "wsi": "a"}).to_csv(tmp_path / "g.csv", index=False)
+    with pytest.raises(KitError, match="g.csv: expected two columns, `id` and the group"):
+        load_or_make_folds(labels, 5, 42, tmp_path, groups_csv=str(tmp_path / "g.csv"))
+    with pytest.raises(KitError, match="not found"):
+        load_or_make_folds(labels, 5, 42, tmp_path, groups_csv=str(tmp_path / "missing.csv"))

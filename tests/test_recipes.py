@@ -1,0 +1,202 @@
+"""Transfer learning and the training recipe: shipped configs, pretrained files, augmentation, options, blending."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import safetensors.torch
+import timm
+import torch
+from sklearn.metrics import roc_auc_score
+
+from kit.augment import build_transform, worst_centre_overlap
+from kit.cli import main
+from kit.config import ModelConfig, histology_augmentation, load_config
+from kit.engine import build_loss, build_optimizer, build_scheduler, fold_dir, load_checkpoint, train_fold
+from kit.errors import KitError
+from kit.models import build_model, head_parameter_names
+from kit.predict import blend, choose_blend_weights, weight_grid
+
+from conftest import REPO
+
+SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+QUIET = {"log": lambda *_: None}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_config_builds_its_model_and_trains_a_few_steps(name, demo_data, tmp_path):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", {
+        "model.pretrained": False, "data_dir": str(demo_data), "out_dir": str(tmp_path), "epochs": 1,
+        "max_train_images": 32, "batch_size": 16, "eval_batch_size": 100, "folds.n_splits": 2})
+    metrics = train_fold(cfg, 0, **QUIET)
+    assert metrics["epochs_trained"] == 1 and 0 <= metrics["best_val_auc"] <= 1
+    model = build_model(cfg.model)
+    assert model(torch.rand(2, 3, 96, 96)).shape == (2,)
+    if cfg.model.name != "baseline":   # normalisation from the model's own pretrained data config, RGB order
+        expected = timm.data.resolve_data_config({}, model=timm.create_model(cfg.model.name, pretrained=False))
+        torch.testing.assert_close(model.mean.flatten(), torch.tensor(expected["mean"]))
+        torch.testing.assert_close(model.std.flatten(), torch.tensor(expected["std"]))
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_pretrained_file_loads_every_backbone_tensor_and_a_fresh_head(tmp_path, suffix):
+    source = timm.create_model("resnet18", pretrained=False)          # 1000-class head, as downloaded weights are
+    path = tmp_path / f"resnet18.{suffix}"
+    if suffix == "pth":
+        torch.save(source.state_dict(), path)
+    else:
+        safetensors.torch.save_file(source.state_dict(), str(path))
+    cfg = load_config(REPO / "configs" / "resnet34.yaml", {"model.name": "resnet18", "model.pretrained_file": str(path)})
+    loaded = build_model(cfg.model).net.state_dict()
+    backbone = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    assert backbone and all(torch.equal(loaded[k], v) for k, v in backbone.items())
+    assert loaded["fc.weight"].shape == (1, 512)
+
+
+def test_weights_of_another_architecture_are_refused_naming_the_keys(tmp_path):
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(KitError) as caught:
+        build_model(ModelConfig(name="resnet34", pretrained_file=str(tmp_path / "r18.pth")))
+    assert "does not fit `resnet34`" in str(caught.value) and "missing: layer1.2.conv1.weight" in str(caught.value)
+
+
+def test_unknown_timm_name_lists_close_matches():
+    with pytest.raises(KitError, match="unknown model `efficientnet_b00`.*close matches: efficientnet_b0"):
+        build_model(ModelConfig(name="efficientnet_b00"))
+
+
+def test_no_network_and_no_file_suggests_pretrained_file(tmp_path):
+    code = "from kit.models import build_model; from kit.config import ModelConfig; " \
+           "build_model(ModelConfig(name='efficientnet_b0', pretrained=True))"
+    result = subprocess.run([sys.executable, "-c", f"from kit.cli import main; import sys; "
+                             f"sys.argv=['x']; from kit.errors import KitError\ntry:\n {code}\nexcept KitError as e:\n"
+                             f" print('error:', e); sys.exit(2)"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot load pretrained weights for `efficientnet_b0`" in result.stdout
+    assert "model.pretrained_file" in result.stdout
+
+
+# ---- augmentation -------------------------------------------------------------------------------------------------
+
+def test_geometric_augmentation_keeps_the_centre_in_the_centre():
+    d4 = [{"name": n, "p": 0.5} for n in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose")]
+    assert worst_centre_overlap(build_transform(d4, "augment.train")) == 1.0      # D4 maps the centre onto itself
+    assert worst_centre_overlap(build_transform(histology_augmentation(), "augment.train")) >= 2 / 3
+    for name in SHIPPED:
+        cfg = load_config(name)
+        for key in ("train", "valid"):
+            transform = build_transform(getattr(cfg.augment, key), f"augment.{key}")   # would raise if it drifted
+            assert transform is None or worst_centre_overlap(transform) >= 2 / 3
+    shifting = [{"name": "Affine", "translate_percent": [0.25, 0.3], "p": 1.0}]
+    with pytest.raises(KitError, match="`augment.train` moves the centre 32×32"):
+        build_transform(shifting, "augment.train")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "HorizontalFlp"}, "`HorizontalFlp` is not an albumentations transform"),
+    ({"name": "HorizontalFlip", "probability": 0.5}, "bad parameters"),
+    ({"name": "RandomRotate90", "angle": 3}, "bad parameters"),
+    ("HorizontalFlip", "must be a mapping with a `name`"),
+])
+def test_bad_transforms_are_named(spec, message):
+    with pytest.raises(KitError, match=message) as caught:
+        build_transform([spec], "augment.train")
+    assert "augment.train[0]" in str(caught.value)
+
+
+# ---- recipe options -----------------------------------------------------------------------------------------------
+
+def test_loss_options():
+    logits, targets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0])
+    bce = build_loss(load_config("baseline").loss, torch.device("cpu"))
+    torch.testing.assert_close(bce(logits, targets), torch.nn.functional.binary_cross_entropy_with_logits(logits, targets))
+    weighted = build_loss(load_config("baseline", ["loss.pos_weight=2.0"]).loss, torch.device("cpu"))
+    assert weighted(logits, targets) > bce(logits, targets)
+    smoothed = build_loss(load_config("baseline", ["loss.label_smoothing=0.1"]).loss, torch.device("cpu"))
+    torch.testing.assert_close(smoothed(logits, targets), torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.tensor([0.95, 0.05, 0.95])))
+    focal = build_loss(load_config("convnext_nano").loss, torch.device("cpu"))
+    p = torch.sigmoid(logits)
+    p_t = torch.where(targets == 1, p, 1 - p)
+    expected = (-(1 - p_t) ** 2 * torch.log(p_t)).mean()
+    torch.testing.assert_close(focal(logits, targets), expected)
+
+
+def test_backbone_learning_rate_and_onecycle_schedule():
+    cfg = load_config("resnet34", ["model.pretrained=false", "epochs=2"])
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(cfg, model)
+    assert [g["name"] for g in optimizer.param_groups] == ["backbone", "head"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * cfg.optimizer.backbone_lr_scale)
+    head = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert head == {id(p) for n, p in model.named_parameters() if n in head_parameter_names(model)} and len(head) == 2
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert int(np.argmax(lrs)) == round(0.25 * 20) - 1 and max(lrs) == pytest.approx(cfg.optimizer.lr)   # pct_start
+    assert lrs[-1] < cfg.optimizer.lr / 100
+
+
+def test_frozen_backbone_ema_and_early_stopping(quick_config):
+    cfg = quick_config(**{"epochs": 3, "train.freeze_backbone_epochs": 5, "train.early_stopping": 1,
+                          "optimizer.lr": 1e-12, "train.ema_decay": 0.9, "max_train_images": 64})
+    torch.manual_seed(cfg.seed * 1000 + 0)
+    initial = build_model(cfg.model).state_dict()
+    metrics = train_fold(cfg, 0, **QUIET)
+    # a (practically) frozen model cannot beat its first epoch: patience 1 stops after epoch 2
+    assert metrics["stopped_early"] and metrics["epochs_trained"] == 2
+    last = load_checkpoint(fold_dir(cfg, 0) / "last.pt")
+    head = head_parameter_names(build_model(cfg.model))
+    for name, tensor in last["model"].items():
+        if name.startswith("net.") and name not in head and "running" not in name and "num_batches" not in name:
+            assert torch.equal(tensor, initial[name]), f"{name} moved while the backbone was frozen"
+    assert last["ema"] is not None
+    # the fold counts as finished: not retrained
+    messages = []
+    train_fold(cfg, 0, log=messages.append)
+    assert "already trained" in messages[0]
+
+
+# ---- blending -------------------------------------------------------------------------------------------------------
+
+def test_blend_weights_and_values_equal_a_hand_computation():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(400) < 0.4).astype(int)
+    a = np.clip(labels * 0.3 + rng.random(400) * 0.7, 0, 1)          # two noisy, partly complementary members
+    b = np.clip(labels * 0.25 + rng.random(400) * 0.75, 0, 1) ** 3
+    for method in ("mean", "rank"):
+        weights, auc = choose_blend_weights([a, b], labels, method)
+        members = [a, b] if method == "mean" else [pd.Series(x).rank(pct=True).to_numpy() for x in (a, b)]
+        by_hand = max(((roc_auc_score(labels, w * members[0] + (1 - w) * members[1]), -i, w)
+                       for i, w in enumerate(np.arange(20, -1, -1) / 20)))
+        assert auc == pytest.approx(by_hand[0]) and weights[0] == pytest.approx(by_hand[2])
+        assert auc >= max(roc_auc_score(labels, a), roc_auc_score(labels, b))
+        np.testing.assert_allclose(blend([a, b], weights, method), weights[0] * members[0] + weights[1] * members[1])
+    assert len(weight_grid(3)) == 231 and np.allclose(weight_grid(3).sum(axis=1), 1)
+
+
+def test_predict_blends_two_experiments(quick_config, demo_data, tmp_path, capsys):
+    common = ["--data-dir", str(demo_data), "--out", str(tmp_path / "runs"), "epochs=1", "folds.n_splits=2",
+              "max_train_images=96", f"submissions_dir={tmp_path / 'submissions'}"]
+    demo = (REPO / "configs" / "demo.yaml").read_text()
+    for name, seed in (("one", 1), ("two", 2)):      # two experiment configs, as a user would write them
+        text = demo.replace("name: demo", f"name: {name}").replace("\nseed: 42\n", f"\nseed: {seed}\n")
+        (tmp_path / f"{name}.yaml").write_text(text)
+        assert main(["train-all", "--config", str(tmp_path / f"{name}.yaml"), *common]) == 0
+    capsys.readouterr()
+    exps = f"{tmp_path / 'one.yaml'} {tmp_path / 'two.yaml'}"
+    assert main(["predict", "--exps", exps, "--blend", "rank", *common]) == 0
+    out = capsys.readouterr().out
+    assert "one: OOF AUC" in out and "two: OOF AUC" in out and "blend (rank) of one + two: OOF AUC" in out
+    path = out.strip().splitlines()[-1]
+    assert "blend-one+two-" in path
+    submission = pd.read_csv(path, dtype={"id": str})
+    sample = pd.read_csv(demo_data / "sample_submission.csv", dtype={"id": str})
+    assert submission["id"].tolist() == sample["id"].tolist() and submission["label"].between(0, 1).all()
