@@ -51,7 +51,7 @@ predict: $(STAMP)
 
 submit: $(STAMP)
 	$(PY) -m kit submit --file "$(FILE)" $(if $(MESSAGE),--message "$(MESSAGE)") \
-	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(EXPERIMENT)
 
 data: $(STAMP)
 	$(PY) -m kit data --data-dir $(or $(DATA_DIR),data)

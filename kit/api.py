@@ -156,6 +156,13 @@ def predict_blend(configs: list[Config], method: str = "mean", allow_missing_fol
 # Kaggle
 # ----------------------------------------------------------------------------------------------------------------
 
+def read_submission_details(path: str | Path) -> dict:
+    """What `predict` recorded beside a CSV (experiment, CV AUC, folds, TTA, its sample_submission.csv)."""
+    from .submission import read_submission_details as read
+
+    return read(path)
+
+
 def submit(path: str | Path, message: str | None = None, dry_run: bool = False, data_dir: str | Path | None = None,
            log=print) -> None:
     """Validate `path` against sample_submission.csv, then upload it (unless `dry_run`).
@@ -167,6 +174,8 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
 
     if not path or not str(path).strip():
         raise KitError("say which file to submit: make submit FILE=submissions/<experiment>-<time>.csv")
+    if not Path(path).is_file():
+        raise KitError(f"submission file not found: {path} (make predict writes one under submissions/)")
     details = read_submission_details(path)
     sample_source = data_dir or details.get("sample_submission") or kaggle_competition_input()
     if sample_source is None:

@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --exps: weighted mean of probabilities or of ranks (default %(default)s)")
 
     submit = commands.add_parser("submit", help="validate a submission CSV, then upload it to Kaggle")
-    submit.add_argument("--file", default="", help="the CSV written by `predict`")
-    submit.add_argument("--data-dir", help="folder with the sample_submission.csv to check against "
-                                           "(default: the one the file was predicted from)")
+    _add_experiment_options(submit)
+    submit.add_argument("--file", default="", help="the CSV written by `predict`; checked against the "
+                                                   "sample_submission.csv it was predicted from, else --data-dir's, "
+                                                   "else the config's")
     submit.add_argument("--message", help="submission description (default: experiment and CV AUC)")
     submit.add_argument("--dry-run", action="store_true", help="validate only; send nothing")
 
@@ -103,7 +104,9 @@ def run(args) -> None:
 
         print(write_bundle(args.out))
     elif args.command == "submit":
-        api.submit(args.file, message=args.message, dry_run=args.dry_run, data_dir=args.data_dir)
+        api.submit(args.file, message=args.message, dry_run=args.dry_run,
+                   data_dir=args.data_dir or (None if not args.file or api.read_submission_details(args.file)
+                                              else load_experiment(args).data_dir))
     else:
         cfg = load_experiment(args)
         if args.command == "cache":
