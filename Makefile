@@ -1,7 +1,7 @@
 # Thin targets: each one line that calls the kit's command line (`python -m kit …`) with the variables passed on.
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
-#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY.
+#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench).
 
 CONFIG ?= configs/baseline.yaml
 FOLD ?= 0
@@ -14,7 +14,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report venv clean-venv
+.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report bench venv clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -61,6 +61,10 @@ submissions: $(STAMP)
 
 kaggle-bundle: $(STAMP)
 	$(PY) -m kit bundle --out $(or $(BUNDLE),dist/hcd-kit.zip)
+
+# images/s from files to the model (docs/PERFORMANCE.md); DEVICE=cpu|cuda, default auto
+bench: $(STAMP)
+	$(PY) -m kit bench $(if $(OUT),--out $(OUT)/bench) $(if $(DEVICE),--device $(DEVICE))
 
 # EXP=name is short for CONFIG=configs/name.yaml; EXPS="a b" compares experiments instead.
 report: CONFIG := $(or $(EXP),$(CONFIG))

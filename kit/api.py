@@ -85,6 +85,13 @@ def build_cache(cfg: Config, log=print) -> None:
         log(f"{split}: {len(images):,} images cached in {cache_dir}")
 
 
+def bench(out_dir: str | Path = "runs/bench", log=print, **options) -> Path:
+    """Images/s from files to the model on this machine (kit/bench.py): prints a table; returns the JSON's path."""
+    from .bench import bench as run_bench
+
+    return run_bench(out_dir, log=log, **options)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training and prediction
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ parameters. `choose_input` picks the batch path when every configured transform 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -81,10 +80,10 @@ def worst_centre_overlap(transform: A.Compose, probes: int = CENTRE_PROBES) -> f
 # Batch augmentation: the same transforms as torch ops on a whole batch
 # ----------------------------------------------------------------------------------------------------------------
 #
-# A batch is (N, 3, H, W) pixel values 0..255: uint8 while pixels only move (flips, 90° turns, transposes), float
-# from the first op that computes new values (affine, colour). Every image draws its own parameters, in the order
-# albumentations would apply them, from one CPU generator: an epoch's augmentations depend on its seed alone, on CPU
-# and GPU alike, and the draws cost nothing next to the image work.
+# A batch is (N, 3, H, W) pixel values 0..255, uint8 as gathered from the cache, float after the first op. Every
+# image draws its own parameters, as albumentations would, from one CPU generator: an epoch's augmentations depend
+# on its seed alone, on CPU and GPU alike, and the draws cost nothing next to the image work. Labels travel with the
+# batch, because a D4 move regroups it (see apply_d4).
 
 # A D4 element (the 8 flips/turns of a square) as 3 bits: transpose, then flip rows, then flip columns.
 TRANSPOSE, VFLIP, HFLIP = 1, 2, 4
@@ -108,26 +107,29 @@ def _d4_then_table() -> torch.Tensor:
 D4_THEN = _d4_then_table()     # D4_THEN[first, second]: the element that does `first`, then `second`
 
 
-def apply_d4(images: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
-    """Move each image (N, C, H, W) by its D4 element (a CPU tensor); images with the same element move together."""
-    if not bool(elements.any()):
-        return images
-    images = images.contiguous()   # flipping strided (channels-last) uint8 is several times slower on CPU
-    moved = torch.empty_like(images)
-    for element in range(8):
-        rows = (elements == element).nonzero().squeeze(1)
-        if len(rows) == 0:
-            continue
-        rows = rows.to(images.device, non_blocking=True)
-        group = images.index_select(0, rows)
+def apply_d4(images: torch.Tensor, labels: torch.Tensor, elements: torch.Tensor):
+    """Move each image (N, C, H, W) by its D4 element (a CPU tensor) into a new float channels-last batch.
+
+    The batch comes back grouped by element, `labels` reordered alongside: each group is then one strided copy
+    that also converts to float, which is several times cheaper on CPU than moving images one place at a time.
+    """
+    order = torch.argsort(elements, stable=True)
+    on_device = order.to(images.device, non_blocking=True)
+    # a channels-last batch (as gathered from the cache) is contiguous as NHWC: select whole images there
+    grouped = images.permute(0, 2, 3, 1).index_select(0, on_device).permute(0, 3, 1, 2)
+    moved = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=torch.channels_last)
+    start = 0
+    for element, count in enumerate(torch.bincount(elements, minlength=8).tolist()):
+        group = grouped[start:start + count]
         if element & TRANSPOSE:
             group = group.transpose(2, 3)
         if element & VFLIP:
             group = group.flip(2)
         if element & HFLIP:
             group = group.flip(3)
-        moved[rows] = group
-    return moved
+        moved[start:start + count].copy_(group)
+        start += count
+    return moved, labels.index_select(0, order.to(labels.device, non_blocking=True))
 
 
 @dataclass
@@ -147,11 +149,11 @@ class D4Run:
     """Consecutive D4 ops, fused: each image's elements are composed, then the batch moves once."""
     ops: list[D4Op]
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
         elements = torch.zeros(len(images), dtype=torch.long)
         for op in self.ops:
             elements = D4_THEN[elements, op.draw(len(images), generator)]
-        return apply_d4(images, elements)
+        return apply_d4(images, labels, elements)
 
 
 def _uniform(value_range, u: torch.Tensor) -> torch.Tensor:
@@ -167,26 +169,26 @@ class PixelOp:
     def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
         count = len(images)
         picked = torch.rand(count, generator=generator, dtype=torch.float64) < self.p
         u = torch.rand(count, self.draws, generator=generator, dtype=torch.float64)   # drawn for every image
         rows = picked.nonzero().squeeze(1)
         if len(rows) == 0:
-            return images
+            return images, labels
         images = images.float() if images.dtype == torch.uint8 else images
         if len(rows) == count:
-            return self.apply(images, u)
+            return self.apply(images, u), labels
         rows_on_device = rows.to(images.device, non_blocking=True)
         images[rows_on_device] = self.apply(images.index_select(0, rows_on_device), u[rows])
-        return images
+        return images, labels
 
 
 class AffineOp(PixelOp):
     """albumentations' Affine: scale, rotate, shear and translate about the centre, as one grid_sample per batch."""
     draws = 7
-    MODES = {0: "nearest", 1: "bilinear", 2: "bicubic"}                       # cv2.INTER_*
-    PADDING = {0: "zeros", 1: "border", 4: "reflection"}                      # cv2.BORDER_CONSTANT/REPLICATE/REFLECT_101
+    MODES = {0: "nearest", 1: "bilinear", 2: "bicubic"}                   # cv2.INTER_NEAREST/LINEAR/CUBIC
+    PADDING = {0: "zeros", 1: "border", 4: "reflection"}                  # cv2.BORDER_CONSTANT/REPLICATE/REFLECT_101
 
     def __init__(self, t: A.Affine):
         self.p, self.rotate, self.scale, self.keep_ratio, self.shear = t.p, t.rotate, t.scale, t.keep_ratio, t.shear
@@ -263,16 +265,21 @@ def shift_hsv(rgb: torch.Tensor, hue: torch.Tensor, saturation: torch.Tensor, va
     red, green, blue = rgb.unbind(1)
     high, low = rgb.amax(1), rgb.amin(1)
     chroma = high - low
-    safe_chroma = chroma.clamp_min(1e-12)
-    sector = torch.where(high == red, ((green - blue) / safe_chroma) % 6,           # hue in sixths of a turn
-                         torch.where(high == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4))
-    sector = (torch.where(chroma > 0, sector, 0) + 6 * hue) % 6
-    sat = torch.where(chroma > 0, chroma / high.clamp_min(1e-12), 0)
-    sat = torch.where(sat > 0, (sat + saturation).clamp(0, 1), 0)
-    val = (high + value).clamp(0, 1)
+    inverse_chroma = torch.where(chroma > 0, chroma.reciprocal(), 0)     # grey pixels: hue and saturation 0
+    sector = torch.where(high == red, (green - blue).mul_(inverse_chroma),        # hue in sixths of a turn
+                         torch.where(high == green, (blue - red).mul_(inverse_chroma).add_(2),
+                                     (red - green).mul_(inverse_chroma).add_(4)))
+    sector.add_(6 * hue).remainder_(6)
+    sat = chroma.div_(high.clamp_min(1e-12))
+    sat = torch.where(sat > 0, (sat + saturation).clamp_(0, 1), 0)
+    val = (high + value).clamp_(0, 1)
+    val_sat = val * sat
+    shifted = torch.empty_like(rgb)
     # back: channel = V − V·S·clamp(min(k, 4 − k), 0, 1) with k = (n + sector) mod 6, n = 5, 3, 1 for R, G, B
-    return torch.stack([val - val * sat * torch.minimum((n + sector) % 6, 4 - (n + sector) % 6).clamp(0, 1)
-                        for n in (5, 3, 1)], 1)
+    for channel, n in enumerate((5, 3, 1)):
+        k = (sector + n).remainder_(6)
+        torch.sub(val, torch.minimum(k, 4 - k).clamp_(0, 1).mul_(val_sat), out=shifted[:, channel])
+    return shifted
 
 
 class BatchAugmentation:
@@ -281,11 +288,12 @@ class BatchAugmentation:
     def __init__(self, steps: list):
         self.steps = steps
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(N, 3, H, W) pixel values 0..255 (uint8, or float that may be changed in place) → augmented, same scale."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        """(N, 3, H, W) pixel values 0..255 (uint8, or float that may be changed in place) and their labels → the
+        augmented batch (float unless nothing was applied), same scale, and the labels in its order."""
         for step in self.steps:
-            images = step(images, generator)
-        return images
+            images, labels = step(images, labels, generator)
+        return images, labels
 
 
 class NoBatchEquivalent(Exception):
@@ -351,6 +359,6 @@ def choose_input(requested: str, transform: A.Compose | None, key: str) -> Input
         if requested == "batch":
             raise KitError(f"config `train.input: batch`, but {reason}; use train.input=auto or albumentations") \
                 from None
-        return InputChoice("albumentations", None, f"{reason}")
+        return InputChoice("albumentations", None, str(reason))
     why = f"every `{key}` transform has a batch equivalent" if augment is not None else f"`{key}` is empty"
     return InputChoice("batch", augment, why if requested == "auto" else "train.input is batch")

@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("submissions", help="recent submissions with status and public score (Kaggle API)")
 
+    bench = commands.add_parser("bench", help="images/s from files to the model: decode, cache, input, step, TTA")
+    bench.add_argument("--out", default="runs/bench", help="folder for bench-<time>.json (default %(default)s)")
+    bench.add_argument("--images", type=int, default=4096, help="generated patches (default %(default)s)")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--batch-size", type=int, default=256, help="(default %(default)s)")
+    bench.add_argument("--timm-model", default="resnet18", help="the timm model timed (default %(default)s)")
+    bench.add_argument("--seconds", type=float, default=2.0, help="least time per measurement (default %(default)s)")
+
     bundle = commands.add_parser("bundle", help="zip the kit for upload as a Kaggle dataset")
     bundle.add_argument("--out", default="dist/hcd-kit.zip", help="zip to write (default %(default)s)")
 
@@ -99,6 +107,9 @@ def run(args) -> None:
         api.download_data(args.data_dir)
     elif args.command == "submissions":
         api.list_submissions()
+    elif args.command == "bench":
+        print(api.bench(args.out, images=args.images, device=args.device, batch_size=args.batch_size,
+                        timm_model=args.timm_model, min_seconds=args.seconds))     # the JSON's path, last
     elif args.command == "bundle":
         from .bundle import write_bundle
 

@@ -88,6 +88,12 @@ class TrainConfig:
     early_stopping: int = 0      # stop after this many epochs without a better val AUC; 0 = off
     freeze_backbone_epochs: int = 0   # train only the head for the first N epochs (pretrained backbones)
     channels_last: bool = True   # NHWC memory layout: faster convolutions on GPUs with tensor cores
+    # How training images reach the model. batch: uint8 batches gathered from the cache (held in GPU memory when it
+    # fits) and augmented a batch at a time on the device, no DataLoader (fast: per-image Python costs more than a
+    # 96×96 forward pass). albumentations: per image in DataLoader workers (any albumentations transform).
+    # auto: batch when every augment.train transform has a batch equivalent (kit/augment.py), else albumentations.
+    input: str = "auto"
+    compile: bool = False        # torch.compile the training model: faster GPU steps after a minute of compiling
 
 
 @dataclass
@@ -113,7 +119,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 32         # the seed's batch size
     eval_batch_size: int = 256
-    num_workers: int = -1        # DataLoader workers for augmentation; -1 = auto (0 on CPU, up to 8 on GPU)
+    num_workers: int = -1        # DataLoader workers (train.input albumentations); -1 = auto: 0 on CPU, up to 8 on GPU
     device: str = "auto"         # auto (GPU when there is one) | cpu | cuda
     amp: bool = True             # mixed precision on GPU (bf16 where supported, else fp16); ignored on CPU
     max_train_images: int = 0    # use only the first N training images (quick trials); 0 = all
@@ -133,6 +139,7 @@ CHOICES = {
     "schedule.name": ("constant", "cosine", "onecycle"),
     "loss.name": ("bce", "focal"),
     "tta.views": ("d4", "hflip", "none"),
+    "train.input": ("auto", "batch", "albumentations"),
 }
 # (minimum, inclusive?) for numeric keys
 MINIMUMS = {

@@ -1,4 +1,5 @@
-"""The Kaggle data layout: reading and validating CSVs and TIFFs, the uint8 image cache, and training datasets.
+"""The Kaggle data layout: reading and validating CSVs and TIFFs, the uint8 image cache, and the batches that feed
+training (gathered from the cache, on the device when it fits there).
 
 Every TIFF of a split is decoded once (in parallel, all cores) into one uint8 array file of shape (N, 96, 96, 3),
 RGB, memory-mapped by every fold and epoch afterwards. The file name carries a fingerprint of the source files
@@ -125,34 +126,46 @@ def source_fingerprint(paths: list[Path], csv_name: str) -> str:
     return digest.hexdigest()
 
 
-def _decode_chunk(paths: list[str]) -> np.ndarray:
-    return np.stack([read_image(path) for path in paths])
+def _decode_into(task: tuple[str, int, list[str]]) -> int:
+    """Decode a chunk of paths and write it at byte `position` of the array file, in one write: no pixels travel
+    between processes, and a plain write is cheaper than faulting in fresh memory-mapped pages."""
+    array_path, position, paths = task
+    decoded = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS), np.uint8)
+    for row, path in enumerate(paths):
+        decoded[row] = read_image(path)
+    with open(array_path, "r+b") as array_file:
+        array_file.seek(position)
+        array_file.write(decoded.data)
+    return len(paths)
 
 
-def _worker_init() -> None:
-    cv2.setNumThreads(1)        # one process per core already; OpenCV threads would only contend
-
-
-def decode_images(paths: list[Path], out: np.ndarray, workers: int, desc: str) -> None:
-    """Decode `paths` into `out` (N, 96, 96, 3) in parallel, with a progress bar in images."""
-    chunk = 256
-    chunks = [[str(p) for p in paths[start:start + chunk]] for start in range(0, len(paths), chunk)]
-    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5)
+def decode_images(paths: list[Path], array_path: Path, workers: int, desc: str, progress: bool = True) -> None:
+    """Decode `paths` into the (N, 96, 96, 3) uint8 .npy file `array_path` in parallel, with a progress bar."""
+    header = np.load(array_path, mmap_mode="r").offset
+    row_bytes = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
+    chunk = max(16, min(256, -(-len(paths) // (4 * workers))))      # ≥ 4 chunks a worker: they finish together
+    tasks = [(str(array_path), header + start * row_bytes, [str(p) for p in paths[start:start + chunk]])
+             for start in range(0, len(paths), chunk)]
+    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5, disable=not progress)
     with bar:
-        if workers <= 1 or len(chunks) == 1:
-            results = map(_decode_chunk, chunks)
+        if workers <= 1 or len(tasks) == 1:
+            done = map(_decode_into, tasks)
             pool = None
         else:
-            # fork is fast and needs no re-import; fall back to the platform default elsewhere
+            # fork is fast and needs no re-import; fall back to the platform default elsewhere. One process per core
+            # already, so the children get one OpenCV thread: set here, because OpenCV's thread pool does not
+            # survive a fork (setting it in a child hangs once the parent has used it)
             method = "fork" if sys.platform.startswith("linux") else None
-            pool = multiprocessing.get_context(method).Pool(workers, initializer=_worker_init)
-            results = pool.imap(_decode_chunk, chunks)
+            opencv_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+            try:
+                pool = multiprocessing.get_context(method).Pool(min(workers, len(tasks)))
+            finally:
+                cv2.setNumThreads(opencv_threads)
+            done = pool.imap_unordered(_decode_into, tasks)
         try:
-            start = 0
-            for decoded in results:
-                out[start:start + len(decoded)] = decoded
-                start += len(decoded)
-                bar.update(len(decoded))
+            for count in done:
+                bar.update(count)
         finally:
             if pool is not None:
                 pool.terminate()
@@ -165,7 +178,7 @@ def cache_dir_for(out_dir: str | Path, data_dir: str | Path) -> Path:
 
 
 def load_split_images(data_dir: str | Path, split: str, ids, cache_dir: str | Path,
-                      workers: int | None = None) -> np.ndarray:
+                      workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Return the split's images (N, 96, 96, 3) uint8 RGB in `ids` order, memory-mapped from the cache.
 
     The cache is built on first need, and rebuilt when the source files change.
@@ -181,18 +194,106 @@ def load_split_images(data_dir: str | Path, split: str, ids, cache_dir: str | Pa
         for stale in cache_dir.glob(f"{split}-*.npy"):
             stale.unlink()
         workers = workers or os.cpu_count() or 1
-        with atomic_path(cache_file) as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                              shape=(len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS))
-            decode_images(paths, array, workers, desc=f"cache {split}")
-            array.flush()
-            del array
+        with atomic_path(cache_file) as tmp:     # the final name only once every image is in
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                      shape=(len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS)).flush()
+            decode_images(paths, tmp, workers, desc=f"cache {split}", progress=progress)
     return np.load(cache_file, mmap_mode="r")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Batches for the model
 # ----------------------------------------------------------------------------------------------------------------
+#
+# Two ways to feed training, one interface: `set_seed(epoch seed)`, then iterate (float model inputs, labels) on the
+# device, `len()` batches. Both draw the order and every augmentation from that seed, so a resumed run sees the same
+# batches as an uninterrupted one:
+#   CachedBatches          rows gathered from the uint8 cache (in GPU memory when it fits) and augmented a batch
+#                          at a time on the device: no DataLoader, no per-image Python. The fast path.
+#   AlbumentationsBatches  per-image albumentations in DataLoader workers (pinned memory, persistent workers), for
+#                          transforms without a batch equivalent.
+
+RESIDENT_SHARE = 0.5    # keep a split in GPU memory when it takes at most this share of the free memory
+
+
+def batches_per_epoch(images: int, batch_size: int) -> int:
+    """A ragged last batch is dropped (a 3-image batch would jolt BatchNorm), unless there is only one batch."""
+    return images // batch_size if images > batch_size else 1
+
+
+def resident_images(images, device: torch.device):
+    """The split as a uint8 tensor in GPU memory when it fits with room to spare, so batches are gathered there and
+    never cross PCIe; otherwise `images` as given (the memory-mapped cache, read batch by batch)."""
+    if isinstance(images, torch.Tensor) or device.type != "cuda":
+        return images
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    if images.nbytes > RESIDENT_SHARE * free_bytes:
+        return images
+    resident = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    chunk = 8192                               # bounded host memory: the cache is read a slice at a time
+    for start in range(0, len(images), chunk):
+        resident[start:start + chunk].copy_(torch.from_numpy(np.array(images[start:start + chunk])))
+    return resident
+
+
+def gather_batch(images, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (len(rows), 96, 96, 3) on `device`: indexed in place when the split is resident there, else copied out
+    of the cache (through pinned memory on a GPU, so the copy overlaps the model's work)."""
+    if isinstance(images, torch.Tensor):
+        return images.index_select(0, torch.as_tensor(rows).to(images.device, non_blocking=True))
+    batch = torch.from_numpy(images[np.asarray(rows)])       # fancy indexing copies: writable, contiguous
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
+def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (N, H, W, C) → float (N, C, H, W) in [0, 1] on `device`; the copy travels as uint8 (4× less data)."""
+    batch = batch.to(device, non_blocking=True).float().div_(255.0).permute(0, 3, 1, 2)   # NHWC memory = channels_last
+    return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def augmented_model_input(batch: torch.Tensor, labels: torch.Tensor, augment, generator: torch.Generator,
+                          channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, H, W, C) on the device, through `augment` (a kit.augment.BatchAugmentation) there → float (N, C,
+    H, W) in [0, 1], and `labels` in the batch's new order (a D4 move regroups it)."""
+    images, labels = augment(batch.permute(0, 3, 1, 2), labels, generator)
+    images = (images.float() if images.dtype == torch.uint8 else images).div_(255.0)
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), labels
+
+
+class CachedBatches:
+    """Training batches gathered from the uint8 cache and augmented a batch at a time on the device (the fast path).
+
+    `images` is the cache or its resident copy (`resident_images`); labels go to the device once.
+    """
+
+    def __init__(self, images, rows: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                 augment=None, channels_last: bool = True):
+        self.images, self.rows, self.batch_size, self.device = images, np.asarray(rows), batch_size, device
+        self.augment, self.channels_last, self.seed = augment, channels_last, 0
+        self.labels = torch.as_tensor(labels, dtype=torch.float32).to(device)
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.rows), self.batch_size)
+
+    def __iter__(self):
+        """(float NCHW inputs, labels) on the device; order and augmentations come from the seed alone."""
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(self.rows), generator=generator).numpy()
+        size = self.batch_size if len(self.rows) > self.batch_size else len(self.rows)
+        for start in range(0, len(self) * size, size):
+            picked = order[start:start + size]
+            images = gather_batch(self.images, self.rows[picked], self.device)
+            labels = self.labels[torch.as_tensor(picked).to(self.device, non_blocking=True)]
+            if self.augment is None:
+                yield to_model_input(images, self.device, self.channels_last), labels
+            else:
+                yield augmented_model_input(images, labels, self.augment, generator, self.channels_last)
+
 
 class PatchDataset(torch.utils.data.Dataset):
     """Patches `indices` of a uint8 image array, each through an albumentations transform, as uint8 HWC tensors."""
@@ -209,17 +310,55 @@ class PatchDataset(torch.utils.data.Dataset):
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(self.labels[item], dtype=torch.float32)
 
+    def __getitems__(self, batch: list[tuple[int, int]]):
+        """One batch from SeededBatchSampler, as (item, batch seed) pairs: the transform is reseeded once per batch,
+        so a batch's augmentations do not depend on which worker makes it, nor on how many there are."""
+        if self.transform is not None:
+            self.transform.set_random_seed(batch[0][1])
+        return [self[item] for item, _ in batch]
 
-def seed_worker_transform(worker_id: int) -> None:
-    """DataLoader workers get copies of one transform: reseed each from its own torch seed (epoch- and
-    worker-specific, derived from the loader's generator) so workers draw different, reproducible augmentations."""
-    dataset = torch.utils.data.get_worker_info().dataset
-    if getattr(dataset, "transform", None) is not None:
-        dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+class SeededBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of (item, batch seed) pairs, drawn from the seed set by `set_seed` before each epoch."""
+
+    def __init__(self, items: int, batch_size: int):
+        self.items, self.batch_size, self.seed = items, batch_size, 0
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.items, self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.items, generator=generator).tolist()
+        seeds = torch.randint(2**31, (len(self),), generator=generator).tolist()
+        size = self.batch_size if self.items > self.batch_size else self.items
+        for number, seed in enumerate(seeds):
+            yield [(item, seed) for item in order[number * size:(number + 1) * size]]
 
 
-def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
-    """uint8 (N, H, W, C) → float (N, C, H, W) in [0, 1] on `device`; the copy travels as uint8 (4× less data)."""
-    batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return batch.contiguous(memory_format=memory_format)
+class AlbumentationsBatches:
+    """Training batches through an albumentations pipeline per image, in DataLoader workers (persistent across
+    epochs, pinned memory on a GPU), for transforms that have no batch equivalent."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, transform, batch_size: int,
+                 device: torch.device, workers: int, channels_last: bool = True):
+        self.device, self.channels_last = device, channels_last
+        self.sampler = SeededBatchSampler(len(rows), batch_size)
+        self.loader = torch.utils.data.DataLoader(
+            PatchDataset(images, rows, labels, transform), batch_sampler=self.sampler, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(0))      # its one draw must not touch the global RNG
+
+    def set_seed(self, seed: int) -> None:
+        self.sampler.set_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield (to_model_input(images, self.device, self.channels_last),
+                   labels.to(self.device, non_blocking=True))

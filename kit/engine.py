@@ -29,10 +29,10 @@ from torchvision.ops import sigmoid_focal_loss
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .augment import build_transform
+from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choose_input
 from .config import Config, LossConfig, save_config, to_dict
-from .data import (PatchDataset, cache_dir_for, check_data_dir, load_split_images, read_train_labels,
-                   seed_worker_transform, to_model_input)
+from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
+                   gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
 from .errors import KitError
 from .folds import load_or_make_folds
 from .io import atomic_torch_save, atomic_write_csv, atomic_write_json
@@ -133,8 +133,23 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
             parameter.requires_grad_(trainable)
 
 
-def steps_per_epoch(train_images: int, batch_size: int) -> int:
-    return train_images // batch_size if train_images > batch_size else 1   # the loader drops a ragged last batch
+def build_training_input(cfg: Config, data: FoldData, images, device: torch.device):
+    """The fold's training batches on the path `train.input` chooses, and a line for the log saying which and why.
+
+    `images` is the train split, resident in GPU memory when it fits (`resident_images`).
+    """
+    transform = build_transform(cfg.augment.train, "augment.train")
+    choice = choose_input(cfg.train.input, transform, "augment.train")
+    labels = data.labels[data.train_rows]
+    if choice.path == "batch":
+        where = "in GPU memory" if isinstance(images, torch.Tensor) else "from the memory-mapped cache"
+        batches = CachedBatches(images, data.train_rows, labels, cfg.batch_size, device, choice.augment,
+                                cfg.train.channels_last)
+        return batches, f"input: uint8 batches {where}, augmented a batch at a time on {device.type} ({choice.why})"
+    workers = resolve_num_workers(cfg.num_workers, device)
+    batches = AlbumentationsBatches(data.images, data.train_rows, labels, transform, cfg.batch_size, device, workers,
+                                    cfg.train.channels_last)
+    return batches, f"input: albumentations per image, {workers} DataLoader workers ({choice.why})"
 
 
 def resolve_num_workers(requested: int, device: torch.device) -> int:
@@ -160,18 +175,28 @@ class TrainingParts:
     ema: object = None                 # timm ModelEmaV3, updated after every step
 
 
-def train_one_epoch(model, loader, parts: TrainingParts, device, amp_dtype, channels_last: bool, desc: str):
-    """One pass over `loader`; returns (mean loss, images per second). Shows a bar with loss and images/s."""
+def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, desc: str | None,
+                    check_every: int = 20):
+    """One pass over `batches` ((inputs, labels) on the device); returns (mean loss, images per second).
+    A progress bar shows loss and images/s (none when `desc` is None).
+
+    The loss is summed on the device and read back every `check_every` steps (to check it and update the bar):
+    reading it every step would make the CPU wait for the GPU instead of queueing the next batch.
+    """
     model.train()
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, mininterval=0.5)
-    for images, labels in bar:
-        inputs = to_model_input(images, device, channels_last)
-        labels = labels.to(device, non_blocking=True)
+    loss_sum, seen, start = torch.zeros((), device=device), 0, time.perf_counter()
+    bar = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True, leave=False, mininterval=0.5,
+               disable=desc is None)
+    for step, (inputs, labels) in enumerate(bar, 1):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = parts.loss_fn(model(inputs).float(), labels)
-        if not torch.isfinite(loss):
-            raise KitError(f"training diverged ({desc}: loss is {loss.item()}); lower optimizer.lr")
+        loss_sum += loss.detach() * len(inputs)
+        seen += len(inputs)
+        if step % check_every == 0 or step == len(batches):
+            mean_loss = loss_sum.item() / seen
+            if not math.isfinite(mean_loss):
+                raise KitError(f"training diverged ({desc}: loss is {mean_loss}); lower optimizer.lr")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{seen / (time.perf_counter() - start):,.0f}")
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scaler.scale(loss).backward()
         if parts.grad_clip:
@@ -181,36 +206,46 @@ def train_one_epoch(model, loader, parts: TrainingParts, device, amp_dtype, chan
         parts.scaler.update()
         parts.scheduler.step()
         if parts.ema is not None:
-            parts.ema.update(model)
-        total_loss += loss.item() * len(images)
-        seen += len(images)
-        rate = seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{rate:,.0f}")
+            parts.ema.update(getattr(model, "_orig_mod", model))    # torch.compile wraps the module EMA tracks
     bar.close()
-    return total_loss / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
+    return loss_sum.item() / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
 
 
 @torch.no_grad()
-def predict_logits(model, images: np.ndarray, indices: np.ndarray | None, batch_size: int, device,
-                   amp_dtype=None, desc: str | None = None, transform=None, channels_last: bool = True) -> np.ndarray:
-    """Logits for `images[indices]` (all when None), batch by batch straight from the uint8 array.
+def predict_logits(model, images, indices: np.ndarray | None, batch_size: int, device, amp_dtype=None,
+                   desc: str | None = None, transform=None, channels_last: bool = True) -> np.ndarray:
+    """Logits for `images[indices]` (all when None), batch by batch from the uint8 cache, on the training fast path:
+    the split is held in GPU memory when it fits (`resident_images`; pass a resident tensor to reuse one).
 
-    `transform` (the config's `augment.valid`, usually empty) is applied per image when given.
+    `transform` (the config's `augment.valid`, usually empty) runs as a batch op when it has a batch equivalent
+    (with a fixed seed), else per image through albumentations.
     """
     model.eval()
+    images = resident_images(images, device)
     order = np.arange(len(images)) if indices is None else np.asarray(indices)
+    augment, generator = None, torch.Generator().manual_seed(0)
+    if transform is not None:
+        try:
+            augment, transform = batch_equivalent(transform, "augment.valid"), None
+        except NoBatchEquivalent:
+            pass
     outputs = []
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, dynamic_ncols=True):
-        # a plain slice reads the memory-mapped cache sequentially; a row list gathers
-        rows = slice(start, start + batch_size) if indices is None else order[start:start + batch_size]
-        batch = np.array(images[rows])   # a writable copy out of the read-only cache
-        if transform is not None:
-            batch = np.stack([transform(image=image)["image"] for image in batch])
+        batch = gather_batch(images, order[start:start + batch_size], device)
+        if transform is not None:                                                 # per image, on the CPU
+            batch = torch.from_numpy(np.stack([transform(image=image)["image"] for image in batch.cpu().numpy()]))
+        if augment is None:
+            inputs = to_model_input(batch, device, channels_last)
+        else:                  # a D4 move regroups the batch: carry each image's position to put its logit back
+            positions = torch.arange(len(batch), device=batch.device)
+            inputs, positions = augmented_model_input(batch, positions, augment, generator, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(to_model_input(torch.from_numpy(batch), device, channels_last))
-        outputs.append(logits.float().cpu())
-    return torch.cat(outputs).numpy() if outputs else np.empty(0, dtype=np.float32)
+            logits = model(inputs).float()
+        if augment is not None:
+            logits = torch.empty_like(logits).index_copy_(0, positions, logits)
+        outputs.append(logits)                            # kept on the device: no wait for the GPU per batch
+    return torch.cat(outputs).cpu().numpy() if outputs else np.empty(0, dtype=np.float32)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -289,14 +324,14 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
     model = build_model(cfg.model).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_transform = build_transform(cfg.augment.train, "augment.train")
+    step_model = torch.compile(model) if cfg.train.compile else model    # shares the weights; compiles on first use
+    images = resident_images(data.images, device)        # the whole split in GPU memory when it fits
+    batches, input_line = build_training_input(cfg, data, images, device)
     valid_transform = build_transform(cfg.augment.valid, "augment.valid")
-    dataset = PatchDataset(data.images, data.train_rows, data.labels[data.train_rows], train_transform)
-    workers = resolve_num_workers(cfg.num_workers, device)
     optimizer = build_optimizer(cfg, model)
     parts = TrainingParts(
         optimizer=optimizer,
-        scheduler=build_scheduler(cfg, optimizer, steps_per_epoch(len(dataset), cfg.batch_size)),
+        scheduler=build_scheduler(cfg, optimizer, len(batches)),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),   # bf16 needs no scaling
         loss_fn=build_loss(cfg.loss, device),
         grad_clip=cfg.optimizer.grad_clip,
@@ -323,25 +358,20 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
 
     log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: model {cfg.model.name}, "
         f"{count_parameters(model):,} parameters, {len(data.train_rows):,} train / {len(data.valid_rows):,} valid "
-        f"images, device {device}{f' ({amp_dtype})' if amp_dtype else ''}")
+        f"images, device {device}{f' ({amp_dtype})' if amp_dtype else ''}{', compiled' if cfg.train.compile else ''}")
+    log(input_line)
 
     # ---- Epochs ----------------------------------------------------------------------------------------------
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch   # same batches and views whether resumed or not
-        if train_transform is not None:
-            train_transform.set_random_seed(epoch_seed)
+        batches.set_seed(epoch_seed)
         set_backbone_trainable(model, epoch > cfg.train.freeze_backbone_epochs)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
-            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
-            worker_init_fn=seed_worker_transform if workers else None,
-            generator=torch.Generator().manual_seed(epoch_seed))
         started = time.perf_counter()
-        train_loss, images_per_s = train_one_epoch(model, loader, parts, device, amp_dtype, channels_last,
+        train_loss, images_per_s = train_one_epoch(step_model, batches, parts, device, amp_dtype,
                                                    desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
         evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
-        valid_logits = predict_logits(evaluated, data.images, data.valid_rows, cfg.eval_batch_size, device,
+        valid_logits = predict_logits(evaluated, images, data.valid_rows, cfg.eval_batch_size, device,
                                       amp_dtype, transform=valid_transform, channels_last=channels_last)
         valid_labels = data.labels[data.valid_rows]
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": bce_loss(valid_logits, valid_labels),

@@ -113,3 +113,36 @@ def test_missing_data_folder_points_at_make_data(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: data folder not found: {tmp_path / 'nowhere'}: run `make data` (or `make demo-data` for generated "
         f"data), or pass DATA_DIR=/path/to/data"]
+
+
+def test_interrupted_cache_build_leaves_nothing_taken_as_complete(demo_data, tmp_path, monkeypatch):
+    import kit.data
+
+    decoded = []
+
+    def decode_then_interrupt(path):
+        if len(decoded) == 250:
+            raise KeyboardInterrupt        # Ctrl-C in the middle of the build
+        decoded.append(path)
+        return read_image(path)
+
+    ids = read_train_labels(demo_data)["id"]
+    monkeypatch.setattr(kit.data, "read_image", decode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=1)
+    assert len(decoded) == 250 and list((tmp_path / "cache").iterdir()) == [], "no cache, no temporary file"
+    monkeypatch.undo()
+    images = load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=1)
+    assert np.array_equal(images[-1], read_image(demo_data / "train" / f"{ids.iloc[-1]}.tif"))
+
+
+def test_cache_build_after_opencv_used_its_threads_does_not_hang(demo_data, tmp_path):
+    # OpenCV's thread pool does not survive fork: a worker that configured it hung the build (and `make predict`
+    # after an in-process training run)
+    code = ("import cv2, numpy as np, sys; from kit.data import load_split_images, read_sample_submission; "
+            "cv2.GaussianBlur(np.zeros((1500, 1500, 3), np.uint8), (0, 0), 3); "
+            "ids = read_sample_submission(sys.argv[1])['id']; "
+            "print(load_split_images(sys.argv[1], 'test', ids, sys.argv[2], workers=2, progress=False).shape)")
+    result = subprocess.run([sys.executable, "-c", code, str(demo_data), str(tmp_path / "cache")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "(48, 96, 96, 3)", result.stderr[-2000:]
