@@ -312,8 +312,8 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
             f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
         return metrics
 
-    # ---- Setup: data, model, optimisation -------------------------------------------------------------------
-    data = prepare_fold_data(cfg, fold)
+    # ---- Setup: model, data, optimisation -------------------------------------------------------------------
+    # the model first: a bad name or missing weights fails in seconds, before a long first cache build
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.amp)
     if device.type == "cuda":
@@ -325,9 +325,10 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.train.compile else model    # shares the weights; compiles on first use
+    valid_transform = build_transform(cfg.augment.valid, "augment.valid")
+    data = prepare_fold_data(cfg, fold)
     images = resident_images(data.images, device)        # the whole split in GPU memory when it fits
     batches, input_line = build_training_input(cfg, data, images, device)
-    valid_transform = build_transform(cfg.augment.valid, "augment.valid")
     optimizer = build_optimizer(cfg, model)
     parts = TrainingParts(
         optimizer=optimizer,

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .config import Config, from_dict
-from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission
+from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
 from .engine import autocast_dtype, fold_dir, load_checkpoint, predict_logits, select_device
 from .errors import KitError
 from .models import build_model
@@ -110,6 +110,7 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
     images = load_split_images(data_dir, "test", test_ids, cache_dir_for(cfg.out_dir, data_dir))
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.amp)
+    images = resident_images(images, device)      # uploaded once for every fold when it fits in GPU memory
     log(f"{cfg.name}: predicting {len(test_ids):,} test images with folds "
         f"{', '.join(str(c.fold) for c in checkpoints)} × {tta_view_count(cfg.tta.views)} TTA views ({cfg.tta.views})")
     fold_probabilities = []
