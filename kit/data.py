@@ -58,15 +58,15 @@ def read_id_label_csv(path: Path, labels_must_be_binary: bool) -> pd.DataFrame:
         raise KitError(f"{path} has no rows")
     blank = frame["id"].isna() | (frame["id"].str.strip() == "")
     if blank.any():
-        raise KitError(f"{path}: row {_row(blank)} has an empty id")
+        raise KitError(f"{path}: row {first_line_of(blank)} has an empty id")
     duplicated = frame["id"].duplicated()
     if duplicated.any():
-        raise KitError(f"{path}: row {_row(duplicated)} repeats id {frame['id'][duplicated].iloc[0]}")
+        raise KitError(f"{path}: row {first_line_of(duplicated)} repeats id {frame['id'][duplicated].iloc[0]}")
     if labels_must_be_binary:
         numeric = pd.to_numeric(frame["label"], errors="coerce")
         bad = ~numeric.isin([0, 1])
         if bad.any():
-            raise KitError(f"{path}: row {_row(bad)} has label {frame['label'][bad].iloc[0]}; labels must be 0 or 1")
+            raise KitError(f"{path}: row {first_line_of(bad)} has label {frame['label'][bad].iloc[0]}; labels must be 0 or 1")
         frame["label"] = numeric.astype(np.int64)
     return frame
 
@@ -82,8 +82,8 @@ def read_sample_submission(data_dir_or_file: str | Path) -> pd.DataFrame:
     return read_id_label_csv(path, labels_must_be_binary=False)
 
 
-def _row(mask: pd.Series) -> int:
-    """1-based line number in the file of the first True (line 1 is the header)."""
+def first_line_of(mask: pd.Series) -> int:
+    """1-based line number in a CSV of the first True row of `mask` (line 1 is the header)."""
     return int(np.flatnonzero(mask.to_numpy())[0]) + 2
 
 

@@ -99,8 +99,7 @@ def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None
                        f"{_first_line(err)})") from None
     if found and all(k.startswith("net.") or k in ("mean", "std") for k in found):   # a kit checkpoint
         found = {k[len("net."):]: v for k, v in found.items() if k.startswith("net.")}
-    head_ids = {id(p) for p in net.get_classifier().parameters()}
-    head = {k for k, p in net.named_parameters() if id(p) in head_ids}
+    head = classifier_parameter_names(net)
     head_prefixes = tuple(k.rsplit(".", 1)[0] + "." for k in head)
     expected = {k: v for k, v in net.state_dict().items() if k not in head}
     backbone = {k: v for k, v in found.items() if not k.startswith(head_prefixes)}
@@ -123,12 +122,16 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0][:200] if text else "no details"
 
 
-def head_parameter_names(model: PatchClassifier) -> set[str]:
-    """Names (in `model.named_parameters()`) of the classifier head; everything else is the backbone."""
-    net = model.net
+def classifier_parameter_names(net: nn.Module) -> set[str]:
+    """Names (in `net.named_parameters()`) of the classifier: the seed CNN's last layer, or timm's classifier."""
     head = net[-1] if isinstance(net, BaselineCNN) else net.get_classifier()
     head_ids = {id(p) for p in head.parameters()}
-    return {name for name, p in model.named_parameters() if id(p) in head_ids}
+    return {name for name, p in net.named_parameters() if id(p) in head_ids}
+
+
+def head_parameter_names(model: PatchClassifier) -> set[str]:
+    """Names (in `model.named_parameters()`) of the classifier head; everything else is the backbone."""
+    return {f"net.{name}" for name in classifier_parameter_names(model.net)}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .competition import COMPETITION
+from .data import first_line_of
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json
 
@@ -36,10 +37,10 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, name: st
     ids = submission["id"].astype(str)
     duplicated = ids.duplicated()
     if duplicated.any():
-        raise KitError(f"{name}: row {_line(duplicated)} repeats id {ids[duplicated].iloc[0]}")
+        raise KitError(f"{name}: row {first_line_of(duplicated)} repeats id {ids[duplicated].iloc[0]}")
     unknown = ~ids.isin(set(sample["id"]))
     if unknown.any():
-        raise KitError(f"{name}: row {_line(unknown)} has id {ids[unknown].iloc[0]}, "
+        raise KitError(f"{name}: row {first_line_of(unknown)} has id {ids[unknown].iloc[0]}, "
                        f"which is not in sample_submission.csv")
     if len(submission) != len(sample):
         missing = sample["id"][~sample["id"].isin(set(ids))]
@@ -48,11 +49,11 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, name: st
     labels = pd.to_numeric(submission["label"], errors="coerce")
     not_numeric = labels.isna()
     if not_numeric.any():
-        raise KitError(f"{name}: row {_line(not_numeric)} (id {ids[not_numeric].iloc[0]}) has label "
+        raise KitError(f"{name}: row {first_line_of(not_numeric)} (id {ids[not_numeric].iloc[0]}) has label "
                        f"{submission['label'][not_numeric].iloc[0]}; every label must be a number in [0, 1]")
     outside = (labels < 0) | (labels > 1) | ~np.isfinite(labels)
     if outside.any():
-        raise KitError(f"{name}: row {_line(outside)} (id {ids[outside].iloc[0]}) has label "
+        raise KitError(f"{name}: row {first_line_of(outside)} (id {ids[outside].iloc[0]}) has label "
                        f"{labels[outside].iloc[0]}; every label must be a probability in [0, 1]")
 
 
@@ -70,11 +71,6 @@ def validate_submission_file(path: str | Path, sample: pd.DataFrame) -> pd.DataF
     submission = read_submission_file(path)
     validate_submission(submission, sample, name=str(path))
     return submission
-
-
-def _line(mask: pd.Series) -> int:
-    """1-based line number in the CSV of the first True (line 1 is the header)."""
-    return int(np.flatnonzero(mask.to_numpy())[0]) + 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
