@@ -15,6 +15,7 @@ affine, stain/colour jitter). On a GPU the input must outrun the step (target â‰
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import platform
@@ -172,9 +173,9 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
             }
             for letter, make in candidates.items():
                 batches = make()
-                record(f"input ({letter}) {pipeline}", images_per_second(lambda: one_epoch(batches), device,
-                                                                        min_seconds))
-                del batches                   # ends its DataLoader workers before the next loader forks its own
+                epoch = functools.partial(one_epoch, batches)
+                record(f"input ({letter}) {pipeline}", images_per_second(epoch, device, min_seconds))
+                del epoch, batches            # ends its DataLoader workers before the next loader forks its own
                 gc.collect()
 
         # ---- the model: one training step, and inference with 8 TTA views -------------------------------------

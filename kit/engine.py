@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -156,7 +157,6 @@ def resolve_num_workers(requested: int, device: torch.device) -> int:
     if requested >= 0:
         return requested
     # on CPU the model is the bottleneck and workers would take its cores; on GPU decode/augment in parallel
-    import os
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from kit import api
 from kit.cli import main
-from kit.errors import KitError
 
 
 @pytest.fixture

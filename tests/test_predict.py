@@ -1,6 +1,5 @@
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from kit.cli import main

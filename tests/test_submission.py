@@ -4,7 +4,7 @@ import pytest
 
 from kit.cli import main
 from kit.errors import KitError
-from kit.submission import build_submission, submit, validate_submission, write_submission
+from kit.submission import build_submission, submit, write_submission
 
 
 @pytest.fixture
