@@ -32,12 +32,11 @@ from .config import Config, ModelConfig, histology_augmentation
 from .data import (AlbumentationsBatches, CachedBatches, image_paths, load_split_images, read_image,
                    read_train_labels, resident_images, to_model_input)
 from .demo_data import make_demo_data
-from .engine import (TrainingParts, autocast_dtype, build_loss, build_optimizer, build_scheduler, select_device,
-                     train_one_epoch)
+from .engine import (TrainingParts, autocast_dtype, build_loss, build_optimizer, build_scheduler,
+                     predict_probabilities, select_device, train_one_epoch)
 from .errors import KitError
 from .io import atomic_write_json
 from .models import build_model
-from .predict import predict_probabilities
 
 PIPELINES = {
     "d4": [{"name": name, "p": 0.5} for name in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose")],

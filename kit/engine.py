@@ -1,22 +1,15 @@
-"""One fold's training: the loop, mixed precision, the schedule, checkpoints, resume and out-of-fold predictions.
+"""One fold's training: the loop, mixed precision, the schedule, EMA, resume, and out-of-fold predictions.
 
-Per experiment and fold, `runs/<experiment>/fold<k>/` keeps:
-  last.pt       everything needed to resume (weights, optimizer, schedule, RNG, history), after every epoch
-  best.pt       weights of the epoch with the best validation AUC (what `predict` uses)
-  history.csv   one row per epoch: losses, AUC, learning rate, images/s
-  oof.csv       out-of-fold predictions of the best epoch: id, label, pred
-  metrics.json  written when the fold is finished
-  config.yaml   the effective config
-Every file is written atomically, so an interrupted run leaves the previous complete version behind.
+What a fold leaves on disk, and every rule about it (finished, config-checked resume, FORCE, the lock), belongs to
+`kit/runs.py`; this module asks it.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +24,14 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choose_input
-from .config import Config, LossConfig, save_config, to_dict
+from .config import Config, LossConfig, to_dict
 from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
                    gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
 from .errors import KitError
-from .folds import load_or_make_folds
-from .io import atomic_torch_save, atomic_write_csv, atomic_write_json
+from .folds import Split, load_split
 from .models import build_model, count_parameters, head_parameter_names
+from .runs import BEST, LAST, FoldRun, FoldStatus, check_split_against_data, fold_lock
+from .tta import tta_view_count, with_tta
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
 
@@ -45,14 +39,6 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_p
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------------------------
-
-def experiment_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / cfg.name
-
-
-def fold_dir(cfg: Config, fold: int) -> Path:
-    return experiment_dir(cfg) / f"fold{fold}"
-
 
 def select_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
@@ -75,40 +61,87 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Two parameter groups: the head at `lr`, the backbone at `lr × backbone_lr_scale`."""
+def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
+    """Backbone and head (the head at `lr`, the backbone at `lr × backbone_lr_scale`), each split into weights
+    that decay and norm weights, biases and timm's `no_weight_decay()` names that do not (as timm, nanoGPT and
+    ConvNeXt do: decaying a norm's scale or a bias only fights the normalisation)."""
     opt = cfg.optimizer
     head_names = head_parameter_names(model)
-    groups = [
-        {"name": "backbone", "lr": opt.lr * opt.backbone_lr_scale,
-         "params": [p for n, p in model.named_parameters() if n not in head_names]},
-        {"name": "head", "lr": opt.lr, "params": [p for n, p in model.named_parameters() if n in head_names]},
-    ]
+    net = getattr(model, "net", model)
+    exempt = {f"net.{name}" for name in (net.no_weight_decay() if hasattr(net, "no_weight_decay") else ())}
+    groups = {}
+    for name, parameter in model.named_parameters():
+        part = "head" if name in head_names else "backbone"
+        decays = parameter.ndim > 1 and name not in exempt and not any(name.startswith(e + ".") for e in exempt)
+        key = part if decays else f"{part}_no_decay"
+        groups.setdefault(key, {"name": key, "lr": opt.lr * (1.0 if part == "head" else opt.backbone_lr_scale),
+                                "weight_decay": opt.weight_decay if decays else 0.0, "params": []})
+        groups[key]["params"].append(parameter)
+    order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
+    return [groups[key] for key in order if key in groups]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    opt, groups = cfg.optimizer, parameter_groups(cfg, model)
     if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
-                               nesterov=opt.momentum > 0)
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0)
     optimizer_class = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+    return optimizer_class(groups, lr=opt.lr)
+
+
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    return next(g["lr"] for g in optimizer.param_groups if g["name"].startswith("head"))
+
+
+MAX_WARMUP_SHARE = 0.2    # a warm-up never takes more than this share of the run, so a short run trains at full rate
+
+
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    return min(round(cfg.schedule.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps))
 
 
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """Per-step schedule: constant or cosine (each after a linear warm-up from lr/100), or one-cycle."""
+    """Per-step schedule: constant or cosine (each after a linear warm-up from lr/100, at most 20% of the run), or
+    one-cycle."""
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total_steps, pct_start=cfg.schedule.pct_start)
-    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     floor = cfg.schedule.min_lr / cfg.optimizer.lr
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 0.01 + 0.99 * step / warmup_steps
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
         if cfg.schedule.name == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StepEma(ModelEmaV3):
+    """timm's ModelEmaV3, warmed up by the optimizer step (decay 1 - (1 + step)^-2/3, capped at `decay`), so the
+    average forgets the initial weights (random head included) within the first few hundred steps; and with its
+    tensor lists gathered once, not walked out of `state_dict()` at every step. The lists alias the live tensors:
+    optimizer steps and `load_state_dict` update them in place."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, decay=decay, use_warmup=True)
+        self._pairs = None
+
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        if self._pairs is None or self._pairs[0] is not model:
+            pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+            floating = [(ema, live) for ema, live in pairs if ema.is_floating_point()]
+            self._pairs = (model, [ema for ema, _ in floating], [live for _, live in floating],
+                           [(ema, live) for ema, live in pairs if not ema.is_floating_point()])
+        _, ema_values, live_values, counters = self._pairs
+        self._foreach_lerp_(ema_values, live_values, weight=1.0 - decay)
+        for ema, live in counters:
+            ema.copy_(live)
 
 
 def build_loss(loss_cfg: LossConfig, device: torch.device):
@@ -172,7 +205,7 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
     loss_fn: object
     grad_clip: float = 0.0
-    ema: object = None                 # timm ModelEmaV3, updated after every step
+    ema: StepEma | None = None         # updated after every step, its warm-up driven by the step count
 
 
 def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, desc: str | None,
@@ -205,8 +238,8 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.scheduler.step()
-        if parts.ema is not None:
-            parts.ema.update(getattr(model, "_orig_mod", model))    # torch.compile wraps the module EMA tracks
+        if parts.ema is not None:        # the scheduler counts optimizer steps, across resumes too
+            parts.ema.update(getattr(model, "_orig_mod", model), step=parts.scheduler.last_epoch)
     bar.close()
     return loss_sum.item() / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
 
@@ -248,6 +281,15 @@ def predict_logits(model, images, indices: np.ndarray | None, batch_size: int, d
     return torch.cat(outputs).cpu().numpy() if outputs else np.empty(0, dtype=np.float32)
 
 
+def predict_probabilities(model, images, views: str, batch_size: int, device, amp_dtype=None, desc: str | None = None,
+                          rows: np.ndarray | None = None, transform=None, channels_last: bool = True) -> np.ndarray:
+    """Mean probability over the TTA views (`tta.views`) for `images[rows]` (all when None): what the submission
+    averages, and what a fold's oof.csv holds."""
+    # predict_logits is the batched inference; here the "logit" is already the TTA-mean probability
+    return predict_logits(with_tta(model, views), images, rows, batch_size, device, amp_dtype, desc=desc,
+                          transform=transform, channels_last=channels_last)
+
+
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
@@ -269,6 +311,7 @@ class FoldData:
     images: np.ndarray           # (N, 96, 96, 3) uint8, memory-mapped cache
     train_rows: np.ndarray       # rows of this fold's training part
     valid_rows: np.ndarray       # rows of this fold's held-out part
+    split: Split                 # the k-fold split these rows come from (recorded in the run folder)
 
 
 def prepare_fold_data(cfg: Config, fold: int) -> FoldData:
@@ -278,51 +321,41 @@ def prepare_fold_data(cfg: Config, fold: int) -> FoldData:
                        f"(folds 0..{cfg.folds.n_splits - 1})")
     data_dir = check_data_dir(cfg.data_dir)
     labels = read_train_labels(data_dir)
-    folds = load_or_make_folds(labels, cfg.folds.n_splits, cfg.folds.seed, Path(cfg.out_dir) / "folds",
-                               groups_csv=cfg.folds.groups_csv)
+    split = load_split(labels, cfg.folds, Path(cfg.out_dir) / "folds")
     images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg.out_dir, data_dir))
-    fold_of_row = folds["fold"].to_numpy()
+    fold_of_row = split.folds["fold"].to_numpy()
     train_rows = np.flatnonzero(fold_of_row != fold)
     if cfg.max_train_images:
         train_rows = train_rows[: cfg.max_train_images]
     return FoldData(ids=labels["id"].to_numpy(), labels=labels["label"].to_numpy(), images=images,
-                    train_rows=train_rows, valid_rows=np.flatnonzero(fold_of_row == fold))
+                    train_rows=train_rows, valid_rows=np.flatnonzero(fold_of_row == fold), split=split)
 
 
-def fold_is_finished(cfg: Config, fold: int) -> bool:
-    """Finished = metrics.json written, and all epochs run or stopped early."""
-    metrics_path = fold_dir(cfg, fold) / "metrics.json"
-    if not metrics_path.exists():
-        return False
-    metrics = json.loads(metrics_path.read_text())
-    return metrics.get("stopped_early", False) or metrics.get("epochs_trained", 0) >= cfg.epochs
+@dataclass
+class FoldSetup:
+    """Everything a fold's epochs need, built before the run folder is touched (so a bad name, file or value
+    fails before FORCE=1 replaces anything)."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: nn.Module             # the weights being trained
+    step_model: nn.Module        # the same weights, compiled when train.compile
+    data: FoldData
+    images: object               # the train split: a GPU tensor when it fits, else the memory-mapped cache
+    batches: object
+    parts: TrainingParts
+    valid_transform: object
+    input_line: str
 
 
-def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
-    """Train (or resume) one fold; return its metrics. A finished fold is returned as is unless `force`.
-
-    `on_epoch_end(epoch, row)` is called after each epoch's files are saved (tests use it to interrupt a run).
-    """
-    out = fold_dir(cfg, fold)
-    if force and out.exists():
-        shutil.rmtree(out)
-    if fold_is_finished(cfg, fold):
-        metrics = json.loads((out / "metrics.json").read_text())
-        log(f"{cfg.name} fold {fold}: already trained (best val AUC {metrics['best_val_auc']:.4f} at epoch "
-            f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
-        return metrics
-
-    # ---- Setup: model, data, optimisation -------------------------------------------------------------------
+def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
     # the model first: a bad name or missing weights fails in seconds, before a long first cache build
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed * 1000 + fold)
-    channels_last = cfg.train.channels_last
-
     model = build_model(cfg.model).to(device)
-    if channels_last:
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.train.compile else model    # shares the weights; compiles on first use
     valid_transform = build_transform(cfg.augment.valid, "augment.valid")
@@ -336,88 +369,151 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),   # bf16 needs no scaling
         loss_fn=build_loss(cfg.loss, device),
         grad_clip=cfg.optimizer.grad_clip,
-        ema=ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay else None)
+        ema=StepEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None)
+    return FoldSetup(device, amp_dtype, model, step_model, data, images, batches, parts, valid_transform, input_line)
 
-    # ---- Resume ----------------------------------------------------------------------------------------------
-    history: list[dict] = []
-    best_auc, best_epoch, start_epoch = -1.0, 0, 1
-    last_path = out / "last.pt"
-    if last_path.exists():
-        state = load_checkpoint(last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        parts.scheduler.load_state_dict(state["scheduler"])
-        parts.scaler.load_state_dict(state["scaler"])
-        if parts.ema is not None and state.get("ema") is not None:
-            parts.ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        history, best_auc, best_epoch = state["history"], state["best_auc"], state["best_epoch"]
-        start_epoch = state["epoch"] + 1
-        log(f"{cfg.name} fold {fold}: resuming after epoch {state['epoch']} (best val AUC {best_auc:.4f})")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
 
+def is_done(status: FoldStatus, extension) -> bool:
+    """A finished fold stays finished when `epochs` is raised only if it had stopped early (it would stop again)."""
+    return status.complete and (extension is None or bool(status.metrics.get("stopped_early")))
+
+
+def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
+    """Train (or resume) one fold; return its metrics.
+
+    A finished fold is returned as is, and a fold trained with another config is refused (naming the keys),
+    unless `force`: then everything is checked first, and the old fold is replaced only once the new run has
+    written its first checkpoint. `on_epoch_end(epoch, row)` runs after each epoch's files are saved (tests use
+    it to interrupt a run).
+    """
+    run = FoldRun(cfg, fold)
+    with fold_lock(cfg, fold):
+        run.recover_interrupted_swap()
+        status = run.status()
+        comparison = run.compare(status)
+        resume = status.has_checkpoint and not force
+        if resume and comparison.differences:
+            raise run.mismatch_error(comparison)
+        if not force:
+            check_split_against_data(cfg)     # every fold of the experiment on the split of today's labels
+        if resume and is_done(status, comparison.extension):
+            metrics = status.metrics
+            log(f"{cfg.name} fold {fold}: already trained (best val AUC {metrics['best_val_auc']:.4f} at epoch "
+                f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
+            return metrics
+
+        setup = set_up_fold(cfg, fold)
+        progress = {"history": [], "best_auc": -1.0, "best_epoch": 0, "epoch": 0}
+        if resume:
+            progress = restore(run.load_checkpoint(LAST), setup)
+            log(f"{cfg.name} fold {fold}: resuming after epoch {progress['epoch']} (best val AUC "
+                f"{progress['best_auc']:.4f})" + (f"; epochs raised {comparison.extension[0]} → "
+                                                   f"{comparison.extension[1]}" if comparison.extension else ""))
+        else:
+            run.start_fresh(keep_existing=status.has_checkpoint)
+        try:
+            run.write_identity(setup.data.split.record, comparison.extension if resume else None)
+            describe_setup(cfg, fold, setup, log)
+            stopped_early = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log)
+            return finish_fold(cfg, fold, run, setup, progress, stopped_early, log)
+        except BaseException:
+            run.discard_staging()     # a FORCE=1 retrain stopped before its first checkpoint: the old fold stands
+            raise
+
+
+def describe_setup(cfg: Config, fold: int, setup: FoldSetup, log) -> None:
+    amp = f" ({setup.amp_dtype})" if setup.amp_dtype else ""
     log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: model {cfg.model.name}, "
-        f"{count_parameters(model):,} parameters, {len(data.train_rows):,} train / {len(data.valid_rows):,} valid "
-        f"images, device {device}{f' ({amp_dtype})' if amp_dtype else ''}{', compiled' if cfg.train.compile else ''}")
-    log(input_line)
+        f"{count_parameters(setup.model):,} parameters, {len(setup.data.train_rows):,} train / "
+        f"{len(setup.data.valid_rows):,} valid images, device {setup.device}{amp}"
+        f"{', compiled' if cfg.train.compile else ''}")
+    log(setup.input_line)
+    planned = round(cfg.schedule.warmup_epochs * len(setup.batches))
+    if cfg.schedule.name != "onecycle" and planned > warmup_steps(cfg, len(setup.batches)):
+        log(f"schedule: warm-up shortened from {cfg.schedule.warmup_epochs:g} epochs to "
+            f"{warmup_steps(cfg, len(setup.batches))} steps ({MAX_WARMUP_SHARE:.0%} of the run)")
 
-    # ---- Epochs ----------------------------------------------------------------------------------------------
-    stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
+
+def restore(state: dict, setup: FoldSetup) -> dict:
+    """Load last.pt into the model, optimizer, schedule, scaler, EMA and RNG; return the run's progress."""
+    parts = setup.parts
+    setup.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None and state.get("ema") is not None:
+        parts.ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["torch_rng"])
+    return {"history": state["history"], "best_auc": state["best_auc"], "best_epoch": state["best_epoch"],
+            "epoch": state["epoch"]}
+
+
+def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress: dict, on_epoch_end, log) -> bool:
+    """Train and validate epoch by epoch, saving after each; return whether early stopping ended the run."""
+    model, parts, data = setup.model, setup.parts, setup.data
+    valid_labels = data.labels[data.valid_rows]
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch   # same batches and views whether resumed or not
-        batches.set_seed(epoch_seed)
+        setup.batches.set_seed(epoch_seed)
         set_backbone_trainable(model, epoch > cfg.train.freeze_backbone_epochs)
         started = time.perf_counter()
-        train_loss, images_per_s = train_one_epoch(step_model, batches, parts, device, amp_dtype,
-                                                   desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
+        train_loss, images_per_s = train_one_epoch(setup.step_model, setup.batches, parts, setup.device,
+                                                   setup.amp_dtype, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
         evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
-        valid_logits = predict_logits(evaluated, images, data.valid_rows, cfg.eval_batch_size, device,
-                                      amp_dtype, transform=valid_transform, channels_last=channels_last)
-        valid_labels = data.labels[data.valid_rows]
+        valid_logits = predict_logits(evaluated, setup.images, data.valid_rows, cfg.eval_batch_size, setup.device,
+                                      setup.amp_dtype, transform=setup.valid_transform,
+                                      channels_last=cfg.train.channels_last)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": bce_loss(valid_logits, valid_labels),
-               "val_auc": float(roc_auc_score(valid_labels, valid_logits)),
-               "lr": optimizer.param_groups[-1]["lr"], "images_per_s": images_per_s,
-               "seconds": time.perf_counter() - started}
-        history.append(row)
-        improved = row["val_auc"] > best_auc
+               "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": head_lr(parts.optimizer),
+               "images_per_s": images_per_s, "seconds": time.perf_counter() - started}
+        progress["history"].append(row)
+        improved = row["val_auc"] > progress["best_auc"]
         if improved:
-            best_auc, best_epoch = row["val_auc"], epoch
-            atomic_torch_save(out / "best.pt", {"model": evaluated.state_dict(), "config": to_dict(cfg),
-                                                "epoch": epoch, "val_auc": best_auc, "fold": fold})
-            oof = pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels,
-                                "pred": sigmoid(valid_logits)})
-            atomic_write_csv(out / "oof.csv", oof)
-        atomic_write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
-        atomic_torch_save(last_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            progress["best_auc"], progress["best_epoch"] = row["val_auc"], epoch
+            run.save_checkpoint(BEST, {"model": evaluated.state_dict(), "config": to_dict(cfg), "epoch": epoch,
+                                       "val_auc": row["val_auc"], "fold": fold})
+        run.write_history(progress["history"], HISTORY_COLUMNS)
+        progress["epoch"] = epoch
+        run.save_checkpoint(LAST, {
+            "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
             "ema": parts.ema.state_dict() if parts.ema is not None else None,
-            "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history, "best_auc": best_auc,
-            "best_epoch": best_epoch, "config": to_dict(cfg)})
+            "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": progress["history"],
+            "best_auc": progress["best_auc"], "best_epoch": progress["best_epoch"], "config": to_dict(cfg)})
+        run.commit_staging()           # FORCE=1: the new run has a checkpoint now, so it replaces the old fold
         log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {images_per_s:,.0f} img/s  "
             f"{row['seconds']:.0f}s")
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
-        if cfg.train.early_stopping and epoch - best_epoch >= cfg.train.early_stopping:
-            stopped_early = True
+        if cfg.train.early_stopping and epoch - progress["best_epoch"] >= cfg.train.early_stopping:
             log(f"fold {fold}: no better val AUC for {cfg.train.early_stopping} epochs; stopping early")
-            break
+            return True
+    return False
 
-    # ---- Done ------------------------------------------------------------------------------------------------
-    metrics = {"experiment": cfg.name, "fold": fold, "best_val_auc": best_auc, "best_epoch": best_epoch,
-               "epochs_trained": len(history), "stopped_early": stopped_early,
-               "train_images": int(len(data.train_rows)), "valid_images": int(len(data.valid_rows)),
-               "model": cfg.model.name, "parameters": count_parameters(model), "device": str(device)}
-    atomic_write_json(out / "metrics.json", metrics)
-    log(f"{cfg.name} fold {fold}: done, best val AUC {best_auc:.4f} at epoch {best_epoch} → {out}")
+
+def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress: dict, stopped_early: bool,
+                log) -> dict:
+    """Predict the held-out rows with best.pt and the configured TTA views (as the submission will), write
+    oof.csv, then metrics.json: the fold is finished."""
+    data = setup.data
+    best_model = copy.deepcopy(setup.parts.ema.module if setup.parts.ema is not None else setup.model)
+    best_model.load_state_dict(run.load_checkpoint(BEST)["model"])
+    probabilities = predict_probabilities(best_model, setup.images, cfg.tta.views, cfg.eval_batch_size,
+                                          setup.device, setup.amp_dtype, rows=data.valid_rows,
+                                          transform=setup.valid_transform, channels_last=cfg.train.channels_last)
+    valid_labels = data.labels[data.valid_rows]
+    oof_auc = float(roc_auc_score(valid_labels, probabilities))
+    run.write_oof(pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels, "pred": probabilities}))
+    metrics = {"experiment": cfg.name, "fold": fold, "best_val_auc": progress["best_auc"],
+               "best_epoch": progress["best_epoch"], "oof_auc": oof_auc, "tta": cfg.tta.views,
+               "tta_views": tta_view_count(cfg.tta.views), "epochs_trained": len(progress["history"]),
+               "stopped_early": stopped_early, "train_images": int(len(data.train_rows)),
+               "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
+               "parameters": count_parameters(setup.model), "device": str(setup.device),
+               "ema": bool(cfg.train.ema_decay)}
+    run.write_metrics(metrics)
+    log(f"{cfg.name} fold {fold}: done, best val AUC {progress['best_auc']:.4f} at epoch {progress['best_epoch']}; "
+        f"OOF AUC with {tta_view_count(cfg.tta.views)} TTA views {oof_auc:.4f} → {run.directory}")
     return metrics
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a damaged or foreign file: name it rather than show torch's internals
-        raise KitError(f"cannot read checkpoint {path} ({type(err).__name__}); delete it or retrain with FORCE=1") \
-            from None

@@ -7,12 +7,14 @@ StratifiedGroupKFold: patches of one slide never sit on both sides of a fold, wh
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from .config import FoldsConfig
 from .errors import KitError
 from .io import atomic_write_csv
 
@@ -68,17 +70,57 @@ def fingerprint(*columns) -> str:
     return digest.hexdigest()
 
 
-def load_or_make_folds(labels: pd.DataFrame, n_splits: int, seed: int, folds_dir: str | Path,
-                       groups_csv: str = "", log=print) -> pd.DataFrame:
-    """The split for this data set, k, seed and grouping: read from `folds_dir` if written before, else written."""
-    groups = read_groups(groups_csv, labels["id"], log=log) if groups_csv else None
+@dataclass
+class Split:
+    """A k-fold split and its identity: the file it lives in and the fingerprint of the labels (and groups) it was
+    made from. A run folder records `file` and `key`, so a fold trained on other labels can be recognised."""
+    folds: pd.DataFrame          # id, label, fold (and group when grouped), in train_labels.csv order
+    path: Path
+    key: str
+
+    @property
+    def record(self) -> dict:
+        return {"file": self.path.name, "key": self.key}
+
+
+def split_path(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Path,
+               log=print) -> tuple[Path, str, np.ndarray | None]:
+    """Where the split for these labels, k, seed and grouping lives, its key, and the groups (None: ungrouped)."""
+    groups = read_groups(folds_cfg.groups_csv, labels["id"], log=log) if folds_cfg.groups_csv else None
     key = fingerprint(labels["id"], labels["label"], *([groups] if groups is not None else []))
     kind = "grouped" if groups is not None else "stratified"
-    path = Path(folds_dir) / f"folds-{key[:12]}-{kind}-k{n_splits}-seed{seed}.csv"
+    path = Path(folds_dir) / f"folds-{key[:12]}-{kind}-k{folds_cfg.n_splits}-seed{folds_cfg.seed}.csv"
+    return path, key, groups
+
+
+def load_split(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Path, log=print) -> Split:
+    """The split for this data set, k, seed and grouping: read from `folds_dir` if written before, else written."""
+    path, key, groups = split_path(labels, folds_cfg, folds_dir, log=log)
     if path.exists():
         folds = pd.read_csv(path, dtype={"id": str})
         if folds["id"].tolist() == labels["id"].tolist():
-            return folds
-    folds = assign_folds(labels, n_splits, seed, groups)
+            return Split(folds, path, key)
+    folds = assign_folds(labels, folds_cfg.n_splits, folds_cfg.seed, groups)
     atomic_write_csv(path, folds if groups is None else folds.assign(group=groups))
-    return folds
+    return Split(folds, path, key)
+
+
+def load_or_make_folds(labels: pd.DataFrame, n_splits: int, seed: int, folds_dir: str | Path,
+                       groups_csv: str = "", log=print) -> pd.DataFrame:
+    """`load_split(...).folds` from loose arguments."""
+    folds_cfg = FoldsConfig(n_splits=n_splits, seed=seed, groups_csv=groups_csv)
+    return load_split(labels, folds_cfg, folds_dir, log=log).folds
+
+
+def describe_label_change(old_split_file: Path, labels: pd.DataFrame) -> str:
+    """What differs between the labels a split file was made from and `labels`, in words."""
+    if not old_split_file.is_file():
+        return "the labels (or groups) differ from those its folds were made from"
+    old = pd.read_csv(old_split_file, dtype={"id": str}).set_index("id")
+    new = labels.set_index("id")
+    added, removed = new.index.difference(old.index), old.index.difference(new.index)
+    common = new.index.intersection(old.index)
+    changed = int((old.loc[common, "label"].to_numpy() != new.loc[common, "label"].to_numpy()).sum())
+    parts = [f"{count:,} {what}" for count, what in ((changed, "label(s) changed"), (len(added), "id(s) added"),
+                                                    (len(removed), "id(s) removed")) if count]
+    return ", ".join(parts) or "the groups (folds.groups_csv) differ from those its folds were made from"

@@ -6,89 +6,42 @@ Probabilities are averaged (over views, then over folds), so the ensemble output
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import ttach
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
+from .augment import build_transform
 from .config import Config, from_dict
 from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
-from .engine import autocast_dtype, fold_dir, load_checkpoint, predict_logits, select_device
+from .engine import autocast_dtype, predict_probabilities, select_device
 from .errors import KitError
 from .models import build_model
-
-TTA_TRANSFORMS = {
-    "d4": ttach.aliases.d4_transform,          # flips × 90° rotations: 8 views, all label-preserving here
-    "hflip": ttach.aliases.hflip_transform,    # 2 views
-    "none": None,
-}
+from .runs import FinishedFold, check_split_against_data, finished_folds, fold_dir, load_checkpoint
+from .tta import tta_view_count
 
 
-class Probability(nn.Module):
-    """Logit → probability, so TTA averages probabilities rather than logits."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(images).float())
-
-
-def with_tta(model: nn.Module, views: str) -> nn.Module:
-    """The model returning the mean probability over the TTA views (ttach does the flips and rotations)."""
-    if TTA_TRANSFORMS[views] is None:
-        return Probability(model)
-    return ttach.ClassificationTTAWrapper(Probability(model), TTA_TRANSFORMS[views](), merge_mode="mean")
-
-
-def tta_view_count(views: str) -> int:
-    return 1 if TTA_TRANSFORMS[views] is None else len(TTA_TRANSFORMS[views]())
-
-
-def predict_probabilities(model: nn.Module, images: np.ndarray, views: str, batch_size: int, device,
-                          amp_dtype=None, desc: str | None = None) -> np.ndarray:
-    """Mean probability over the TTA views for every image of a uint8 (N, 96, 96, 3) array."""
-    # predict_logits is the engine's batched inference; here the "logit" is already the TTA-mean probability
-    return predict_logits(with_tta(model, views), images, None, batch_size, device, amp_dtype, desc=desc)
-
-
-@dataclass
-class FoldCheckpoint:
-    fold: int
-    path: Path
-    val_auc: float
-    oof: pd.DataFrame = field(repr=False)
-
-
-def find_fold_checkpoints(cfg: Config, allow_missing_folds: bool) -> list[FoldCheckpoint]:
-    """The experiment's finished folds; missing ones are named, and used only when explicitly allowed."""
-    found, missing = [], []
-    for fold in range(cfg.folds.n_splits):
-        directory = fold_dir(cfg, fold)
-        if (directory / "best.pt").exists() and (directory / "metrics.json").exists():
-            oof = pd.read_csv(directory / "oof.csv", dtype={"id": str})
-            found.append(FoldCheckpoint(fold, directory / "best.pt", float(roc_auc_score(oof["label"], oof["pred"])),
-                                        oof))
-        else:
-            missing.append(fold)
+def find_fold_checkpoints(cfg: Config, allow_missing_folds: bool) -> list[FinishedFold]:
+    """The experiment's finished folds (runs.py decides which); missing ones are named, and used only when allowed.
+    Folds trained with another config, or on a split of other labels, are refused."""
+    found, missing = finished_folds(cfg)
     if not found:
         raise KitError(f"no trained fold of `{cfg.name}` under {fold_dir(cfg, 0).parent}: "
                        f"run `make train-all CONFIG=...` (or `make train FOLD=0`) first")
     if missing and not allow_missing_folds:
-        raise KitError(f"`{cfg.name}` lacks finished folds {', '.join(map(str, missing))} of {cfg.folds.n_splits}: "
-                       f"train them (`make train-all`), or pass ALLOW_MISSING_FOLDS=1 to predict with folds "
-                       f"{', '.join(str(c.fold) for c in found)}")
+        why = "; ".join(f"{fold}: {reason}" for fold, reason in missing.items())
+        raise KitError(f"`{cfg.name}` lacks finished folds {', '.join(map(str, missing))} of {cfg.folds.n_splits} "
+                       f"({why}): train them (`make train-all`), or pass ALLOW_MISSING_FOLDS=1 to predict with "
+                       f"folds {', '.join(str(f.fold) for f in found)}")
+    check_split_against_data(cfg, [f.fold for f in found])
     return found
 
 
-def oof_auc(checkpoints: list[FoldCheckpoint]) -> float:
-    """AUC of the pooled out-of-fold predictions of the folds used."""
+def oof_auc(checkpoints: list[FinishedFold]) -> float:
+    """AUC of the pooled out-of-fold predictions (each with the fold's TTA views) of the folds used."""
     pooled = pd.concat([c.oof for c in checkpoints])
     return float(roc_auc_score(pooled["label"], pooled["pred"]))
 
@@ -97,7 +50,7 @@ def oof_auc(checkpoints: list[FoldCheckpoint]) -> float:
 class Prediction:
     ids: list[str]                # sample_submission order
     probabilities: np.ndarray     # fold-mean of TTA-mean probabilities
-    folds: list[FoldCheckpoint]
+    folds: list[FinishedFold]
     cv_auc: float
     views: str
 
@@ -115,16 +68,19 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
         f"{', '.join(str(c.fold) for c in checkpoints)} × {tta_view_count(cfg.tta.views)} TTA views ({cfg.tta.views})")
     fold_probabilities = []
     for checkpoint in checkpoints:
-        state = load_checkpoint(checkpoint.path)
-        saved = from_dict(state["config"], source=str(checkpoint.path))
-        model = build_model(dataclasses.replace(saved.model, pretrained=False))   # weights come from the file
+        state = load_checkpoint(checkpoint.best)
+        saved = from_dict(state["config"], source=str(checkpoint.best))
+        # every weight comes from best.pt: the initial weights (hub or file) are not needed on this machine
+        model = build_model(dataclasses.replace(saved.model, pretrained=False, pretrained_file=""))
         model.load_state_dict(state["model"])
         model = model.to(device).to(memory_format=torch.channels_last)
-        fold_probabilities.append(predict_probabilities(model, images, cfg.tta.views, cfg.eval_batch_size, device,
-                                                        amp_dtype, desc=f"fold {checkpoint.fold} TTA"))
-        log(f"  fold {checkpoint.fold}: OOF AUC {checkpoint.val_auc:.4f}")
+        fold_probabilities.append(predict_probabilities(
+            model, images, cfg.tta.views, cfg.eval_batch_size, device, amp_dtype, desc=f"fold {checkpoint.fold} TTA",
+            transform=build_transform(cfg.augment.valid, "augment.valid")))
+        log(f"  fold {checkpoint.fold}: OOF AUC {oof_auc([checkpoint]):.4f} ({tta_view_count(cfg.tta.views)} views)")
     cv_auc = oof_auc(checkpoints)
-    log(f"{cfg.name}: CV AUC (out-of-fold, {len(checkpoints)} folds) {cv_auc:.4f}")
+    log(f"{cfg.name}: CV AUC (out-of-fold, {len(checkpoints)} folds, {tta_view_count(cfg.tta.views)} TTA views) "
+        f"{cv_auc:.4f}")
     return Prediction(test_ids, np.mean(fold_probabilities, axis=0), checkpoints, cv_auc, cfg.tta.views)
 
 

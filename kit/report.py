@@ -26,12 +26,12 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import (ConfusionMatrixDisplay, average_precision_score, brier_score_loss, classification_report,
                              confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve)
 
-from .competition import CENTRE_SIZE, CENTRE_START, TRAIN_DIR
+from .competition import CENTRE_SIZE, CENTRE_START, TRAIN_DIR, TRAIN_LABELS_CSV
 from .config import Config
 from .data import image_paths, read_image
-from .engine import experiment_dir, fold_dir
 from .errors import KitError
 from .io import atomic_path, atomic_write_text
+from .runs import check_split_against_data, experiment_dir, finished_folds
 from .submission import read_submission_file
 
 matplotlib.use("Agg")     # figures go to files: no display needed (servers, notebook kernels, CI)
@@ -75,36 +75,22 @@ class RunFolder:
 
 
 def read_run_folder(cfg: Config) -> RunFolder:
-    """Every finished fold (metrics.json and oof.csv present) of the experiment; the others are listed as missing."""
+    """Every finished fold of the experiment (as kit/runs.py defines it); the others are listed as missing."""
     directory = experiment_dir(cfg)
     train_first = f"run `make train-all CONFIG=...` for `{cfg.name}` first"
     if not directory.is_dir():
         raise KitError(f"no run folder for `{cfg.name}`: {directory} does not exist; {train_first}")
-    oofs, histories, fold_metrics, missing = [], {}, {}, {}
-    for fold in range(cfg.folds.n_splits):
-        folder = fold_dir(cfg, fold)
-        history = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else None
-        if not (folder / "metrics.json").is_file():
-            missing[fold] = (f"unfinished, {len(history)} epoch(s) in history.csv" if history is not None
-                             else "not trained")
-            continue
-        if not (folder / "oof.csv").is_file():
-            missing[fold] = "metrics.json without oof.csv"
-            continue
-        oof = pd.read_csv(folder / "oof.csv", dtype={"id": str})
-        if not {"id", "label", "pred"} <= set(oof.columns):
-            raise KitError(f"{folder / 'oof.csv'}: header must hold id,label,pred, found "
-                           f"`{','.join(map(str, oof.columns))}`; retrain the fold with FORCE=1")
-        oofs.append(oof[["id", "label", "pred"]].assign(fold=fold))
-        fold_metrics[fold] = json.loads((folder / "metrics.json").read_text())
-        if history is not None:
-            histories[fold] = history
-    if not oofs:
-        raise KitError(f"no finished fold of `{cfg.name}` in {directory} (no fold<k>/metrics.json); {train_first}")
-    oof = pd.concat(oofs, ignore_index=True)
+    found, missing = finished_folds(cfg)
+    if not found:
+        raise KitError(f"no finished fold of `{cfg.name}` in {directory}; {train_first}")
+    if (Path(cfg.data_dir) / TRAIN_LABELS_CSV).is_file():     # without the data (a copied run folder) no check
+        check_split_against_data(cfg, [f.fold for f in found])
+    oof = pd.concat([f.oof.assign(fold=f.fold) for f in found], ignore_index=True)
     if oof["label"].nunique() < 2:
         raise KitError(f"the out-of-fold labels of `{cfg.name}` hold one class only, so ROC AUC is undefined")
-    return RunFolder(cfg.name, directory, cfg.folds.n_splits, oof, histories, fold_metrics, missing)
+    histories = {f.fold: f.history for f in found if f.history is not None}
+    return RunFolder(cfg.name, directory, cfg.folds.n_splits, oof, histories, {f.fold: f.metrics for f in found},
+                     missing)
 
 
 def _stamp(path: Path) -> str:

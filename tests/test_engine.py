@@ -2,7 +2,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kit.engine import fold_dir, load_checkpoint, train_fold
+from kit.engine import train_fold
+from kit.runs import fold_dir, load_checkpoint
 
 
 def test_short_training_learns(quick_config):

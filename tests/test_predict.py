@@ -40,7 +40,7 @@ def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo
 
     code, out, err = run_cli(capsys, "predict", *common)
     assert code == 2 and "lacks finished folds 1 of 2" in err and "ALLOW_MISSING_FOLDS=1" in err
-    assert not list((tmp_path / "submissions").glob("*.csv")) if (tmp_path / "submissions").exists() else True
+    assert not list((tmp_path / "submissions").glob("*.csv")), "a refused predict writes no submission"
 
     code, out, err = run_cli(capsys, "predict", "--allow-missing-folds", *common)
     assert code == 0 and "folds 0 × 8 TTA views" in out
@@ -51,7 +51,7 @@ def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo
     assert code == 0
     path = out.strip().splitlines()[-1]                      # the CSV's path is the last line
     assert path.startswith(cfg.submissions_dir) and path.endswith(".csv") and "/demo-" in path
-    assert "CV AUC (out-of-fold, 2 folds)" in out
+    assert "CV AUC (out-of-fold, 2 folds, 8 TTA views)" in out
 
     submission = pd.read_csv(path, dtype={"id": str})
     sample = pd.read_csv(demo_data / "sample_submission.csv", dtype={"id": str})

@@ -12,7 +12,10 @@ import kit.report as report
 from kit.cli import main
 from kit.config import load_config
 from kit.demo_data import make_demo_data
-from kit.engine import HISTORY_COLUMNS, fold_dir
+from kit.engine import HISTORY_COLUMNS
+from kit.data import read_train_labels
+from kit.folds import load_split
+from kit.runs import BEST, LAST, FoldRun, fold_dir
 
 from conftest import REPO
 
@@ -40,21 +43,28 @@ def oof_predictions(data_dir, seed=0, n_splits=3) -> pd.DataFrame:
 
 def experiment(tmp_path, data_dir, name="demo", n_splits=3):
     return load_config(REPO / "configs" / "demo.yaml",
-                       {"name": name, "data_dir": str(data_dir), "out_dir": str(tmp_path / "runs"),
+                       {"name": name, "data_dir": str(data_dir), "out_dir": str(tmp_path / "runs"), "epochs": 3,
                         "submissions_dir": str(tmp_path / "submissions"), "folds.n_splits": n_splits})
 
 
-def write_fold(cfg, fold, oof, epochs=3, finished=True):
-    """What the engine leaves in fold<k>/: history.csv, oof.csv and (when finished) metrics.json."""
-    out = fold_dir(cfg, fold)
-    out.mkdir(parents=True)
+def write_fold(cfg, fold, oof, finished=True):
+    """What the engine leaves in fold<k>/, written through kit/runs.py: config.yaml and run.json, history.csv,
+    and (when finished) best.pt, oof.csv and metrics.json."""
+    run = FoldRun(cfg, fold)
+    run.start_fresh(keep_existing=False)
+    has_labels = (Path(cfg.data_dir) / "train_labels.csv").is_file()
+    split = load_split(read_train_labels(cfg.data_dir), cfg.folds, Path(cfg.out_dir) / "folds") if has_labels else None
+    run.write_identity(split.record if split else {})
+    epochs = cfg.epochs if finished else cfg.epochs - 1
     history = pd.DataFrame({"epoch": range(1, epochs + 1), "train_loss": np.linspace(0.7, 0.3, epochs),
                             "val_loss": np.linspace(0.6, 0.4, epochs), "val_auc": np.linspace(0.7, 0.9, epochs),
                             "lr": 1e-3, "images_per_s": 100.0, "seconds": 1.0}, columns=HISTORY_COLUMNS)
-    history.to_csv(out / "history.csv", index=False)
+    run.write_history(history.to_dict("records"), HISTORY_COLUMNS)
+    run.save_checkpoint(LAST, {"epoch": epochs})
     if finished:
-        oof[["id", "label", "pred"]].to_csv(out / "oof.csv", index=False)
-        (out / "metrics.json").write_text(json.dumps({"fold": fold, "best_epoch": epochs, "epochs_trained": epochs}))
+        run.save_checkpoint(BEST, {"epoch": epochs})
+        run.write_oof(oof)
+        run.write_metrics({"fold": fold, "best_epoch": epochs, "epochs_trained": epochs, "stopped_early": False})
 
 
 def write_run(cfg, oof, unfinished=(), absent=()):
@@ -213,7 +223,7 @@ def test_missing_folds_are_reported_and_left_out(gallery_data, tmp_path):
 
     logged = []
     page = report.write_report(cfg, target_sensitivity=0.9, log=logged.append).read_text()
-    assert "fold 2 (unfinished, 3 epoch(s) in history.csv); fold 3 (not trained)" in page
+    assert "fold 2 (unfinished, 2 of 3 epochs); fold 3 (not trained)" in page
     assert "pool folds 0, 1 only" in page and "2 of 4 folds" in page
     assert any("missing folds: fold 2" in line for line in logged)
     finished = oof[oof["fold"] < 2]
@@ -262,7 +272,7 @@ def test_cli_prints_the_headline_and_refuses_what_it_cannot_do(gallery_data, tmp
     oof = oof_predictions(gallery_data)
     write_run(cfg, oof)
     common = ["--config", "configs/demo.yaml", "--data-dir", str(gallery_data), "--out", cfg.out_dir,
-              f"submissions_dir={cfg.submissions_dir}"]
+              f"submissions_dir={cfg.submissions_dir}", "epochs=3"]
 
     assert main(["report", *common, "--target-sensitivity", "0.9"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -271,17 +281,18 @@ def test_cli_prints_the_headline_and_refuses_what_it_cannot_do(gallery_data, tmp
     assert out[-1] == str(fold_dir(cfg, 0).parent / "report.md")
 
     other_yaml = tmp_path / "other.yaml"
-    other_yaml.write_text("name: other\nfolds:\n  n_splits: 3\n")
+    other_yaml.write_text((REPO / "configs" / "demo.yaml").read_text())      # a copy: named `other` by its file
     write_run(experiment(tmp_path, gallery_data, name="other"), oof_predictions(gallery_data, seed=1))
     assert main(["report", *common, "--exps", f"demo, {other_yaml}"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("demo: OOF ROC AUC") and out[1].startswith("other: OOF ROC AUC")
     assert out[-1].endswith("compare/demo+other/report.md")
 
-    unfinished = load_config(REPO / "configs" / "demo.yaml", {"out_dir": str(tmp_path / "unfinished")})
+    unfinished = experiment(tmp_path / "unfinished", gallery_data)
     write_fold(unfinished, 0, oof, finished=False)
     for argv, message in ((["--out", str(tmp_path / "empty")], "does not exist; run `make train-all"),
-                          (["--out", unfinished.out_dir], "no finished fold of `demo`"),
+                          (["--out", unfinished.out_dir, "--data-dir", str(gallery_data), "epochs=3"],
+                           "no finished fold of `demo`"),
                           (["--target-sensitivity", "1.5"], "between 0 and 1")):
         assert main(["report", "--config", "configs/demo.yaml", *argv]) == 2
         err = capsys.readouterr().err

@@ -1,0 +1,386 @@
+"""A fold's run folder, owned here: where each file lives, what "finished" means, the config and the split that
+trained the fold, its checkpoints, and the lock that keeps a second process out. Train, predict and report ask this
+module; none of them builds a run path or decides "finished" on its own.
+
+    runs/<experiment>/
+      fold<k>/
+        config.yaml    the effective config that trained the fold (loadable: --config runs/<exp>/fold<k>/config.yaml)
+        run.json       what trained it: the config's fingerprint, the split (fold file, label fingerprint), and any
+                       `epochs` extensions
+        last.pt        everything needed to resume (weights, optimizer, schedule, EMA, RNG, history), every epoch
+        best.pt        the weights that validated best (the EMA weights when EMA is on): what `predict` uses
+        history.csv    one row per epoch: losses, view-free validation AUC, learning rate, images/s
+        oof.csv        best.pt's predictions of the held-out rows with the configured TTA views: id, label, pred
+        metrics.json   written last; the fold is finished when it exists and the run reached its epochs or stopped
+                       early
+      fold<k>.lock     held (flock) by the process training fold k; the OS releases it when that process dies
+      .fold<k>.new/    a FORCE=1 retrain until its first checkpoint, then swapped in for fold<k>/
+
+Every file is written atomically, and checkpoints hold only tensors and plain data (`torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from .config import Config, from_dict, save_config, to_dict
+from .errors import KitError
+from .data import check_data_dir, read_train_labels
+from .folds import describe_label_change, split_path
+from .io import atomic_torch_save, atomic_write_csv, atomic_write_json
+
+LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
+    "last.pt", "best.pt", "history.csv", "oof.csv", "metrics.json", "config.yaml", "run.json")
+RUN_FILES = (LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD)
+
+# Keys that say where or how fast a run goes, not what it computes: changing them never blocks a resume.
+NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "submissions_dir", "device", "num_workers",
+                          "eval_batch_size", "amp", "train.compile", "train.channels_last"})
+# At prediction the weights come from best.pt, so where the initial weights came from no longer matters.
+PREDICT_NEUTRAL_KEYS = NEUTRAL_KEYS | {"model.pretrained", "model.pretrained_file"}
+# Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
+EXTENSIBLE_SCHEDULES = ("constant", "cosine")
+
+
+def experiment_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def fold_dir(cfg: Config, fold: int) -> Path:
+    return experiment_dir(cfg) / f"fold{fold}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs: which keys change a result, their fingerprint, and what differs
+# ----------------------------------------------------------------------------------------------------------------
+
+def flat_config(cfg: Config, neutral=NEUTRAL_KEYS) -> dict:
+    """`{"optimizer.lr": 0.001, …}` without the neutral keys; lists (augmentations) stay whole values."""
+    def walk(values: dict, prefix: str):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif prefix + key not in neutral:
+                yield prefix + key, value
+    return dict(walk(to_dict(cfg), ""))
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """A short hash of every key that changes what training computes."""
+    text = json.dumps(flat_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def config_differences(old: Config, new: Config, neutral=NEUTRAL_KEYS) -> list[tuple[str, object, object]]:
+    before, after = flat_config(old, neutral), flat_config(new, neutral)
+    return [(key, before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]
+
+
+def _show(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def describe_differences(differences) -> str:
+    return "; ".join(f"{key}: {_show(old)} → {_show(new)}" for key, old, new in differences)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One fold's folder
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FoldStatus:
+    """What a fold's folder says about itself, read without judging it against any config."""
+    fold: int
+    directory: Path
+    recorded: Config | None = None     # the config that trained it (config.yaml)
+    record: dict = field(default_factory=dict)    # run.json
+    metrics: dict | None = None        # metrics.json, when written
+    has_checkpoint: bool = False       # last.pt exists: there is training to resume or keep
+
+    @property
+    def complete(self) -> bool:
+        """metrics.json, best.pt and oof.csv are there, and the run reached its epochs or stopped early."""
+        if self.metrics is None or self.recorded is None:
+            return False
+        if not ((self.directory / BEST).is_file() and (self.directory / OOF).is_file()):
+            return False
+        return bool(self.metrics.get("stopped_early")) or self.metrics.get("epochs_trained", 0) >= self.recorded.epochs
+
+    @property
+    def epochs_trained(self) -> int:
+        if self.metrics is not None:
+            return int(self.metrics.get("epochs_trained", 0))
+        history = self.directory / HISTORY
+        return len(pd.read_csv(history)) if history.is_file() else 0
+
+
+@dataclass
+class Comparison:
+    """A fold's recorded config against the one asked for."""
+    differences: list            # (key, old, new) that block using or resuming the fold
+    extension: tuple | None      # (old epochs, new epochs) when only `epochs` was raised on a schedule that allows it
+
+
+class FoldRun:
+    """The files of one fold. `directory` is fold<k>/, or .fold<k>.new/ while a FORCE=1 retrain has no checkpoint."""
+
+    def __init__(self, cfg: Config, fold: int):
+        self.cfg, self.fold = cfg, fold
+        self.experiment_dir = experiment_dir(cfg)
+        self.final_dir = fold_dir(cfg, fold)
+        self.staging_dir = self.experiment_dir / f".fold{fold}.new"
+        self.trash_dir = self.experiment_dir / f".fold{fold}.old"
+        self.directory = self.final_dir
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def label(self) -> str:
+        return f"fold {self.fold} of `{self.cfg.name}`"
+
+    # ---- status and comparison ----------------------------------------------------------------------------------
+
+    def status(self) -> FoldStatus:
+        return read_status(self.final_dir, self.fold)
+
+    def compare(self, status: FoldStatus, neutral=NEUTRAL_KEYS) -> Comparison:
+        if status.recorded is None:
+            return Comparison([], None)
+        differences = config_differences(status.recorded, self.cfg, neutral)
+        epochs = [d for d in differences if d[0] == "epochs"]
+        others = [d for d in differences if d[0] != "epochs"]
+        if not epochs:
+            return Comparison(others, None)
+        _, old, new = epochs[0]
+        if new > old and self.cfg.schedule.name in EXTENSIBLE_SCHEDULES:
+            return Comparison(others, (old, new))
+        return Comparison(differences, None)
+
+    def mismatch_error(self, comparison: Comparison) -> KitError:
+        keys = describe_differences(comparison.differences)
+        onecycle = any(k == "epochs" for k, _, _ in comparison.differences) and self.cfg.schedule.name == "onecycle"
+        why = " (a one-cycle schedule cannot continue past its end)" if onecycle else ""
+        return KitError(f"{self.label} was trained with another config ({keys}){why}: retrain it with FORCE=1, or "
+                        f"give this config its own runs with name=<new name>")
+
+    # ---- starting, staging, recording ---------------------------------------------------------------------------
+
+    def recover_interrupted_swap(self) -> None:
+        """A crash between the two renames of `commit_staging` leaves .fold<k>.new/ and .fold<k>.old/: finish it."""
+        if not self.final_dir.exists() and self.staging_dir.is_dir() and (self.staging_dir / LAST).is_file():
+            self.staging_dir.rename(self.final_dir)
+        shutil.rmtree(self.trash_dir, ignore_errors=True)
+
+    def start_fresh(self, keep_existing: bool) -> None:
+        """Train from epoch 1. With `keep_existing` (FORCE=1 over a trained fold) the new run writes into
+        .fold<k>.new/, and the old fold<k>/ stays whole until the new run has a checkpoint (`commit_staging`)."""
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        if keep_existing:
+            self.directory = self.staging_dir
+        else:
+            shutil.rmtree(self.final_dir, ignore_errors=True)     # an unfinished first epoch at most: nothing to keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def commit_staging(self) -> None:
+        """Swap the retrained fold in for the old one once it has a checkpoint (no-op when not staging)."""
+        if self.directory != self.staging_dir:
+            return
+        if self.final_dir.exists():
+            self.final_dir.rename(self.trash_dir)
+        self.staging_dir.rename(self.final_dir)
+        shutil.rmtree(self.trash_dir, ignore_errors=True)
+        self.directory = self.final_dir
+
+    def discard_staging(self) -> None:
+        if self.directory == self.staging_dir:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self.directory = self.final_dir
+
+    def write_identity(self, split_record: dict, extension: tuple | None = None) -> None:
+        """config.yaml (the config now training the fold) and run.json (its fingerprint, split, extensions)."""
+        record = read_json(self.path(RECORD)) or {"experiment": self.cfg.name, "fold": self.fold,
+                                                  "created": datetime.now().isoformat(timespec="seconds"),
+                                                  "extended": []}
+        record.update({"config_fingerprint": config_fingerprint(self.cfg), "split": split_record})
+        if extension is not None:
+            record["extended"].append({"epochs": list(extension),
+                                       "at": datetime.now().isoformat(timespec="seconds")})
+            self.path(METRICS).unlink(missing_ok=True)      # the fold is no longer finished
+        save_config(self.cfg, self.path(CONFIG))
+        atomic_write_json(self.path(RECORD), record)
+
+    # ---- files --------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, name: str, state: dict) -> None:
+        atomic_torch_save(self.path(name), state)
+
+    def load_checkpoint(self, name: str) -> dict:
+        return load_checkpoint(self.path(name))
+
+    def write_history(self, history: list[dict], columns: list[str]) -> None:
+        atomic_write_csv(self.path(HISTORY), pd.DataFrame(history, columns=columns))
+
+    def write_oof(self, oof: pd.DataFrame) -> None:
+        atomic_write_csv(self.path(OOF), oof[["id", "label", "pred"]])
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.path(METRICS), metrics)
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise KitError(f"{path} is unreadable: retrain the fold with FORCE=1") from None
+
+
+def read_recorded_config(path: Path) -> Config | None:
+    if not path.is_file():
+        return None
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        raise KitError(f"{path} is unreadable: retrain the fold with FORCE=1") from None
+    return from_dict(values, source=str(path))
+
+
+def read_status(directory: Path, fold: int) -> FoldStatus:
+    return FoldStatus(fold=fold, directory=directory, recorded=read_recorded_config(directory / CONFIG),
+                      record=read_json(directory / RECORD) or {}, metrics=read_json(directory / METRICS),
+                      has_checkpoint=(directory / LAST).is_file())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A kit checkpoint: tensors and plain data only, so it loads with `weights_only=True`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KitError(f"checkpoint not found: {path}; train the fold first") from None
+    except Exception as err:  # a damaged or foreign file: name it rather than show torch's internals
+        raise KitError(f"cannot read checkpoint {path} ({type(err).__name__}); delete it or retrain with FORCE=1") \
+            from None
+
+
+def read_oof(path: Path) -> pd.DataFrame:
+    """A fold's oof.csv (id, label, pred), refused with one line when damaged."""
+    try:
+        oof = pd.read_csv(path, dtype={"id": str})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise KitError(f"{path} is unreadable ({type(err).__name__}): retrain the fold with FORCE=1") from None
+    if not {"id", "label", "pred"} <= set(oof.columns) or oof["pred"].isna().any():
+        raise KitError(f"{path}: expected columns id,label,pred with a prediction on every row; retrain the fold "
+                       f"with FORCE=1")
+    return oof[["id", "label", "pred"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lock
+# ----------------------------------------------------------------------------------------------------------------
+
+@contextmanager
+def fold_lock(cfg: Config, fold: int):
+    """Hold fold<k>.lock while training: a second process on the fold stops at once, naming the holder.
+
+    `flock` belongs to the open file: the OS drops it when the holder exits or is killed, so no stale lock blocks.
+    """
+    path = experiment_dir(cfg) / f"fold{fold}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
+            raise KitError(f"fold {fold} of `{cfg.name}` is being trained by {holder} ({path}); wait for it to end "
+                           f"or stop it, then rerun") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"PID {os.getpid()} on {socket.gethostname()} since "
+                          f"{datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
+        yield
+    finally:
+        os.close(handle)       # releases the lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An experiment's finished folds (what predict and report use)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FinishedFold:
+    fold: int
+    directory: Path
+    metrics: dict
+    oof: pd.DataFrame = field(repr=False)
+    history: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def best(self) -> Path:
+        return self.directory / BEST
+
+
+def check_split(cfg: Config, split_key: str, labels: pd.DataFrame, folds=None) -> None:
+    """Refuse when a fold (of `folds`, else any) was trained on a split made from other labels than `labels`."""
+    stale = []
+    for fold in range(cfg.folds.n_splits) if folds is None else folds:
+        record = read_json(fold_dir(cfg, fold) / RECORD) or {}
+        if record.get("split", {}).get("key", split_key) != split_key:
+            stale.append(fold)
+    if stale:
+        record = read_json(fold_dir(cfg, stale[0]) / RECORD)
+        change = describe_label_change(Path(cfg.out_dir) / "folds" / record["split"]["file"], labels)
+        raise KitError(f"train_labels.csv changed since fold {', '.join(map(str, stale))} of `{cfg.name}` was split "
+                       f"({change}): those models saw rows that are now in other folds' validation sets; start "
+                       f"afresh with `make train-all FORCE=1`, or train under a new name (name=<new name>)")
+
+
+def check_split_against_data(cfg: Config, folds=None) -> None:
+    """`check_split` with the key of the split that `cfg.data_dir`'s train_labels.csv (and groups) make today."""
+    labels = read_train_labels(check_data_dir(cfg.data_dir))
+    _, key, _ = split_path(labels, cfg.folds, Path(cfg.out_dir) / "folds", log=lambda *_: None)
+    check_split(cfg, key, labels, folds)
+
+
+def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[FinishedFold], dict[int, str]]:
+    """The experiment's finished folds (trained with this config) and, for the others, why they are not counted.
+
+    A finished fold trained with another config is refused, naming the keys: its numbers would describe a model
+    other than the one asked for. (`check_split` then tells whether their split still fits the labels.)
+    """
+    found, missing = [], {}
+    for fold in range(cfg.folds.n_splits):
+        run = FoldRun(cfg, fold)
+        status = run.status()
+        comparison = run.compare(status, neutral)
+        finished = status.complete and (comparison.extension is None or status.metrics.get("stopped_early"))
+        if not finished:
+            if status.recorded is None and not status.has_checkpoint:
+                missing[fold] = "not trained"
+            else:
+                target = comparison.extension[1] if comparison.extension else cfg.epochs
+                missing[fold] = f"unfinished, {status.epochs_trained} of {target} epochs"
+            continue
+        if comparison.differences:
+            raise run.mismatch_error(comparison)
+        history = status.directory / HISTORY
+        found.append(FinishedFold(fold, status.directory, status.metrics, read_oof(status.directory / OOF),
+                                  pd.read_csv(history) if history.is_file() else None))
+    return found, missing
