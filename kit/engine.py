@@ -30,7 +30,7 @@ from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, 
 from .errors import KitError
 from .folds import Split, load_split
 from .models import build_model, count_parameters, head_parameter_names
-from .runs import BEST, LAST, FoldRun, FoldStatus, check_split_against_data, fold_lock
+from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock, is_finished
 from .tta import tta_view_count, with_tta
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
@@ -373,11 +373,6 @@ def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
     return FoldSetup(device, amp_dtype, model, step_model, data, images, batches, parts, valid_transform, input_line)
 
 
-def is_done(status: FoldStatus, extension) -> bool:
-    """A finished fold stays finished when `epochs` is raised only if it had stopped early (it would stop again)."""
-    return status.complete and (extension is None or bool(status.metrics.get("stopped_early")))
-
-
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
     """Train (or resume) one fold; return its metrics.
 
@@ -396,7 +391,7 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
             raise run.mismatch_error(comparison)
         if not force:
             check_split_against_data(cfg)     # every fold of the experiment on the split of today's labels
-        if resume and is_done(status, comparison.extension):
+        if resume and is_finished(status, comparison):
             metrics = status.metrics
             log(f"{cfg.name} fold {fold}: already trained (best val AUC {metrics['best_val_auc']:.4f} at epoch "
                 f"{metrics['best_epoch']}); pass FORCE=1 to train it again")

@@ -66,6 +66,7 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
     images = resident_images(images, device)      # uploaded once for every fold when it fits in GPU memory
     log(f"{cfg.name}: predicting {len(test_ids):,} test images with folds "
         f"{', '.join(str(c.fold) for c in checkpoints)} × {tta_view_count(cfg.tta.views)} TTA views ({cfg.tta.views})")
+    valid_transform = build_transform(cfg.augment.valid, "augment.valid")      # as the OOF predictions had
     fold_probabilities = []
     for checkpoint in checkpoints:
         state = load_checkpoint(checkpoint.best)
@@ -76,7 +77,7 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
         model = model.to(device).to(memory_format=torch.channels_last)
         fold_probabilities.append(predict_probabilities(
             model, images, cfg.tta.views, cfg.eval_batch_size, device, amp_dtype, desc=f"fold {checkpoint.fold} TTA",
-            transform=build_transform(cfg.augment.valid, "augment.valid")))
+            transform=valid_transform))
         log(f"  fold {checkpoint.fold}: OOF AUC {oof_auc([checkpoint]):.4f} ({tta_view_count(cfg.tta.views)} views)")
     cv_auc = oof_auc(checkpoints)
     log(f"{cfg.name}: CV AUC (out-of-fold, {len(checkpoints)} folds, {tta_view_count(cfg.tta.views)} TTA views) "

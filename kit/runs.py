@@ -134,7 +134,13 @@ class FoldStatus:
 class Comparison:
     """A fold's recorded config against the one asked for."""
     differences: list            # (key, old, new) that block using or resuming the fold
-    extension: tuple | None      # (old epochs, new epochs) when only `epochs` was raised on a schedule that allows it
+    extension: tuple | None      # (old epochs, new epochs) when `epochs` was raised on a schedule that allows it
+
+
+def is_finished(status: FoldStatus, comparison: Comparison) -> bool:
+    """The one definition of a finished fold: complete under its own config, and not extended by a raised `epochs`
+    (unless it had stopped early: it would stop again)."""
+    return status.complete and (comparison.extension is None or bool(status.metrics.get("stopped_early")))
 
 
 class FoldRun:
@@ -370,8 +376,7 @@ def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[Fini
         run = FoldRun(cfg, fold)
         status = run.status()
         comparison = run.compare(status, neutral)
-        finished = status.complete and (comparison.extension is None or status.metrics.get("stopped_early"))
-        if not finished:
+        if not is_finished(status, comparison):
             if status.recorded is None and not status.has_checkpoint:
                 missing[fold] = "not trained"
             else:
