@@ -28,11 +28,11 @@ def find_fold_checkpoints(cfg: Config, allow_missing_folds: bool) -> list[Finish
     """The experiment's finished folds (runs.py decides which); missing ones are named, and used only when allowed.
     Folds trained with another config, or on a split of other labels, are refused."""
     found, missing = finished_folds(cfg)
+    why = "; ".join(f"fold {fold} {reason}" for fold, reason in missing.items())
     if not found:
-        raise KitError(f"no trained fold of `{cfg.name}` under {fold_dir(cfg, 0).parent}: "
+        raise KitError(f"no finished fold of `{cfg.name}` under {fold_dir(cfg, 0).parent} ({why}): "
                        f"run `make train-all CONFIG=...` (or `make train FOLD=0`) first")
     if missing and not allow_missing_folds:
-        why = "; ".join(f"{fold}: {reason}" for fold, reason in missing.items())
         raise KitError(f"`{cfg.name}` lacks finished folds {', '.join(map(str, missing))} of {cfg.folds.n_splits} "
                        f"({why}): train them (`make train-all`), or pass ALLOW_MISSING_FOLDS=1 to predict with "
                        f"folds {', '.join(str(f.fold) for f in found)}")

@@ -82,7 +82,8 @@ def read_run_folder(cfg: Config) -> RunFolder:
         raise KitError(f"no run folder for `{cfg.name}`: {directory} does not exist; {train_first}")
     found, missing = finished_folds(cfg)
     if not found:
-        raise KitError(f"no finished fold of `{cfg.name}` in {directory}; {train_first}")
+        why = "; ".join(f"fold {fold} {reason}" for fold, reason in missing.items())
+        raise KitError(f"no finished fold of `{cfg.name}` in {directory} ({why}); {train_first}")
     if (Path(cfg.data_dir) / TRAIN_LABELS_CSV).is_file():     # without the data (a copied run folder) no check
         check_split_against_data(cfg, [f.fold for f in found])
     oof = pd.concat([f.oof.assign(fold=f.fold) for f in found], ignore_index=True)
