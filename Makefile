@@ -3,7 +3,7 @@
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
 #            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench).
 
-CONFIG ?= configs/baseline.yaml
+CONFIG ?= configs/baseline_bn.yaml
 FOLD ?= 0
 PYTHON ?= python3
 VENV := .venv
@@ -33,8 +33,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# HARD=1: the hard generated set (data/hard): slides, stain, hard negatives, noisy labels; tells recipes apart
 demo-data: $(STAMP)
-	$(PY) -m kit demo-data --out $(or $(DATA_DIR),data/demo) $(FORCE_FLAG)
+	$(PY) -m kit demo-data $(if $(filter 1 true yes,$(HARD)),--difficulty hard) $(if $(DATA_DIR),--out $(DATA_DIR)) \
+	    $(FORCE_FLAG)
 
 cache: $(STAMP)
 	$(PY) -m kit cache $(EXPERIMENT)

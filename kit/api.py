@@ -1,7 +1,7 @@
 """The Python API: one function per make target, for notebooks (Kaggle's included) and for the command line.
 
     from kit import api
-    cfg = api.load_config("baseline", epochs=3)     # a shipped config by name, or a path; keyword overrides
+    cfg = api.load_config("baseline_bn", epochs=3)  # a shipped config by name, or a path; keyword overrides
     api.train_all(cfg)                              # or api.train(cfg, fold=0)
     path = api.predict(cfg)                         # folds × TTA → validated CSV; returns its path
     api.submit(path)                                # validate, then upload through the Kaggle API
@@ -38,7 +38,7 @@ def kaggle_competition_input() -> Path | None:
     return path if (path / SAMPLE_SUBMISSION_CSV).is_file() else None
 
 
-def load_config(name_or_path: str | Path = "baseline", overrides: list[str] | dict | None = None,
+def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] | dict | None = None,
                 **keyword_overrides) -> Config:
     """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides.
 
@@ -56,15 +56,24 @@ def load_config(name_or_path: str | Path = "baseline", overrides: list[str] | di
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_demo_data(out_dir: str | Path = "data/demo", n_train: int = 1500, n_test: int = 400, seed: int = 0,
-                   force: bool = False, log=print) -> Path:
-    from .demo_data import demo_data_is_complete, make_demo_data as generate
+DEMO_DATA_DEFAULTS = {"easy": ("data/demo", 1500, 400), "hard": ("data/hard", 3000, 1000)}
 
-    if not force and demo_data_is_complete(out_dir, n_train, n_test):
-        log(f"demo data already in {out_dir} ({n_train} train / {n_test} test patches)")
+
+def make_demo_data(out_dir: str | Path | None = None, n_train: int | None = None, n_test: int | None = None,
+                   seed: int = 0, force: bool = False, difficulty: str = "easy", log=print) -> Path:
+    """Generated data in the Kaggle layout (kit/demo_data.py): `easy` proves the pipeline runs; `hard` tells
+    recipes apart (slides, stain, hard negatives, noisy labels; slides.csv and test_labels.csv beside)."""
+    from .demo_data import DIFFICULTIES, demo_data_is_complete, make_demo_data as generate
+
+    if difficulty not in DIFFICULTIES:
+        raise KitError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    default_dir, default_train, default_test = DEMO_DATA_DEFAULTS[difficulty]
+    out_dir, n_train, n_test = out_dir or default_dir, n_train or default_train, n_test or default_test
+    if not force and demo_data_is_complete(out_dir, n_train, n_test, difficulty):
+        log(f"{difficulty} demo data already in {out_dir} ({n_train} train / {n_test} test patches)")
         return Path(out_dir)
-    generate(out_dir, n_train=n_train, n_test=n_test, seed=seed)
-    log(f"demo data written to {out_dir}: {n_train} train / {n_test} test patches")
+    generate(out_dir, n_train=n_train, n_test=n_test, seed=seed, difficulty=difficulty)
+    log(f"{difficulty} demo data written to {out_dir}: {n_train} train / {n_test} test patches")
     return Path(out_dir)
 
 

@@ -11,7 +11,7 @@ import sys
 
 from .errors import KitError
 
-DEFAULT_CONFIG = "configs/baseline.yaml"
+DEFAULT_CONFIG = "configs/baseline_bn.yaml"
 
 
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-data", help="generate a small data set in the Kaggle layout")
-    demo.add_argument("--out", default="data/demo", help="folder to write (default %(default)s)")
-    demo.add_argument("--train", type=int, default=1500, help="training patches (default %(default)s)")
-    demo.add_argument("--test", type=int, default=400, help="test patches (default %(default)s)")
+    demo.add_argument("--difficulty", default="easy", choices=("easy", "hard"),
+                      help="easy: the demo, every recipe ≈ 1.0; hard: slides with their own stain, blur and noise, "
+                           "subtle tumour, hard negatives, noisy labels (default %(default)s)")
+    demo.add_argument("--out", help="folder to write (default data/demo, or data/hard)")
+    demo.add_argument("--train", type=int, help="training patches (default 1500, hard 3000)")
+    demo.add_argument("--test", type=int, help="test patches (default 400, hard 1000)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="regenerate even if the folder is complete")
 
@@ -102,7 +105,8 @@ def run(args) -> None:
     from . import api
 
     if args.command == "demo-data":
-        api.make_demo_data(args.out, n_train=args.train, n_test=args.test, seed=args.seed, force=args.force)
+        api.make_demo_data(args.out, n_train=args.train, n_test=args.test, seed=args.seed, force=args.force,
+                           difficulty=args.difficulty)
     elif args.command == "data":
         api.download_data(args.data_dir)
     elif args.command == "submissions":

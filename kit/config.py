@@ -48,7 +48,9 @@ class FoldsConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "baseline"       # "baseline" = the seed notebook's CNN; any other name is a timm model
+    # "baseline" = the seed notebook's CNN, faithfully; "baseline_bn" = the same with BatchNorm (learns on every
+    # seed); any other name is a timm model
+    name: str = "baseline"
     pretrained: bool = False     # timm: start from pretrained weights (timm's loader: the hub or its local cache)
     pretrained_file: str = ""    # timm: weights from a local .pth/.safetensors (Kaggle without internet)
     dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5); timm's drop_rate)

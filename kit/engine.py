@@ -29,7 +29,7 @@ from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, 
                    gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
 from .errors import KitError
 from .folds import Split, load_split
-from .models import build_model, count_parameters, head_parameter_names
+from .models import build_model, count_parameters, head_parameter_names, start_head_neutral
 from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock, is_finished
 from .tta import tta_view_count, with_tta
 
@@ -157,6 +157,30 @@ def build_loss(loss_cfg: LossConfig, device: torch.device):
         return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
 
     return loss_fn
+
+
+def constant_prediction_loss(loss_cfg: LossConfig, labels: np.ndarray) -> float:
+    """The training loss of the best constant prediction (the prior for every patch): where a model that has
+    learned nothing sits. ln 2 for BCE on balanced labels; any loss option (pos_weight, focal, smoothing) included."""
+    loss_fn = build_loss(loss_cfg, torch.device("cpu"))
+    targets = torch.as_tensor(labels, dtype=torch.float32)
+    with torch.no_grad():
+        return min(float(loss_fn(torch.full_like(targets, float(logit)), targets))
+                   for logit in torch.linspace(-8, 8, 321))
+
+
+STALL_TOLERANCE = 0.01     # a train loss within 1% of the constant-prediction loss: the model has not started
+
+
+def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau: float) -> str | None:
+    if train_loss < plateau * (1 - STALL_TOLERANCE):         # clearly below the prior's loss: learning
+        return None
+    advice = ("model.name=baseline_bn (the same CNN with normalisation layers, which leaves the plateau on every "
+              "seed), or optimizer.lr=3e-4" if cfg.model.name == "baseline" else
+              "a lower optimizer.lr, a warm-up (schedule.warmup_epochs), or check model.pretrained_file")
+    return (f"warning: fold {fold} epoch {epoch}: train loss {train_loss:.4f} is within {STALL_TOLERANCE:.0%} of "
+            f"{plateau:.4f}, the loss of predicting the prior for every patch: the model has not started learning; "
+            f"try {advice}")
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
@@ -345,6 +369,7 @@ class FoldSetup:
     parts: TrainingParts
     valid_transform: object
     input_line: str
+    plateau_loss: float          # the train loss of predicting the prior for every patch (the stall detector's mark)
 
 
 def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
@@ -360,6 +385,8 @@ def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
     step_model = torch.compile(model) if cfg.train.compile else model    # shares the weights; compiles on first use
     valid_transform = build_transform(cfg.augment.valid, "augment.valid")
     data = prepare_fold_data(cfg, fold)
+    train_labels = data.labels[data.train_rows]
+    start_head_neutral(model, float(train_labels.mean()))   # first prediction = the prior (resume loads weights)
     images = resident_images(data.images, device)        # the whole split in GPU memory when it fits
     batches, input_line = build_training_input(cfg, data, images, device)
     optimizer = build_optimizer(cfg, model)
@@ -370,7 +397,8 @@ def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
         loss_fn=build_loss(cfg.loss, device),
         grad_clip=cfg.optimizer.grad_clip,
         ema=StepEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None)
-    return FoldSetup(device, amp_dtype, model, step_model, data, images, batches, parts, valid_transform, input_line)
+    return FoldSetup(device, amp_dtype, model, step_model, data, images, batches, parts, valid_transform, input_line,
+                     constant_prediction_loss(cfg.loss, train_labels))
 
 
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
@@ -480,6 +508,9 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
         log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {images_per_s:,.0f} img/s  "
             f"{row['seconds']:.0f}s")
+        warning = stall_warning(cfg, fold, epoch, train_loss, setup.plateau_loss)
+        if warning:
+            log(warning)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if cfg.train.early_stopping and epoch - progress["best_epoch"] >= cfg.train.early_stopping:
@@ -507,7 +538,9 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
                "stopped_early": stopped_early, "train_images": int(len(data.train_rows)),
                "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
                "parameters": count_parameters(setup.model), "device": str(setup.device),
-               "ema": bool(cfg.train.ema_decay)}
+               "ema": bool(cfg.train.ema_decay), "plateau_loss": setup.plateau_loss,
+               "stalled": stall_warning(cfg, fold, 0, progress["history"][-1]["train_loss"],
+                                        setup.plateau_loss) is not None}
     run.write_metrics(metrics)
     log(f"{cfg.name} fold {fold}: done, best val AUC {progress['best_auc']:.4f} at epoch {progress['best_epoch']}; "
         f"OOF AUC with {tta_view_count(cfg.tta.views)} TTA views {oof_auc:.4f} → {run.directory}")

@@ -24,6 +24,13 @@ def demo_data(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("data") / "demo", n_train=600, n_test=48, seed=1)
 
 
+@pytest.fixture(scope="session")
+def hard_data(tmp_path_factory) -> Path:
+    """2,400 train / 100 test patches of the hard generated set (slides, stain, hard negatives, noisy labels)."""
+    return make_demo_data(tmp_path_factory.mktemp("data") / "hard", n_train=2400, n_test=100, seed=0,
+                          difficulty="hard")
+
+
 @pytest.fixture
 def data_copy(demo_data, tmp_path) -> Path:
     """A private copy of the demo data that a test may damage."""

@@ -36,7 +36,7 @@ def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo
               "epochs=1", "folds.n_splits=2", f"submissions_dir={cfg.submissions_dir}"]
 
     code, out, err = run_cli(capsys, "train", "--fold", "0", *common)
-    assert code == 0 and "1,731,905 parameters" in out and "val_auc" in out
+    assert code == 0 and "1,732,257 parameters" in out and "val_auc" in out
 
     code, out, err = run_cli(capsys, "predict", *common)
     assert code == 2 and "lacks finished folds 1 of 2" in err and "ALLOW_MISSING_FOLDS=1" in err

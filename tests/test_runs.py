@@ -48,7 +48,7 @@ def test_a_changed_config_is_refused_naming_each_key_for_resume_skip_and_predict
     assert "fold 0 of `demo` was trained with another config (optimizer.lr: 0.001 → 0.0003)" in message
     assert "FORCE=1" in message and "name=<new name>" in message
 
-    with pytest.raises(KitError, match=r'model.name: "baseline" → "resnet18"'):      # not a state_dict traceback
+    with pytest.raises(KitError, match=r'model.name: "baseline_bn" → "resnet18"'):      # not a state_dict traceback
         train_fold(quick_config(epochs=1, **{"model.name": "resnet18"}), 0, **QUIET)
     with pytest.raises(KitError, match=r"optimizer.lr: 0.001 → 0.0003; seed: 42 → 7"):
         api.predict(quick_config(epochs=1, seed=7, **{"optimizer.lr": 3e-4}), allow_missing_folds=True, **QUIET)
