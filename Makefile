@@ -14,7 +14,8 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report bench venv clean-venv
+.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report bench results \
+        venv clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -67,6 +68,11 @@ kaggle-bundle: $(STAMP)
 # images/s from files to the model (docs/PERFORMANCE.md); DEVICE=cpu|cuda, default auto
 bench: $(STAMP)
 	$(PY) -m kit bench $(if $(OUT),--out $(OUT)/bench) $(if $(DEVICE),--device $(DEVICE))
+
+# configs × seeds on the hard generated set → docs/RESULTS.md (hours on CPU; resumes). CONFIGS, SEEDS, FOLDS, ARGS.
+results: $(STAMP)
+	$(PY) -m kit results $(if $(CONFIGS),--configs "$(CONFIGS)") $(if $(SEEDS),--seeds $(SEEDS)) \
+	    $(if $(FOLDS),--folds $(FOLDS)) $(ARGS)
 
 # EXP=name is short for CONFIG=configs/name.yaml; EXPS="a b" compares experiments instead.
 report: CONFIG := $(or $(EXP),$(CONFIG))

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timm-model", default="resnet18", help="the timm model timed (default %(default)s)")
     bench.add_argument("--seconds", type=float, default=2.0, help="least time per measurement (default %(default)s)")
 
+    results = commands.add_parser("results", help="configs × seeds on the hard generated set → docs/RESULTS.md")
+    results.add_argument("--configs", default="baseline baseline_bn effnet_b0 resnet34 convnext_nano",
+                         help="shipped configs, or lite0_imagenet / lite0_random (default: %(default)s)")
+    results.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per config (default %(default)s)")
+    results.add_argument("--folds", type=int, default=0, help="train only the first N folds (default: all)")
+    results.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
     bundle = commands.add_parser("bundle", help="zip the kit for upload as a Kaggle dataset")
     bundle.add_argument("--out", default="dist/hcd-kit.zip", help="zip to write (default %(default)s)")
 
@@ -114,6 +121,12 @@ def run(args) -> None:
     elif args.command == "bench":
         print(api.bench(args.out, images=args.images, device=args.device, batch_size=args.batch_size,
                         timm_model=args.timm_model, min_seconds=args.seconds))     # the JSON's path, last
+    elif args.command == "results":
+        from .config import parse_overrides
+        from .results import run_study
+
+        print(run_study(args.configs.replace(",", " ").split(), args.seeds, args.folds,
+                        parse_overrides(args.overrides)))
     elif args.command == "bundle":
         from .bundle import write_bundle
 

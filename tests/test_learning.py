@@ -97,3 +97,22 @@ def test_real_imagenet_weights_beat_random_init_after_one_epoch_on_the_hard_set(
             "batch_size": 32, "tta.views": "none"})
         aucs[start] = train_fold(cfg, 0, **QUIET)["best_val_auc"]
     assert aucs["imagenet"] > 0.7 and aucs["imagenet"] > aucs["random"] + 0.1, aucs
+
+
+def test_results_runs_seeds_and_writes_mean_and_std(tmp_path):
+    from kit.demo_data import make_demo_data
+    from kit.results import read_rows, run_study
+
+    data = make_demo_data(tmp_path / "hard", n_train=240, n_test=40, seed=0, difficulty="hard")
+    page = tmp_path / "RESULTS.md"
+    run_study(["baseline_bn"], seeds=2, folds=1, overrides={"epochs": 1, "tta.views": "none"}, data_dir=str(data),
+              out_dir=str(tmp_path / "runs"), results_md=page, **QUIET)
+    rows = read_rows(tmp_path / "runs" / "results.jsonl")
+    assert [(r["entry"], r["seed"], r["folds"]) for r in rows] == [("baseline_bn", 0, 1), ("baseline_bn", 1, 1)]
+    assert all(0 <= r["test_auc"] <= 1 and 0 <= r["cv_auc"] <= 1 for r in rows)
+    cv = [r["cv_auc"] for r in rows]
+    assert f"| `baseline_bn` | 1 of 5 folds, 1 epochs, tta.views=none | 2 | {np.mean(cv):.4f} ± {np.std(cv):.4f} |" \
+        in page.read_text()
+    run_study(["baseline_bn"], seeds=2, folds=1, overrides={"epochs": 1, "tta.views": "none"}, data_dir=str(data),
+              out_dir=str(tmp_path / "runs"), results_md=page, **QUIET)
+    assert len(read_rows(tmp_path / "runs" / "results.jsonl")) == 2, "rows already measured are not rerun"
