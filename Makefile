@@ -1,7 +1,8 @@
 # Thin targets: each one line that calls the kit's command line (`python -m kit …`) with the variables passed on.
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
-#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench).
+#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench),
+#            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results).
 
 CONFIG ?= configs/baseline_bn.yaml
 FOLD ?= 0

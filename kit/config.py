@@ -55,6 +55,10 @@ class ModelConfig:
     pretrained_file: str = ""    # timm: weights from a local .pth/.safetensors (Kaggle without internet)
     dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5); timm's drop_rate)
     drop_path: float = 0.0       # timm: stochastic depth, for the deeper backbones
+    input_size: int = 0          # timm: resize the 96 px patch to this on the device (e.g. 224, as the best public
+                                 # solutions did for ImageNet backbones; ~5× the compute); 0 = 96 as is
+    global_pool: str = ""        # timm: avg | max | avgmax | catavgmax (fast.ai's concat pooling); "" = the model's
+                                 # own (timm 1.0.31 offers no GeM)
 
 
 @dataclass
@@ -96,6 +100,9 @@ class TrainConfig:
     # auto: batch when every augment.train transform has a batch equivalent (kit/augment.py), else albumentations.
     input: str = "auto"
     compile: bool = False        # torch.compile the training model: faster GPU steps after a minute of compiling
+    # Stochastic weight averaging over the last N epochs (torch.optim.swa_utils), BatchNorm statistics recomputed on
+    # the training images at the end; the average becomes best.pt. 0 = off.
+    swa_epochs: int = 0
 
 
 @dataclass
@@ -108,7 +115,8 @@ class AugmentConfig:
 
 @dataclass
 class TTAConfig:
-    views: str = "d4"            # d4 = 8 views (flips × 90° rotations) | hflip = 2 views | none = 1 view
+    # d4 = 8 views (flips × 90° rotations) | flip4 = 4 views (none, h, v, both flips) | hflip = 2 | none = 1 view
+    views: str = "d4"
 
 
 @dataclass
@@ -140,8 +148,9 @@ CHOICES = {
     "optimizer.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("constant", "cosine", "onecycle"),
     "loss.name": ("bce", "focal"),
-    "tta.views": ("d4", "hflip", "none"),
+    "tta.views": ("d4", "flip4", "hflip", "none"),
     "train.input": ("auto", "batch", "albumentations"),
+    "model.global_pool": ("", "avg", "max", "avgmax", "catavgmax"),
 }
 # (minimum, inclusive?) for numeric keys
 MINIMUMS = {
@@ -152,6 +161,7 @@ MINIMUMS = {
     "optimizer.backbone_lr_scale": (0.0, True), "optimizer.grad_clip": (0.0, True), "model.drop_path": (0.0, True),
     "loss.pos_weight": (0.0, False), "loss.focal_gamma": (0.0, True), "loss.label_smoothing": (0.0, True),
     "train.ema_decay": (0.0, True), "train.early_stopping": (0, True), "train.freeze_backbone_epochs": (0, True),
+    "model.input_size": (0, True), "train.swa_epochs": (0, True),
 }
 MAXIMUMS = {
     "model.dropout": 1.0, "model.drop_path": 1.0, "schedule.pct_start": 1.0, "loss.focal_alpha": 1.0,

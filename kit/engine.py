@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 from timm.utils import ModelEmaV3
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choose_input
@@ -370,9 +371,11 @@ class FoldSetup:
     valid_transform: object
     input_line: str
     plateau_loss: float          # the train loss of predicting the prior for every patch (the stall detector's mark)
+    swa: AveragedModel | None = None   # train.swa_epochs: the running average of the last epochs' weights
 
 
 def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
+    """Model, data and optimisation for one fold; touches no run folder (FORCE=1 relies on that)."""
     # the model first: a bad name or missing weights fails in seconds, before a long first cache build
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.amp)
@@ -398,7 +401,8 @@ def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
         grad_clip=cfg.optimizer.grad_clip,
         ema=StepEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None)
     return FoldSetup(device, amp_dtype, model, step_model, data, images, batches, parts, valid_transform, input_line,
-                     constant_prediction_loss(cfg.loss, train_labels))
+                     constant_prediction_loss(cfg.loss, train_labels),
+                     AveragedModel(model) if cfg.train.swa_epochs else None)
 
 
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
@@ -467,6 +471,8 @@ def restore(state: dict, setup: FoldSetup) -> dict:
         parts.scaler.load_state_dict(state["scaler"])
     if parts.ema is not None and state.get("ema") is not None:
         parts.ema.load_state_dict(state["ema"])
+    if setup.swa is not None and state.get("swa") is not None:
+        setup.swa.load_state_dict(state["swa"])
     torch.set_rng_state(state["torch_rng"])
     return {"history": state["history"], "best_auc": state["best_auc"], "best_epoch": state["best_epoch"],
             "epoch": state["epoch"]}
@@ -483,6 +489,8 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
         started = time.perf_counter()
         train_loss, images_per_s = train_one_epoch(setup.step_model, setup.batches, parts, setup.device,
                                                    setup.amp_dtype, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
+        if setup.swa is not None and epoch > cfg.epochs - cfg.train.swa_epochs:
+            setup.swa.update_parameters(model)
         evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
         valid_logits = predict_logits(evaluated, setup.images, data.valid_rows, cfg.eval_batch_size, setup.device,
                                       setup.amp_dtype, transform=setup.valid_transform,
@@ -502,6 +510,7 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
             "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
             "ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "swa": setup.swa.state_dict() if setup.swa is not None else None,
             "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": progress["history"],
             "best_auc": progress["best_auc"], "best_epoch": progress["best_epoch"], "config": to_dict(cfg)})
         run.commit_staging()           # FORCE=1: the new run has a checkpoint now, so it replaces the old fold
@@ -519,11 +528,34 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
     return False
 
 
+SWA_BN_SEED = 7_777_777     # the training batches that recompute the averaged model's BatchNorm statistics
+
+
+def finish_swa(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, log) -> float | None:
+    """Recompute the averaged weights' BatchNorm statistics on the training images, validate them, and keep them as
+    best.pt (the SWA recipe's final model). Returns their val AUC; None when no epoch was averaged."""
+    if int(setup.swa.n_averaged) == 0:
+        log(f"fold {fold}: stopped before the last {cfg.train.swa_epochs} epochs: no SWA average; best.pt is the best "
+            f"epoch")
+        return None
+    setup.batches.set_seed(SWA_BN_SEED)
+    update_bn(setup.batches, setup.swa)
+    averaged = setup.swa.module
+    logits = predict_logits(averaged, setup.images, setup.data.valid_rows, cfg.eval_batch_size, setup.device,
+                            setup.amp_dtype, transform=setup.valid_transform, channels_last=cfg.train.channels_last)
+    auc = float(roc_auc_score(setup.data.labels[setup.data.valid_rows], logits))
+    run.save_checkpoint(BEST, {"model": averaged.state_dict(), "config": to_dict(cfg), "epoch": cfg.epochs,
+                               "val_auc": auc, "fold": fold, "swa_epochs": int(setup.swa.n_averaged)})
+    log(f"fold {fold}: SWA over {int(setup.swa.n_averaged)} epochs: val AUC {auc:.4f} (kept as best.pt)")
+    return auc
+
+
 def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress: dict, stopped_early: bool,
                 log) -> dict:
     """Predict the held-out rows with best.pt and the configured TTA views (as the submission will), write
     oof.csv, then metrics.json: the fold is finished."""
     data = setup.data
+    swa_auc = finish_swa(cfg, fold, run, setup, log) if setup.swa is not None else None
     best_model = copy.deepcopy(setup.parts.ema.module if setup.parts.ema is not None else setup.model)
     best_model.load_state_dict(run.load_checkpoint(BEST)["model"])
     probabilities = predict_probabilities(best_model, setup.images, cfg.tta.views, cfg.eval_batch_size,
@@ -538,7 +570,7 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
                "stopped_early": stopped_early, "train_images": int(len(data.train_rows)),
                "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
                "parameters": count_parameters(setup.model), "device": str(setup.device),
-               "ema": bool(cfg.train.ema_decay), "plateau_loss": setup.plateau_loss,
+               "ema": bool(cfg.train.ema_decay), "swa_val_auc": swa_auc, "plateau_loss": setup.plateau_loss,
                "stalled": stall_warning(cfg, fold, 0, progress["history"][-1]["train_loss"],
                                         setup.plateau_loss) is not None}
     run.write_metrics(metrics)

@@ -61,20 +61,29 @@ BASELINES = {"baseline": BaselineCNN, "baseline_bn": BaselineBNCNN}
 
 
 class PatchClassifier(nn.Module):
-    """Normalise with the network's own mean/std, run it, return one logit per image."""
+    """Resize (when `input_size` asks for it), normalise with the network's own mean/std, run it, return one logit
+    per image. The resize happens here, on the device, so training, validation and TTA all see the same input."""
 
-    def __init__(self, net: nn.Module, mean, std):
+    def __init__(self, net: nn.Module, mean, std, input_size: int = 0):
         super().__init__()
         self.net = net
+        self.input_size = input_size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_size and images.shape[-1] != self.input_size:
+            # pretrained backbones see ImageNet-sized objects: 96 px patches upscaled (224 in the best public runs)
+            images = nn.functional.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                               align_corners=False)
         return self.net((images - self.mean) / self.std).reshape(-1)
 
 
 def build_model(model_cfg: ModelConfig) -> PatchClassifier:
     if model_cfg.name in BASELINES:
+        if model_cfg.input_size not in (0, IMAGE_SIZE) or model_cfg.global_pool:
+            raise KitError(f"config `model.name: {model_cfg.name}` has a fixed {IMAGE_SIZE}×{IMAGE_SIZE} input and no "
+                           f"global pooling: model.input_size and model.global_pool are for timm models")
         # the seed rescales by 1/255 and nothing more: mean 0, std 1 on [0, 1] input
         net = BASELINES[model_cfg.name](model_cfg.dropout)
         return PatchClassifier(net, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -106,6 +115,8 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
     options = {"num_classes": 1, "drop_rate": model_cfg.dropout}
     if model_cfg.drop_path:
         options["drop_path_rate"] = model_cfg.drop_path
+    if model_cfg.global_pool:
+        options["global_pool"] = model_cfg.global_pool
     if model_cfg.pretrained_file:
         net = timm.create_model(model_cfg.name, pretrained=False, **options)
         load_backbone_weights(net, model_cfg.name, Path(model_cfg.pretrained_file))
@@ -119,7 +130,7 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
                            f"{_first_line(err)}); without internet, set model.pretrained_file=path/to/weights"
                            f".safetensors (e.g. a Kaggle dataset of timm weights) or model.pretrained=false") from None
     data_config = timm.data.resolve_data_config({}, model=net)     # the pretrained weights' mean/std, RGB order
-    return PatchClassifier(net, mean=data_config["mean"], std=data_config["std"])
+    return PatchClassifier(net, mean=data_config["mean"], std=data_config["std"], input_size=model_cfg.input_size)
 
 
 def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None:

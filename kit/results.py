@@ -12,6 +12,7 @@ docs/RESULTS.md is rewritten from every row after each run. Not part of `make te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -43,7 +44,8 @@ PAIRS = {
 def entry_config(entry: str, seed: int, folds: int, overrides: dict, data_dir: str, out_dir: str) -> Config:
     """A shipped config (or a PAIRS entry) set up for the study: hard data, slide-grouped folds, this seed."""
     base, extra = PAIRS.get(entry, (entry, {}))
-    values = {"data_dir": data_dir, "out_dir": out_dir, "name": f"{entry}-seed{seed}", "seed": seed,
+    protocol = hashlib.sha1(json.dumps([folds, overrides], sort_keys=True).encode()).hexdigest()[:6]
+    values = {"data_dir": data_dir, "out_dir": out_dir, "name": f"{entry}-{protocol}-seed{seed}", "seed": seed,
               "model.pretrained": False, "folds.groups_csv": str(Path(data_dir) / SLIDES_CSV)}
     values.update({key: str(Path(out_dir) / value) if value == LITE0_WEIGHTS else value for key, value in extra.items()})
     values.update(overrides)
@@ -120,6 +122,26 @@ def mean_std(values) -> str:
     return f"{values.mean():.4f} ± {values.std():.4f}"
 
 
+def findings(table: pd.DataFrame) -> list[str]:
+    """Sentences computed from the rows (so they are as true as the table): the stall study and the transfer pair."""
+    found = []
+    for protocol, group in table.groupby("protocol", sort=False):
+        entries = dict(tuple(group.groupby("entry")))
+        if {"baseline", "baseline_bn"} <= set(entries):
+            port, normalised = entries["baseline"], entries["baseline_bn"]
+            found.append(f"- Stalls ({protocol}): the faithful port `baseline` ended {int(port['stalled_folds'].sum())}"
+                         f" of {int(port['folds'].sum())} folds at the prior's loss over {len(port)} seeds (test AUC "
+                         f"{port['test_auc'].min():.3f}–{port['test_auc'].max():.3f}); `baseline_bn` ended "
+                         f"{int(normalised['stalled_folds'].sum())} of {int(normalised['folds'].sum())} there over "
+                         f"{len(normalised)} seeds (test AUC {normalised['test_auc'].min():.3f}–"
+                         f"{normalised['test_auc'].max():.3f}).")
+        if {"lite0_imagenet", "lite0_random"} <= set(entries):
+            gain = entries["lite0_imagenet"]["test_auc"].mean() - entries["lite0_random"]["test_auc"].mean()
+            found.append(f"- Transfer ({protocol}): the same EfficientNet-Lite0 recipe from real ImageNet weights scores "
+                         f"{gain:+.3f} test AUC over random init (means over seeds).")
+    return ["", "## Findings (computed from the rows above)", "", *found] if found else []
+
+
 def write_results_md(rows: list[dict], path: Path) -> None:
     """One table row per (entry, protocol): mean ± std over its seeds."""
     table = pd.DataFrame(rows)
@@ -148,12 +170,13 @@ def write_results_md(rows: list[dict], path: Path) -> None:
         lines.append(f"| `{entry}` | {protocol} | {len(group)} | {mean_std(group['cv_auc'])} | "
                      f"{mean_std(group['test_auc'])} | {group['minutes_per_fold'].mean():.1f} | "
                      f"{int(group['stalled_folds'].sum())} of {folds} |")
+    lines += findings(table)
     machines = sorted(set(table["machine"]))
     lines += ["", f"Machine: {'; '.join(machines)}. Last row written {max(table['when'])}.", "",
               "Regenerate (resumes; rows already measured are kept):", "",
               "```bash",
               "make results CONFIGS=\"baseline baseline_bn\" SEEDS=5 FOLDS=1 ARGS='epochs=4'    # the stall study",
-              "make results CONFIGS=\"lite0_imagenet lite0_random\" SEEDS=3 FOLDS=1 ARGS='epochs=3'",
+              "make results CONFIGS=\"lite0_imagenet lite0_random\" SEEDS=3 FOLDS=1 ARGS='epochs=4'",
               "make results CONFIGS=\"baseline baseline_bn effnet_b0 resnet34 convnext_nano\" SEEDS=3   # all folds",
               "```", ""]
     atomic_write_text(path, "\n".join(lines))

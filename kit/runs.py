@@ -8,7 +8,8 @@ module; none of them builds a run path or decides "finished" on its own.
         run.json       what trained it: the config's fingerprint, the split (fold file, label fingerprint), and any
                        `epochs` extensions
         last.pt        everything needed to resume (weights, optimizer, schedule, EMA, RNG, history), every epoch
-        best.pt        the weights that validated best (the EMA weights when EMA is on): what `predict` uses
+        best.pt        the weights that validated best (the EMA weights when EMA is on; the SWA average with
+                       train.swa_epochs): what `predict` uses
         history.csv    one row per epoch: losses, view-free validation AUC, learning rate, images/s
         oof.csv        best.pt's predictions of the held-out rows with the configured TTA views: id, label, pred
         metrics.json   written last; the fold is finished when it exists and the run reached its epochs or stopped

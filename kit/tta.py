@@ -10,8 +10,14 @@ import torch
 import ttach
 from torch import nn
 
+def flip4_transform() -> ttach.Compose:
+    """No flip, horizontal, vertical, both: the 4 views of the best public PCam solutions."""
+    return ttach.Compose([ttach.HorizontalFlip(), ttach.VerticalFlip()])
+
+
 TTA_TRANSFORMS = {
     "d4": ttach.aliases.d4_transform,          # flips × 90° rotations: 8 views, all label-preserving here
+    "flip4": flip4_transform,                  # 4 views
     "hflip": ttach.aliases.hflip_transform,    # 2 views
     "none": None,
 }

@@ -34,7 +34,7 @@ def test_overrides_reach_nested_keys_and_are_typed():
     ("epochs: 0\n", "`epochs` must be at least 1"),
     ("optimizer:\n  name: adm\n", "`optimizer.name` must be one of adam, adamw, sgd"),
     ("optimizer:\n  lr: -1\n", "`optimizer.lr` must be greater than 0"),
-    ("tta:\n  views: d8\n", "`tta.views` must be one of d4, hflip, none"),
+    ("tta:\n  views: d8\n", "`tta.views` must be one of d4, flip4, hflip, none"),
     ("model: resnet\n", "`model` must be a section"),
     ("", "is empty"),
     ("- a\n- b\n", "expected `key: value` lines"),

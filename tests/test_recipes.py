@@ -207,3 +207,55 @@ def test_predict_blends_two_experiments(quick_config, demo_data, tmp_path, capsy
     submission = pd.read_csv(path, dtype={"id": str})
     sample = pd.read_csv(demo_data / "sample_submission.csv", dtype={"id": str})
     assert submission["id"].tolist() == sample["id"].tolist() and submission["label"].between(0, 1).all()
+
+
+# ---- recipe options of the best public solutions ---------------------------------------------------------------------
+
+def test_flip4_tta_is_the_mean_of_the_four_flips():
+    from kit.engine import predict_probabilities
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="baseline_bn")).eval()
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    got = predict_probabilities(model, images, "flip4", batch_size=2, device=torch.device("cpu"))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        views = [torch.sigmoid(model(v)) for v in (x, x.flip(3), x.flip(2), x.flip(2).flip(3))]
+    np.testing.assert_allclose(got, torch.stack(views).mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_input_size_resizes_on_the_device_and_global_pool_reaches_timm():
+    model = build_model(ModelConfig(name="resnet18", input_size=128, global_pool="catavgmax")).eval()
+    seen = []
+    model.net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    assert model(torch.rand(2, 3, 96, 96)).shape == (2,) and seen == [(2, 3, 128, 128)]
+    assert model.net.get_classifier().in_features == 2 * 512          # concatenated average and max pooling
+    with pytest.raises(KitError, match="model.input_size and model.global_pool are for timm models"):
+        build_model(ModelConfig(name="baseline_bn", input_size=224))
+
+
+def test_swa_averages_the_last_epochs_recomputes_batchnorm_and_resumes_exactly(quick_config, tmp_path):
+    cfg = quick_config(epochs=3, **{"train.swa_epochs": 2})
+
+    def stop_in_the_window(epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cfg, 0, on_epoch_end=stop_in_the_window, **QUIET)
+    metrics = train_fold(cfg, 0, **QUIET)
+    best = load_checkpoint(fold_dir(cfg, 0) / "best.pt")
+    last = load_checkpoint(fold_dir(cfg, 0) / "last.pt")
+    assert best["swa_epochs"] == 2 and metrics["swa_val_auc"] == pytest.approx(best["val_auc"])
+    averaged = {k[len("module."):]: v for k, v in last["swa"].items() if k.startswith("module.")}
+    weights = [n for n, _ in build_model(cfg.model).named_parameters()]
+    assert all(torch.equal(best["model"][n], averaged[n]) for n in weights), "best.pt holds the SWA average"
+    assert not all(torch.equal(best["model"][n], last["model"][n]) for n in weights)
+    stats = [n for n in best["model"] if n.endswith("running_mean")]
+    assert stats and not all(torch.equal(best["model"][n], averaged[n]) for n in stats), "BatchNorm recomputed"
+
+    straight = quick_config(epochs=3, out_dir=str(tmp_path / "straight"), **{"train.swa_epochs": 2})
+    train_fold(straight, 0, **QUIET)
+    straight_best = load_checkpoint(fold_dir(straight, 0) / "best.pt")["model"]
+    for name, tensor in straight_best.items():
+        torch.testing.assert_close(best["model"][name], tensor, msg=name)
