@@ -173,8 +173,13 @@ def constant_prediction_loss(loss_cfg: LossConfig, labels: np.ndarray) -> float:
 STALL_TOLERANCE = 0.01     # a train loss within 1% of the constant-prediction loss: the model has not started
 
 
+def is_stalled(train_loss: float, plateau: float) -> bool:
+    """Not clearly below the prior's loss: the model has not started learning."""
+    return train_loss >= plateau * (1 - STALL_TOLERANCE)
+
+
 def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau: float) -> str | None:
-    if train_loss < plateau * (1 - STALL_TOLERANCE):         # clearly below the prior's loss: learning
+    if not is_stalled(train_loss, plateau):
         return None
     advice = ("model.name=baseline_bn (the same CNN with normalisation layers, which leaves the plateau on every "
               "seed), or optimizer.lr=3e-4" if cfg.model.name == "baseline" else
@@ -571,8 +576,7 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
                "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
                "parameters": count_parameters(setup.model), "device": str(setup.device),
                "ema": bool(cfg.train.ema_decay), "swa_val_auc": swa_auc, "plateau_loss": setup.plateau_loss,
-               "stalled": stall_warning(cfg, fold, 0, progress["history"][-1]["train_loss"],
-                                        setup.plateau_loss) is not None}
+               "stalled": is_stalled(progress["history"][-1]["train_loss"], setup.plateau_loss)}
     run.write_metrics(metrics)
     log(f"{cfg.name} fold {fold}: done, best val AUC {progress['best_auc']:.4f} at epoch {progress['best_epoch']}; "
         f"OOF AUC with {tta_view_count(cfg.tta.views)} TTA views {oof_auc:.4f} → {run.directory}")
