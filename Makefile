@@ -55,7 +55,7 @@ predict: $(STAMP)
 
 submit: $(STAMP)
 	$(PY) -m kit submit --file "$(FILE)" $(if $(MESSAGE),--message "$(MESSAGE)") \
-	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(EXPERIMENT)
+	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(FORCE_FLAG) $(EXPERIMENT)
 
 data: $(STAMP)
 	$(PY) -m kit data --data-dir $(or $(DATA_DIR),data)

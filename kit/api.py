@@ -20,6 +20,7 @@ from . import config as config_module
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import KitError
+from .io import require_writable_dir
 
 KAGGLE_ROOT_VARIABLE = "KIT_KAGGLE_ROOT"     # where a Kaggle notebook's /kaggle tree is (tests point it elsewhere)
 
@@ -88,6 +89,7 @@ def build_cache(cfg: Config, log=print) -> None:
     from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, read_train_labels
 
     data_dir = check_data_dir(cfg.data_dir)
+    require_writable_dir(cfg.out_dir)
     cache_dir = cache_dir_for(cfg.out_dir, data_dir)
     for split, ids in (("train", read_train_labels(data_dir)["id"]), ("test", read_sample_submission(data_dir)["id"])):
         images = load_split_images(data_dir, split, ids, cache_dir)
@@ -122,6 +124,8 @@ def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
     from .predict import predict_test
     from .submission import build_submission, submission_path, write_submission
 
+    require_writable_dir(cfg.out_dir)
+    require_writable_dir(cfg.submissions_dir, "submissions_dir")
     prediction = predict_test(cfg, allow_missing_folds=allow_missing_folds, log=log)
     sample = read_sample_submission(cfg.data_dir)
     details = {"experiment": cfg.name, "cv_auc": prediction.cv_auc, "folds": [c.fold for c in prediction.folds],
@@ -141,6 +145,8 @@ def report(configs: Config | list[Config], target_sensitivity: float = 0.95) -> 
         raise KitError(f"target sensitivity must be between 0 and 1 (exclusive), got {target_sensitivity:g}; "
                        f"e.g. TARGET_SENSITIVITY=0.95")
     configs = [configs] if isinstance(configs, Config) else list(configs)
+    for cfg in configs:
+        require_writable_dir(cfg.out_dir)
     if len(configs) > 1:
         return write_comparison(configs, target_sensitivity)
     return write_report(configs[0], target_sensitivity)
@@ -153,8 +159,11 @@ def predict_blend(configs: list[Config], method: str = "mean", allow_missing_fol
     from .predict import predict_blend as blend_experiments
     from .submission import build_submission, submission_path, write_submission
 
-    blended = blend_experiments(configs, method, allow_missing_folds=allow_missing_folds, log=log)
     first = configs[0]
+    for cfg in configs:
+        require_writable_dir(cfg.out_dir)
+    require_writable_dir(first.submissions_dir, "submissions_dir")
+    blended = blend_experiments(configs, method, allow_missing_folds=allow_missing_folds, log=log)
     sample = read_sample_submission(first.data_dir)
     name = "blend-" + "+".join(blended.members)
     details = {"experiment": name, "cv_auc": blended.cv_auc, "folds": "each member's", "tta": first.tta.views,
@@ -180,10 +189,11 @@ def read_submission_details(path: str | Path) -> dict:
 
 
 def submit(path: str | Path, message: str | None = None, dry_run: bool = False, data_dir: str | Path | None = None,
-           log=print) -> None:
+           force: bool = False, log=print) -> None:
     """Validate `path` against sample_submission.csv, then upload it (unless `dry_run`).
 
-    sample_submission.csv comes from `data_dir`, else from the folder the file was predicted from.
+    sample_submission.csv comes from `data_dir`, else from the folder the file was predicted from. Rows that are
+    not the competition's 57,458 test ids (a prediction of the demo data) are uploaded only with `force`.
     """
     from .data import read_sample_submission
     from .submission import default_message, read_submission_details, submit as upload
@@ -197,7 +207,7 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
     if sample_source is None:
         raise KitError(f"cannot tell which {SAMPLE_SUBMISSION_CSV} {path} answers: pass DATA_DIR=/path/to/data")
     upload(path, read_sample_submission(sample_source), message or default_message(details, path),
-           dry_run=dry_run, log=log)
+           dry_run=dry_run, force=force, log=log)
 
 
 def list_submissions(log=print):

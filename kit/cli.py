@@ -1,7 +1,8 @@
 """The command line the Makefile calls: `python -m kit <command> --config … --fold … key=value …`.
 
-Only argument parsing and wiring live here; every command is a few calls into the pipeline modules. A KitError
-becomes one line on stderr and exit status 2; Ctrl-C says how to resume and exits 130.
+Only argument parsing and wiring live here; every command is a few calls into the pipeline modules. A KitError, or
+an OS error (disk full, read-only, a file where a folder should be), becomes one line on stderr and exit status 2;
+Ctrl-C says what was and was not saved at that stage and exits 130.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import KitError
+from .errors import Interrupted, KitError
 
 DEFAULT_CONFIG = "configs/baseline_bn.yaml"
 
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "else the config's")
     submit.add_argument("--message", help="submission description (default: experiment and CV AUC)")
     submit.add_argument("--dry-run", action="store_true", help="validate only; send nothing")
+    submit.add_argument("--force", action="store_true", help="upload even when the rows are not the competition's "
+                                                             "57,458 test ids (e.g. a prediction of the demo data)")
 
     data = commands.add_parser("data", help="download, unzip and verify the competition data (Kaggle API)")
     data.add_argument("--data-dir", default="data", help="where to put it (default %(default)s)")
@@ -132,7 +135,7 @@ def run(args) -> None:
 
         print(write_bundle(args.out))
     elif args.command == "submit":
-        api.submit(args.file, message=args.message, dry_run=args.dry_run,
+        api.submit(args.file, message=args.message, dry_run=args.dry_run, force=args.force,
                    data_dir=args.data_dir or (None if not args.file or api.read_submission_details(args.file)
                                               else load_experiment(args).data_dir))
     else:
@@ -171,7 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     except KitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:              # one not already put in words where it happened
+        from .io import os_error_message
+
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("\ninterrupted: finished epochs are saved; rerun the same command to resume", file=sys.stderr)
+        print("\ninterrupted: files written before are intact (every write is atomic); rerun the same command",
+              file=sys.stderr)
         return 130
     return 0

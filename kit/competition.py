@@ -1,6 +1,8 @@
 """Facts about the Kaggle competition, defined once for the whole kit."""
 
 COMPETITION = "histopathologic-cancer-detection"
+TEST_IMAGES = 57_458     # the rows of sample_submission.csv: a submission answers exactly these ids
+ID_LENGTH = 40           # every Kaggle id is 40 hexadecimal digits
 IMAGE_SIZE = 96          # every patch is 96×96 RGB
 CHANNELS = 3
 CENTRE_SIZE = 32         # a patch is positive when tumour tissue touches its centre 32×32

@@ -3,7 +3,9 @@ training (gathered from the cache, on the device when it fits there).
 
 Every TIFF of a split is decoded once (in parallel, all cores) into one uint8 array file of shape (N, 96, 96, 3),
 RGB, memory-mapped by every fold and epoch afterwards. The file name carries a fingerprint of the source files
-(ids, sizes, mtimes): a changed source gets a new cache, and a build that did not finish never has the final name.
+(ids, sizes, mtimes, ctimes, inodes): a changed source gets a new cache, even when a copy kept size and mtime
+(`cp -p`, `rsync -a`, `touch -r`: the ctime still moves). A build that did not finish never has the final name;
+its temporary file is removed by the next build, which holds the split's lock so a running build is never touched.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,10 +25,16 @@ from tqdm import tqdm
 
 from .competition import (CHANNELS, IMAGE_SIZE, IMAGE_SUFFIX, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR,
                           TRAIN_LABELS_CSV)
-from .errors import KitError
-from .io import atomic_path
+from .errors import Interrupted, KitError
+from .io import WHERE_TO_WRITE, atomic_path, free_bytes, human_bytes, process_lock, remove_temp_files
 
 GET_DATA_HINT = "run `make data` (or `make demo-data` for generated data), or pass DATA_DIR=/path/to/data"
+REPAIR_HINT = ("run `make data DATA_DIR={data_dir}` to verify every image and re-extract the bad ones from the "
+               "competition zip (generated data: `make demo-data FORCE=1`), or replace them by hand")
+SHOWN_PROBLEMS = 5          # bad files named in a message; the rest are counted
+ROW_BYTES = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
+
+cv2.setLogLevel(0)          # OpenCV's own "[ WARN] … TIFFReadRGBAStrip" lines: the kit names every bad file itself
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +68,7 @@ def read_id_label_csv(path: Path, labels_must_be_binary: bool) -> pd.DataFrame:
     blank = frame["id"].isna() | (frame["id"].str.strip() == "")
     if blank.any():
         raise KitError(f"{path}: row {first_line_of(blank)} has an empty id")
+    check_ids_unpadded(frame["id"], path)
     duplicated = frame["id"].duplicated()
     if duplicated.any():
         raise KitError(f"{path}: row {first_line_of(duplicated)} repeats id {frame['id'][duplicated].iloc[0]}")
@@ -87,22 +97,51 @@ def first_line_of(mask: pd.Series) -> int:
     return int(np.flatnonzero(mask.to_numpy())[0]) + 2
 
 
+def check_ids_unpadded(ids: pd.Series, name: str | Path) -> None:
+    """An id with leading or trailing whitespace names no file and matches no Kaggle id: say so, not "missing"."""
+    padded = ids.astype(str) != ids.astype(str).str.strip()
+    if padded.any():
+        value = ids[padded].iloc[0]
+        raise KitError(f"{name}: row {first_line_of(padded)} has id {value!r} with leading/trailing whitespace "
+                       f"({int(padded.sum()):,} such rows); remove it, e.g. {value.strip()!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode one patch as RGB uint8 (96, 96, 3); an unreadable, truncated or wrongly shaped file is named."""
+def inspect_image(path: str | Path) -> tuple[np.ndarray | None, str | None]:
+    """Decode one patch as RGB uint8 (96, 96, 3), or say in a few words what is wrong with the file."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        if not Path(path).exists():
-            raise KitError(f"image missing: {path}: {GET_DATA_HINT}")
-        raise KitError(f"cannot decode {path}: the file is unreadable or truncated; re-download it (`make data`)")
+        try:
+            size = Path(path).stat().st_size
+        except FileNotFoundError:
+            return None, "missing"
+        if size == 0:
+            return None, "empty file, 0 bytes"
+        return None, f"cannot decode {size:,} bytes: truncated or not a TIFF"
     if image.dtype != np.uint8 or image.shape != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
         shape = "×".join(map(str, image.shape))
-        raise KitError(f"{path} is {shape} {image.dtype}; every patch must be "
-                       f"{IMAGE_SIZE}×{IMAGE_SIZE}×{CHANNELS} uint8 RGB")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)   # OpenCV decodes to BGR
+        return None, f"{shape} {image.dtype}, not {IMAGE_SIZE}×{IMAGE_SIZE}×{CHANNELS} uint8 RGB"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), None    # OpenCV decodes to BGR
+
+
+def bad_images_error(problems: list[tuple[Path, str]], total: int, advice: str = REPAIR_HINT) -> KitError:
+    """One line for every bad image of a pass: the count, the first few files with what is wrong, what to do."""
+    shown = ", ".join(f"{path.parent.name}/{path.name} ({why})" for path, why in problems[:SHOWN_PROBLEMS])
+    more = f" and {len(problems) - SHOWN_PROBLEMS:,} more" if len(problems) > SHOWN_PROBLEMS else ""
+    data_dir = problems[0][0].parent.parent
+    return KitError(f"{len(problems):,} of {total:,} images in {data_dir} cannot be used: {shown}{more}; "
+                    + advice.format(data_dir=data_dir))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode one patch as RGB uint8 (96, 96, 3); a missing, unreadable or wrongly shaped file is named."""
+    image, problem = inspect_image(path)
+    if problem is not None:
+        raise bad_images_error([(Path(path), problem)], 1)
+    return image
 
 
 def image_paths(image_dir: Path, ids) -> list[Path]:
@@ -110,7 +149,8 @@ def image_paths(image_dir: Path, ids) -> list[Path]:
 
 
 def source_fingerprint(paths: list[Path], csv_name: str) -> str:
-    """Hash of every file's name, size and mtime, in order: any change to the source changes it."""
+    """Hash of every file's name, size, mtime, ctime and inode, in order: any change to the source changes it,
+    including a rewrite that restores size and mtime (the kernel sets ctime; no copy tool can)."""
     digest = hashlib.sha1()
     missing = []
     for path in paths:
@@ -119,33 +159,54 @@ def source_fingerprint(paths: list[Path], csv_name: str) -> str:
         except FileNotFoundError:
             missing.append(path)
             continue
-        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode())
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise KitError(f"{missing[0]} is missing{more}, though {csv_name} lists its id: {GET_DATA_HINT}")
+        names = ", ".join(p.name for p in missing[:SHOWN_PROBLEMS])
+        more = f" and {len(missing) - SHOWN_PROBLEMS:,} more" if len(missing) > SHOWN_PROBLEMS else ""
+        count = "1 image listed in {} is" if len(missing) == 1 else f"{len(missing):,} images listed in {{}} are"
+        raise KitError(f"{count.format(csv_name)} missing from {missing[0].parent}: {names}{more}; {GET_DATA_HINT}")
     return digest.hexdigest()
 
 
-def _decode_into(task: tuple[str, int, list[str]]) -> int:
-    """Decode a chunk of paths and write it at byte `position` of the array file, in one write: no pixels travel
-    between processes, and a plain write is cheaper than faulting in fresh memory-mapped pages."""
+def _decode_into(task: tuple[str | None, int, list[str]]) -> tuple[int, list[tuple[str, str]]]:
+    """Decode a chunk of paths and write it at byte `position` of the array file, in one write (no pixels travel
+    between processes, and a plain write is cheaper than faulting in fresh memory-mapped pages); with no array
+    file, only check them. Returns the count and each bad file with what is wrong (a chunk with one is not
+    written: the build fails)."""
     array_path, position, paths = task
     decoded = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS), np.uint8)
+    problems = []
     for row, path in enumerate(paths):
-        decoded[row] = read_image(path)
+        image, problem = inspect_image(path)
+        if problem is None:
+            decoded[row] = image
+        else:
+            problems.append((path, problem))
+    if array_path is not None and not problems:
+        write_rows(array_path, position, decoded)
+    return len(paths), problems
+
+
+def write_rows(array_path: str, position: int, rows: np.ndarray) -> None:
     with open(array_path, "r+b") as array_file:
         array_file.seek(position)
-        array_file.write(decoded.data)
-    return len(paths)
+        array_file.write(rows.data)
 
 
-def decode_images(paths: list[Path], array_path: Path, workers: int, desc: str, progress: bool = True) -> None:
-    """Decode `paths` into the (N, 96, 96, 3) uint8 .npy file `array_path` in parallel, with a progress bar."""
-    header = np.load(array_path, mmap_mode="r").offset
-    row_bytes = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
+def _ignore_ctrl_c() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them: no "Process ForkPoolWorker-1:" tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def decode_images(paths: list[Path], array_path: Path | None, workers: int, desc: str,
+                  progress: bool = True) -> list[tuple[Path, str]]:
+    """Decode `paths` into the (N, 96, 96, 3) uint8 .npy file `array_path` (None: only check them) in parallel,
+    with a progress bar. Every bad file is found in the one pass: returns each with what is wrong with it."""
+    header = np.load(array_path, mmap_mode="r").offset if array_path is not None else 0
     chunk = max(16, min(256, -(-len(paths) // (4 * workers))))      # ≥ 4 chunks a worker: they finish together
-    tasks = [(str(array_path), header + start * row_bytes, [str(p) for p in paths[start:start + chunk]])
-             for start in range(0, len(paths), chunk)]
+    tasks = [(None if array_path is None else str(array_path), header + start * ROW_BYTES,
+              [str(p) for p in paths[start:start + chunk]]) for start in range(0, len(paths), chunk)]
+    problems = []
     bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5, disable=not progress)
     with bar:
         if workers <= 1 or len(tasks) == 1:
@@ -159,16 +220,24 @@ def decode_images(paths: list[Path], array_path: Path, workers: int, desc: str, 
             opencv_threads = cv2.getNumThreads()
             cv2.setNumThreads(1)
             try:
-                pool = multiprocessing.get_context(method).Pool(min(workers, len(tasks)))
+                pool = multiprocessing.get_context(method).Pool(min(workers, len(tasks)), initializer=_ignore_ctrl_c)
             finally:
                 cv2.setNumThreads(opencv_threads)
             done = pool.imap_unordered(_decode_into, tasks)
         try:
-            for count in done:
+            for count, bad in done:
+                problems += [(Path(path), why) for path, why in bad]
                 bar.update(count)
         finally:
             if pool is not None:
                 pool.terminate()
+    return sorted(problems)
+
+
+def find_bad_images(paths: list[Path], workers: int | None = None, desc: str = "verify",
+                    progress: bool = True) -> list[tuple[Path, str]]:
+    """Every file of `paths` that is missing or does not decode as a 96×96×3 uint8 patch, with what is wrong."""
+    return decode_images(paths, None, workers or os.cpu_count() or 1, desc, progress)
 
 
 def cache_dir_for(out_dir: str | Path, data_dir: str | Path) -> Path:
@@ -181,7 +250,8 @@ def load_split_images(data_dir: str | Path, split: str, ids, cache_dir: str | Pa
                       workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Return the split's images (N, 96, 96, 3) uint8 RGB in `ids` order, memory-mapped from the cache.
 
-    The cache is built on first need, and rebuilt when the source files change.
+    The cache is built on first need, and rebuilt when the source files change. One process builds a split's cache
+    at a time (a lock in the cache folder); another one waits for it and then uses its cache.
     """
     image_dir = Path(data_dir) / (TRAIN_DIR if split == "train" else TEST_DIR)
     csv_name = TRAIN_LABELS_CSV if split == "train" else SAMPLE_SUBMISSION_CSV
@@ -190,15 +260,39 @@ def load_split_images(data_dir: str | Path, split: str, ids, cache_dir: str | Pa
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / f"{split}-{len(paths)}-{fingerprint[:16]}.npy"
     if not cache_file.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cache_dir.glob(f"{split}-*.npy"):
-            stale.unlink()
-        workers = workers or os.cpu_count() or 1
+        def say_waiting(holder: str) -> None:
+            print(f"waiting for {holder}, which is building the {split} cache in {cache_dir}", file=sys.stderr)
+
+        with process_lock(cache_dir / f"{split}.lock", "", wait=True, on_wait=say_waiting):
+            if not cache_file.exists():          # unless the process we waited for has just built it
+                build_cache_file(paths, cache_file, split, workers or os.cpu_count() or 1, progress)
+    return np.load(cache_file, mmap_mode="r")
+
+
+def build_cache_file(paths: list[Path], cache_file: Path, split: str, workers: int, progress: bool) -> None:
+    """Decode every image into `cache_file`, which appears only once all are in. Call it holding the split's lock:
+    it first deletes what earlier builds left (stale caches, a killed build's temporary file)."""
+    cache_dir = cache_file.parent
+    remove_temp_files(cache_dir, f"{split}-*.npy")
+    for stale in cache_dir.glob(f"{split}-*.npy"):
+        stale.unlink()
+    needed, free = len(paths) * ROW_BYTES + 4096, free_bytes(cache_dir)
+    if needed > free:
+        raise KitError(f"not enough disk for the {split} cache: {len(paths):,} images need {human_bytes(needed)} in "
+                       f"{cache_dir}, {human_bytes(free)} free there; free some space or {WHERE_TO_WRITE}")
+    try:
         with atomic_path(cache_file) as tmp:     # the final name only once every image is in
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=(len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS)).flush()
-            decode_images(paths, tmp, workers, desc=f"cache {split}", progress=progress)
-    return np.load(cache_file, mmap_mode="r")
+            problems = decode_images(paths, tmp, workers, desc=f"cache {split}", progress=progress)
+            if problems:
+                raise bad_images_error(problems, len(paths))
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while building the {split} image cache: the images decoded so far were "
+                          f"discarded (the cache is kept whole or not at all) and nothing else changed; rerun the "
+                          f"same command to build it") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

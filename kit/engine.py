@@ -28,8 +28,9 @@ from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choos
 from .config import Config, LossConfig, to_dict
 from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
                    gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
-from .errors import KitError
+from .errors import Interrupted, KitError
 from .folds import Split, load_split
+from .io import require_writable_dir
 from .models import build_model, count_parameters, head_parameter_names, start_head_neutral
 from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock, is_finished
 from .tta import tta_view_count, with_tta
@@ -418,9 +419,10 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
     written its first checkpoint. `on_epoch_end(epoch, row)` runs after each epoch's files are saved (tests use
     it to interrupt a run).
     """
+    require_writable_dir(cfg.out_dir)         # a read-only OUT, or a file there, fails now, not after an epoch
     run = FoldRun(cfg, fold)
     with fold_lock(cfg, fold):
-        run.recover_interrupted_swap()
+        run.recover_from_crash()
         status = run.status()
         comparison = run.compare(status)
         resume = status.has_checkpoint and not force
@@ -446,11 +448,30 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
         try:
             run.write_identity(setup.data.split.record, comparison.extension if resume else None)
             describe_setup(cfg, fold, setup, log)
-            stopped_early = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log)
+            stopped_early = progress["stopped"] = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log)
             return finish_fold(cfg, fold, run, setup, progress, stopped_early, log)
-        except BaseException:
+        except KeyboardInterrupt as err:
+            staged = run.directory == run.staging_dir
             run.discard_staging()     # a FORCE=1 retrain stopped before its first checkpoint: the old fold stands
+            raise err if isinstance(err, Interrupted) else interrupted_fold(cfg, fold, run, progress, staged) from None
+        except BaseException:
+            run.discard_staging()
             raise
+
+
+def interrupted_fold(cfg: Config, fold: int, run: FoldRun, progress: dict, staged: bool) -> Interrupted:
+    """Ctrl-C during a fold: what its run folder now holds, and what rerunning the command does."""
+    saved = progress["epoch"]
+    if saved == 0:
+        kept = " (the fold trained before stays as it was)" if staged else ""
+        return Interrupted(f"interrupted in the first epoch of fold {fold}: nothing of this run was saved{kept}; "
+                           f"rerun the same command to start it")
+    if saved >= cfg.epochs or progress.get("stopped"):
+        return Interrupted(f"interrupted while finishing fold {fold}: every epoch is saved in {run.path(LAST)}; "
+                           f"rerun the same command to finish it (out-of-fold predictions and metrics)")
+    epochs = "epoch 1 is" if saved == 1 else f"epochs 1–{saved} are"
+    return Interrupted(f"interrupted in epoch {saved + 1} of fold {fold}: {epochs} saved in {run.path(LAST)}; "
+                       f"rerun the same command to resume from epoch {saved + 1}")
 
 
 def describe_setup(cfg: Config, fold: int, setup: FoldSetup, log) -> None:

@@ -1,5 +1,9 @@
-"""The one exception type the command line turns into a single readable line."""
+"""The exceptions the command line turns into a single readable line."""
 
 
 class KitError(Exception):
     """A problem the user can fix: the message names the file, key or value and what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what was and was not saved at the stage it stopped (the command line prints it)."""

@@ -22,13 +22,9 @@ Every file is written atomically, and checkpoints hold only tensors and plain da
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
-import socket
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +37,7 @@ from .config import Config, from_dict, save_config, to_dict
 from .errors import KitError
 from .data import check_data_dir, read_train_labels
 from .folds import describe_label_change, split_path
-from .io import atomic_torch_save, atomic_write_csv, atomic_write_json
+from .io import atomic_torch_save, atomic_write_csv, atomic_write_json, process_lock, remove_temp_files
 
 LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
     "last.pt", "best.pt", "history.csv", "oof.csv", "metrics.json", "config.yaml", "run.json")
@@ -189,11 +185,13 @@ class FoldRun:
 
     # ---- starting, staging, recording ---------------------------------------------------------------------------
 
-    def recover_interrupted_swap(self) -> None:
-        """A crash between the two renames of `commit_staging` leaves .fold<k>.new/ and .fold<k>.old/: finish it."""
+    def recover_from_crash(self) -> None:
+        """Tidy what a killed run left (call it holding the fold's lock): finish a swap that `commit_staging` was
+        doing (.fold<k>.new/ and .fold<k>.old/), and delete half-written temporary files of checkpoints and CSVs."""
         if not self.final_dir.exists() and self.staging_dir.is_dir() and (self.staging_dir / LAST).is_file():
             self.staging_dir.rename(self.final_dir)
         shutil.rmtree(self.trash_dir, ignore_errors=True)
+        remove_temp_files(self.final_dir)
 
     def start_fresh(self, keep_existing: bool) -> None:
         """Train from epoch 1. With `keep_existing` (FORCE=1 over a trained fold) the new run writes into
@@ -303,28 +301,11 @@ def read_oof(path: Path) -> pd.DataFrame:
 # The lock
 # ----------------------------------------------------------------------------------------------------------------
 
-@contextmanager
 def fold_lock(cfg: Config, fold: int):
-    """Hold fold<k>.lock while training: a second process on the fold stops at once, naming the holder.
-
-    `flock` belongs to the open file: the OS drops it when the holder exits or is killed, so no stale lock blocks.
-    """
-    path = experiment_dir(cfg) / f"fold{fold}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
-            raise KitError(f"fold {fold} of `{cfg.name}` is being trained by {holder} ({path}); wait for it to end "
-                           f"or stop it, then rerun") from None
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"PID {os.getpid()} on {socket.gethostname()} since "
-                          f"{datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
-        yield
-    finally:
-        os.close(handle)       # releases the lock
+    """Hold fold<k>.lock while training: a second process on the fold stops at once, naming the holder."""
+    return process_lock(experiment_dir(cfg) / f"fold{fold}.lock",
+                        f"fold {fold} of `{cfg.name}` is being trained by {{holder}} ({{path}}); wait for it to end "
+                        f"or stop it, then rerun")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 A submission is refused before anything leaves the machine when its header, row count or ids differ from
 sample_submission.csv, or a label is missing, non-numeric or outside [0, 1]; the message names the first bad row.
+An upload whose rows are not the competition's 57,458 test ids (a prediction of the demo data) needs FORCE=1.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .competition import COMPETITION
-from .data import first_line_of
+from .competition import COMPETITION, ID_LENGTH, TEST_IMAGES
+from .data import check_ids_unpadded, first_line_of
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json
 
@@ -35,6 +36,7 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, name: st
         raise KitError(f"{name}: header must be `id,label` (as in sample_submission.csv), "
                        f"found `{','.join(map(str, submission.columns))}`")
     ids = submission["id"].astype(str)
+    check_ids_unpadded(ids, name)
     duplicated = ids.duplicated()
     if duplicated.any():
         raise KitError(f"{name}: row {first_line_of(duplicated)} repeats id {ids[duplicated].iloc[0]}")
@@ -162,14 +164,32 @@ def explain_api_error(err: Exception, action: str) -> KitError:
     return KitError(f"could not reach Kaggle to {action} ({type(err).__name__}); check the network and retry")
 
 
+def foreign_rows(sample: pd.DataFrame) -> str | None:
+    """Why rows answering `sample` cannot be a submission to the competition (None when they can be): Kaggle scores
+    exactly its 57,458 test ids, each 40 hexadecimal digits."""
+    if len(sample) != TEST_IMAGES:
+        return f"{len(sample):,} rows, not the competition's {TEST_IMAGES:,} test ids"
+    malformed = ~sample["id"].astype(str).str.fullmatch(f"[0-9a-f]{{{ID_LENGTH}}}")
+    if malformed.any():
+        return (f"ids such as {sample['id'][malformed].iloc[0]!r}, not the competition's ({ID_LENGTH} hexadecimal "
+                f"digits)")
+    return None
+
+
 def submit(path: str | Path, sample: pd.DataFrame, message: str, competition: str = COMPETITION,
-           dry_run: bool = False, log=print) -> None:
-    """Validate the file, then upload it (unless `dry_run`)."""
+           dry_run: bool = False, force: bool = False, log=print) -> None:
+    """Validate the file, then upload it (unless `dry_run`). Rows that are not the competition's test ids are
+    refused unless `force`: such a file can only fail on Kaggle."""
     validate_submission_file(path, sample)
     log(f"{path}: valid ({len(sample):,} rows, ids match sample_submission.csv)")
+    foreign = foreign_rows(sample)
     if dry_run:
-        log("dry run: nothing sent")
+        log("dry run: nothing sent" + (f" (an upload would need FORCE=1: the file has {foreign})" if foreign else ""))
         return
+    if foreign and not force:
+        raise KitError(f"{path} has {foreign}: it looks like a prediction of other data (e.g. the demo), which "
+                       f"Kaggle can only reject; nothing was sent. Pass FORCE=1 to upload it anyway, or DRY_RUN=1 to "
+                       f"only validate")
     api = kaggle_api()
     try:
         response = api.competition_submit(str(path), message, competition, quiet=True)
@@ -198,21 +218,22 @@ def recent_submissions(competition: str = COMPETITION, limit: int = 20) -> pd.Da
 # Downloading the competition data
 # ----------------------------------------------------------------------------------------------------------------
 
-def verify_data_dir(data_dir: Path) -> tuple[int, int]:
-    """Every id of both CSVs has its .tif; returns (train, test) counts. Raises KitError naming what is missing."""
-    from .data import check_data_dir, image_paths, read_sample_submission, read_train_labels, source_fingerprint
+def find_data_problems(data_dir: Path) -> tuple[int, int, list[tuple[Path, str]]]:
+    """(train count, test count, bad images): every image both CSVs list, decoded in parallel; missing files and
+    files that do not decode as 96×96×3 uint8 come back with what is wrong. A missing CSV or folder raises."""
     from .competition import TEST_DIR, TRAIN_DIR
+    from .data import check_data_dir, find_bad_images, image_paths, read_sample_submission, read_train_labels
 
     check_data_dir(data_dir)
     train_ids = read_train_labels(data_dir)["id"]
     test_ids = read_sample_submission(data_dir)["id"]
-    source_fingerprint(image_paths(data_dir / TRAIN_DIR, train_ids), "train_labels.csv")
-    source_fingerprint(image_paths(data_dir / TEST_DIR, test_ids), "sample_submission.csv")
-    return len(train_ids), len(test_ids)
+    paths = image_paths(data_dir / TRAIN_DIR, train_ids) + image_paths(data_dir / TEST_DIR, test_ids)
+    return len(train_ids), len(test_ids), find_bad_images(paths, desc="verify images")
 
 
-def extract_missing(zip_path: Path, data_dir: Path, log=print) -> int:
-    """Unzip the members that are absent or of the wrong size (so an interrupted unzip resumes), each atomically."""
+def extract_missing(zip_path: Path, data_dir: Path, bad: set[Path] = frozenset(), log=print) -> int:
+    """Unzip the members that are absent, of the wrong size (so an interrupted unzip resumes) or in `bad` (files
+    that do not decode), each atomically."""
     import shutil
     import zipfile
 
@@ -223,6 +244,7 @@ def extract_missing(zip_path: Path, data_dir: Path, log=print) -> int:
     except zipfile.BadZipFile:
         zip_path.unlink()
         raise KitError(f"{zip_path} is not a complete zip and was removed; run `make data` again") from None
+    bad = {path.resolve() for path in bad}
     extracted = 0
     with archive:
         root = data_dir.resolve()
@@ -232,7 +254,7 @@ def extract_missing(zip_path: Path, data_dir: Path, log=print) -> int:
             target = (data_dir / member.filename).resolve()
             if root not in target.parents:
                 raise KitError(f"{zip_path}: member {member.filename} would land outside {data_dir}; not extracting")
-            if not target.is_file() or target.stat().st_size != member.file_size:
+            if not target.is_file() or target.stat().st_size != member.file_size or target in bad:
                 todo.append((member, target))
         from tqdm import tqdm
 
@@ -245,13 +267,20 @@ def extract_missing(zip_path: Path, data_dir: Path, log=print) -> int:
 
 
 def download_competition_data(data_dir: Path, competition: str = COMPETITION, log=print) -> Path:
-    """Download (resuming where the client can), unzip what is missing, verify; a complete folder is left alone."""
+    """Verify that every image decodes; download (resuming where the client can) and unzip what is missing or bad;
+    verify again. A complete folder is left alone; files the zip cannot repair are named."""
+    from .data import bad_images_error
+
+    bad: list[tuple[Path, str]] = []
     try:
-        train_count, test_count = verify_data_dir(data_dir)
-        log(f"{data_dir} is complete: {train_count:,} train / {test_count:,} test images; nothing to download")
-        return data_dir
+        train_count, test_count, bad = find_data_problems(data_dir)
+        if not bad:
+            log(f"{data_dir} is complete: {train_count:,} train / {test_count:,} test images, every one decodes as "
+                f"a 96×96×3 patch; nothing to download")
+            return data_dir
+        log(str(bad_images_error(bad, train_count + test_count, "re-extracting them from the competition zip")))
     except KitError:
-        pass
+        pass                    # no CSVs or image folders yet: everything comes from the zip
     zip_path = data_dir / f"{competition}.zip"
     data_dir.mkdir(parents=True, exist_ok=True)
     api = kaggle_api()
@@ -262,8 +291,13 @@ def download_competition_data(data_dir: Path, competition: str = COMPETITION, lo
         raise explain_api_error(err, f"download the {competition} data") from None
     if not zip_path.is_file():
         raise KitError(f"the download did not produce {zip_path}; run `make data` again")
-    extract_missing(zip_path, data_dir, log=log)
-    train_count, test_count = verify_data_dir(data_dir)
+    extract_missing(zip_path, data_dir, {path for path, _ in bad}, log=log)
+    train_count, test_count, bad = find_data_problems(data_dir)
+    if bad:
+        raise bad_images_error(bad, train_count + test_count,
+                               f"{zip_path} holds them this way too (it is kept): delete it and run `make data` "
+                               f"again for a fresh download, or replace those files by hand")
     zip_path.unlink()
-    log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images ({zip_path.name} removed)")
+    log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images, every one decodes "
+        f"({zip_path.name} removed)")
     return data_dir

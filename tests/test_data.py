@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -44,13 +45,30 @@ def test_cache_equals_direct_decoding_and_is_reused(demo_data, tmp_path):
     assert list((tmp_path / "cache").iterdir()) == files and np.array_equal(again, cached)
 
 
-def test_changed_source_rebuilds_the_cache(data_copy, tmp_path):
+@pytest.mark.parametrize("how", ["new mtime", "cp -p", "touch -r"])
+def test_changed_source_rebuilds_the_cache(data_copy, tmp_path, how):
+    """A rewrite that keeps size and mtime (every Kaggle TIFF has the same size) must not serve stale pixels."""
     ids = read_sample_submission(data_copy)["id"]
+    path, donor = (data_copy / "test" / f"{ids[i]}.tif" for i in (3, 4))
+    for tif in (path, donor):               # uncompressed, as Kaggle's: every file the same size
+        cv2.imwrite(str(tif), cv2.imread(str(tif)), [cv2.IMWRITE_TIFF_COMPRESSION, 1])
+    os.utime(donor, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    subprocess.run(["cp", "-p", str(path), str(tmp_path / "reference.tif")], check=True)
     before = load_split_images(data_copy, "test", ids, tmp_path / "cache")
-    path = data_copy / "test" / f"{ids[3]}.tif"
-    new = np.full((96, 96, 3), 7, np.uint8)
-    cv2.imwrite(str(path), new)
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    kept = path.stat()
+    time.sleep(0.05)                        # past the file system's coarse clock tick
+    new = read_image(donor)
+    if how == "new mtime":
+        new = np.full((96, 96, 3), 7, np.uint8)
+        cv2.imwrite(str(path), new)
+        os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns + 10**9))
+    elif how == "cp -p":                    # another file of the same size and mtime copied over it
+        subprocess.run(["cp", "-p", str(donor), str(path)], check=True)
+    else:                                   # edited in place, then the old mtime put back
+        cv2.imwrite(str(path), cv2.cvtColor(new, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_TIFF_COMPRESSION, 1])
+        subprocess.run(["touch", "-r", str(tmp_path / "reference.tif"), str(path)], check=True)
+    if how != "new mtime":
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
     after = load_split_images(data_copy, "test", ids, tmp_path / "cache")
     assert np.array_equal(after[3], new) and not np.array_equal(before[3], after[3])
     assert len(list((tmp_path / "cache").glob("test-*.npy"))) == 1   # the stale cache is gone
@@ -79,19 +97,47 @@ def damage(data_dir, how):
     return victim
 
 
-@pytest.mark.parametrize("how, message", [
-    ("missing_tif", "is missing, though train_labels.csv lists its id"),
-    ("truncated_tif", "cannot decode"),
-    ("not_a_tif", "cannot decode"),
-    ("wrong_size", "is 64×64×3 uint8; every patch must be 96×96×3"),
-    ("grayscale", "is 96×96 uint8; every patch must be 96×96×3"),
-])
-def test_bad_images_are_named(data_copy, tmp_path, how, message):
-    victim = damage(data_copy, how)
+def test_a_missing_image_is_named_before_any_decoding(data_copy, tmp_path):
+    victim = damage(data_copy, "missing_tif")
     with pytest.raises(KitError) as caught:
         load_split_images(data_copy, "train", read_train_labels(data_copy)["id"], tmp_path / "cache", workers=2)
-    assert message in str(caught.value) and victim.name in str(caught.value)
+    assert "1 image listed in train_labels.csv is missing" in str(caught.value) and victim.name in str(caught.value)
+
+
+def test_every_bad_image_of_a_split_is_named_in_one_pass(data_copy, tmp_path, capfd):
+    """Three bad files cost one cache build, not three; OpenCV's own warnings stay silent."""
+    from PIL import Image
+
+    ids = read_train_labels(data_copy)["id"]
+    victims = [data_copy / "train" / f"{ids[row]}.tif" for row in (5, 70, 300, 450)]
+    victims[0].write_bytes(b"")                                            # zero bytes
+    cv2.imwrite(str(victims[1]), np.zeros((64, 64, 3), np.uint8))          # wrong size
+    cv2.imwrite(str(victims[2]), np.zeros((96, 96), np.uint8))             # grayscale
+    # a TIFF whose header survives but whose strip is cut: this is what makes OpenCV print [ WARN]/[ERROR] lines
+    Image.fromarray(np.full((96, 96, 3), 200, np.uint8)).save(victims[3])
+    victims[3].write_bytes(victims[3].read_bytes()[:20000])
+    capfd.readouterr()
+    with pytest.raises(KitError) as caught:
+        load_split_images(data_copy, "train", ids, tmp_path / "cache", workers=2)
+    message = str(caught.value)
+    assert message.startswith(f"4 of {len(ids):,} images in {data_copy} cannot be used: ")
+    assert f"train/{victims[0].name} (empty file, 0 bytes)" in message
+    assert f"train/{victims[1].name} (64×64×3 uint8, not 96×96×3 uint8 RGB)" in message
+    assert f"train/{victims[2].name} (96×96 uint8, not 96×96×3 uint8 RGB)" in message
+    assert f"train/{victims[3].name} (cannot decode 20,000 bytes: truncated or not a TIFF)" in message
+    assert f"make data DATA_DIR={data_copy}" in message
+    captured = capfd.readouterr()
+    assert "WARN" not in captured.err and "ERROR" not in captured.err and "TIFFReadRGBAStrip" not in captured.err
     assert not list((tmp_path / "cache").glob("*.npy")), "a failed build must not leave a cache taken as complete"
+    assert not list((tmp_path / "cache").glob(".*.tmp")), "nor its temporary file"
+
+
+def test_more_bad_images_than_shown_are_counted(data_copy, tmp_path):
+    ids = read_train_labels(data_copy)["id"]
+    for row in range(12):
+        (data_copy / "train" / f"{ids[row]}.tif").write_text("hello")
+    with pytest.raises(KitError, match=r"12 of .* cannot be used: .* and 7 more; run `make data"):
+        load_split_images(data_copy, "train", ids, tmp_path / "cache", workers=2)
 
 
 @pytest.mark.parametrize("how, message", [
@@ -117,6 +163,8 @@ def test_missing_data_folder_points_at_make_data(tmp_path):
 
 def test_interrupted_cache_build_leaves_nothing_taken_as_complete(demo_data, tmp_path, monkeypatch):
     import kit.data
+    from kit.data import inspect_image
+    from kit.errors import Interrupted
 
     decoded = []
 
@@ -124,13 +172,15 @@ def test_interrupted_cache_build_leaves_nothing_taken_as_complete(demo_data, tmp
         if len(decoded) == 250:
             raise KeyboardInterrupt        # Ctrl-C in the middle of the build
         decoded.append(path)
-        return read_image(path)
+        return inspect_image(path)
 
     ids = read_train_labels(demo_data)["id"]
-    monkeypatch.setattr(kit.data, "read_image", decode_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(kit.data, "inspect_image", decode_then_interrupt)
+    with pytest.raises(Interrupted, match="interrupted while building the train image cache: the images decoded so "
+                                          "far were discarded"):
         load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=1)
-    assert len(decoded) == 250 and list((tmp_path / "cache").iterdir()) == [], "no cache, no temporary file"
+    assert len(decoded) == 250
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["train.lock"], "no cache, no temporary file"
     monkeypatch.undo()
     images = load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=1)
     assert np.array_equal(images[-1], read_image(demo_data / "train" / f"{ids.iloc[-1]}.tif"))

@@ -1,31 +1,45 @@
 """The Kaggle round trip through the real `kaggle` client, against a fake Kaggle API on loopback."""
 
+import hashlib
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from kit import api
 from kit.cli import main
+from kit.competition import TEST_IMAGES
 
 
-@pytest.fixture
-def predicted(tmp_path):
+def competition_ids(count: int = TEST_IMAGES) -> list[str]:
+    """Ids shaped like Kaggle's (40 hexadecimal digits), as many as its test set has."""
+    return [hashlib.sha1(str(i).encode()).hexdigest() for i in range(count)]
+
+
+def write_prediction(tmp_path, ids: list[str]) -> Path:
     """A valid submission as `make predict` leaves it: the CSV, its .json sidecar, and the sample it answers."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    sample = pd.DataFrame({"id": ["c3", "a1", "b2"], "label": 0})
+    sample = pd.DataFrame({"id": ids, "label": 0})
     sample.to_csv(data_dir / "sample_submission.csv", index=False)
     path = tmp_path / "submissions" / "demo-20261125-101500.csv"
     path.parent.mkdir()
-    sample.assign(label=[0.9, 0.1, 0.5]).to_csv(path, index=False)
+    sample.assign(label=np.linspace(0, 1, len(ids))).to_csv(path, index=False)
     path.with_suffix(".json").write_text(json.dumps({
         "experiment": "demo", "cv_auc": 0.98765, "folds": [0, 1, 2], "tta": "d4",
         "sample_submission": str(data_dir / "sample_submission.csv")}))
     return path
+
+
+@pytest.fixture
+def predicted(tmp_path):
+    """A prediction of the competition's test set (its 57,458 rows)."""
+    return write_prediction(tmp_path, competition_ids())
 
 
 def test_submit_uploads_the_exact_bytes_with_experiment_and_cv_auc(fake_kaggle, predicted, capsys):
@@ -48,10 +62,39 @@ def test_message_override(fake_kaggle, predicted):
 
 
 def test_invalid_csv_never_reaches_the_server(fake_kaggle, predicted, capsys):
-    pd.DataFrame({"id": ["c3", "a1", "zz"], "label": [0.1, 0.2, 0.3]}).to_csv(predicted, index=False)
+    submission = pd.read_csv(predicted, dtype={"id": str})
+    submission.loc[2, "id"] = "zz"
+    submission.to_csv(predicted, index=False)
     assert main(["submit", "--file", str(predicted)]) == 2
     assert "row 4 has id zz, which is not in sample_submission.csv" in capsys.readouterr().err
     assert fake_kaggle.calls == [] and fake_kaggle.uploads == {}
+
+
+def test_a_prediction_of_other_data_is_not_uploaded_without_force(fake_kaggle, tmp_path, capsys):
+    """A CSV made from data/demo validates against the demo's own sample_submission.csv, but Kaggle can only reject
+    it: refused unless FORCE=1; DRY_RUN=1 still validates it against the sample it answers."""
+    demo_prediction = write_prediction(tmp_path, competition_ids(400))
+    assert main(["submit", "--file", str(demo_prediction)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert "has 400 rows, not the competition's 57,458 test ids" in err and "looks like a prediction of other " \
+        "data (e.g. the demo)" in err and "nothing was sent" in err and "FORCE=1" in err
+    assert fake_kaggle.calls == []
+
+    assert main(["submit", "--file", str(demo_prediction), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "valid (400 rows, ids match sample_submission.csv)" in out and "an upload would need FORCE=1" in out
+    assert fake_kaggle.calls == []
+
+    assert main(["submit", "--file", str(demo_prediction), "--force"]) == 0
+    assert [name for name, _ in fake_kaggle.calls] == ["StartSubmissionUpload", "CreateSubmission"]
+
+
+def test_competition_sized_csv_with_foreign_ids_needs_force(fake_kaggle, tmp_path, capsys):
+    ids = [f"demo-{i}" for i in range(TEST_IMAGES)]
+    assert main(["submit", "--file", str(write_prediction(tmp_path, ids))]) == 2
+    assert "ids such as 'demo-0', not the competition's (40 hexadecimal digits)" in capsys.readouterr().err
+    assert fake_kaggle.calls == []
 
 
 def test_rules_not_accepted_gives_a_clear_line(fake_kaggle, predicted, capsys):
@@ -124,6 +167,39 @@ def test_interrupted_unzip_is_finished_without_downloading_again(fake_kaggle, de
     assert "Skipping, found more recently modified local copy" in out
     assert f"unzipped {len(names) + 2 - 199:,} of {len(names) + 2:,} files" in out
     assert victim.read_bytes() == (demo_data / names[10]).read_bytes()
+
+
+def test_make_data_finds_every_bad_image_and_re_extracts_it_from_the_zip(fake_kaggle, demo_data, tmp_path, capsys):
+    """A zero-byte file, a same-size file of garbage and a wrong-size patch: all named in one pass, all repaired."""
+    import cv2
+
+    fake_kaggle.data_zip = zip_of(demo_data)
+    data_dir = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    victims = sorted((data_dir / "train").iterdir())[:2] + sorted((data_dir / "test").iterdir())[:1]
+    victims[0].write_bytes(b"")
+    victims[1].write_bytes(b"\xff" * victims[1].stat().st_size)      # same size: only decoding can tell
+    cv2.imwrite(str(victims[2]), np.zeros((64, 64, 3), np.uint8))
+    assert main(["data", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"3 of 648 images in {data_dir} cannot be used: " in out and "re-extracting them" in out
+    assert f"train/{victims[0].name} (empty file, 0 bytes)" in out
+    assert f"test/{victims[2].name} (64×64×3 uint8, not 96×96×3 uint8 RGB)" in out
+    assert "unzipped 3 of 650 files" in out and "verified: 600 train / 48 test images, every one decodes" in out
+    for victim in victims:
+        assert victim.read_bytes() == (demo_data / victim.parent.name / victim.name).read_bytes()
+
+
+def test_make_data_names_the_files_the_zip_cannot_repair(fake_kaggle, demo_data, tmp_path, capsys):
+    broken = Path(shutil.copytree(demo_data, tmp_path / "broken"))
+    victim = sorted((broken / "train").iterdir())[3]
+    victim.write_bytes(b"")
+    fake_kaggle.data_zip = zip_of(broken)                                # the zip holds the bad file itself
+    data_dir = Path(shutil.copytree(broken, tmp_path / "data"))
+    assert main(["data", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: 1 of 648 images in {data_dir} cannot be used: train/{victim.name} (empty file")
+    assert "holds them this way too (it is kept)" in err and "replace those files by hand" in err
+    assert (data_dir / "histopathologic-cancer-detection.zip").is_file()
 
 
 def test_data_download_refused_by_rules(fake_kaggle, tmp_path, capsys):

@@ -31,6 +31,7 @@ def test_writer_keeps_sample_order_whatever_the_prediction_order(sample, tmp_pat
     (["a1", "b2", None, "d4", "e5"], [0.1] * 5, "row 4 has id None, which is not in sample_submission.csv"),
     (["a1", "b2", "c3", "d4", "e5"], [0.1, np.nan, 0.1, 0.1, 0.1], "row 3 (id b2) has label nan"),
     (["a1", "b2", "c3", "d4", "e5"], [0.1, 0.1, 1.5, 0.1, 0.1], "row 4 (id c3) has label 1.5"),
+    (["a1", "b2 ", "c3", "d4", "e5"], [0.1] * 5, "row 3 has id 'b2 ' with leading/trailing whitespace"),
 ])
 def test_writer_refuses_missing_extra_duplicate_and_nan(sample, ids, probabilities, message):
     with pytest.raises(KitError) as caught:
@@ -51,7 +52,7 @@ def test_submit_without_credentials_says_how_to_provide_them(sample, tmp_path, n
     sample.to_csv(data_dir / "sample_submission.csv", index=False)
     path = tmp_path / "ok.csv"
     sample.assign(label=0.5).to_csv(path, index=False)
-    code = main(["submit", "--file", str(path), "--data-dir", str(data_dir)])
+    code = main(["submit", "--file", str(path), "--data-dir", str(data_dir), "--force"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines() == [err.strip()] and "kaggle.json" in err and "KAGGLE_USERNAME" in err

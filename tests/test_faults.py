@@ -1,0 +1,249 @@
+"""Faults at the edges: OS errors as one line (read-only, a file where a folder goes, disk full), nothing stale or
+half-built left behind, Ctrl-C that says what was kept, padded ids named as such."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import kit.io
+from kit.cli import main
+from kit.data import cache_dir_for, load_split_images, read_train_labels
+from kit.engine import train_fold
+from kit.errors import Interrupted, KitError
+from kit.runs import LAST, fold_dir
+
+from conftest import REPO
+
+QUIET = {"log": lambda *_: None}
+PROGRESS_BAR = re.compile(r"^(cache \w+|fold \d+ epoch \d+/\d+|verify images):|^\s+$")
+
+
+def one_line_error(capsys) -> str:
+    """The one `error:` line a failed command ends with (progress bars before it aside), and nothing else."""
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert [line for line in lines if not PROGRESS_BAR.match(line)] == lines[-1:], err
+    return lines[-1]
+
+
+def experiment_args(cfg) -> list[str]:
+    return ["--config", "configs/demo.yaml", "--data-dir", cfg.data_dir, "--out", cfg.out_dir,
+            f"submissions_dir={cfg.submissions_dir}", "folds.n_splits=2", "epochs=1", "batch_size=32"]
+
+
+@contextmanager
+def tiny_disk(path: Path, size: str):
+    """A real small file system (tmpfs) at `path`; skips the test where mounting is not allowed (not root)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the simulated variants cover this")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ---- OUT that cannot be written: said before any work ----------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["cache"], ["train", "--fold", "0"], ["train-all"], ["predict"], ["report"]])
+def test_out_that_is_a_file_is_one_line_before_any_work(quick_config, tmp_path, capsys, command):
+    cfg = quick_config(out_dir=str(tmp_path / "runs-file"))
+    Path(cfg.out_dir).write_text("not a folder")
+    assert main(command + experiment_args(cfg)) == 2
+    err = one_line_error(capsys)
+    assert f"OUT={cfg.out_dir} cannot be a folder: {cfg.out_dir} is a file" in err
+    assert Path(cfg.out_dir).read_text() == "not a folder"
+
+
+def test_read_only_out_is_named_before_training(quick_config, tmp_path, capsys, monkeypatch):
+    """Simulated (CI runs as root, who may write anywhere): every file creation under OUT fails with EROFS."""
+    cfg = quick_config()
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and str(dir).startswith(cfg.out_dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(kit.io.tempfile, "mkstemp", read_only_mkstemp)
+    assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
+    err = one_line_error(capsys)
+    assert f"OUT={cfg.out_dir} is not writable: {cfg.out_dir} is read-only (a read-only file system); point OUT=" in err
+    assert not any(Path(cfg.out_dir).rglob("*.npy")), "stopped before the cache build"
+
+
+def test_read_only_and_full_disks_for_real(quick_config, tmp_path, capsys):
+    """On a real 24 MB tmpfs: the 16.6 MB train cache is refused up front on a 10 MB one; with room for the cache but
+    not for a checkpoint, the write fails as one line and no half file stays; remounted read-only, OUT is named."""
+    with tiny_disk(tmp_path / "small", "10m") as small:
+        cfg = quick_config(out_dir=str(small / "runs"))
+        assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
+        err = one_line_error(capsys)
+        assert "not enough disk for the train cache: 600 images need 16.6 MB in " in err and " free there" in err
+        assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
+
+    with tiny_disk(tmp_path / "medium", "24m") as medium:
+        cfg = quick_config(out_dir=str(medium / "runs"))
+        assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
+        err = one_line_error(capsys)
+        assert "error: disk full writing " in err and " free on that disk" in err
+        assert not list(medium.rglob(".*.tmp")), "no temporary file left behind"
+        subprocess.run(["mount", "-o", "remount,ro", str(medium)], check=True)
+        assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
+        assert f"OUT={cfg.out_dir} is not writable: " in one_line_error(capsys)
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(quick_config, capsys, monkeypatch):
+    """The write of last.pt hits a full disk (the kernel's /dev/full: every write ENOSPC): one line naming the file
+    and the free space; the previous last.pt, and every other file, stays as it was."""
+    cfg = quick_config(epochs=1, max_train_images=64)
+    assert main(["train", "--fold", "0"] + experiment_args(cfg) + ["max_train_images=64"]) == 0
+    last = fold_dir(cfg, 0) / LAST
+    before = last.read_bytes()
+    real_mkstemp = tempfile.mkstemp
+
+    def full_disk_for_checkpoints(*args, prefix="", dir=None, **kwargs):
+        handle, name = real_mkstemp(*args, prefix=prefix, dir=dir, **kwargs)
+        if prefix == f".{LAST}.":
+            os.close(handle)
+            os.unlink(name)
+            os.symlink("/dev/full", name)
+            handle = os.open(name, os.O_WRONLY)
+        return handle, name
+
+    monkeypatch.setattr(kit.io.tempfile, "mkstemp", full_disk_for_checkpoints)
+    capsys.readouterr()
+    assert main(["train", "--fold", "0"] + experiment_args(cfg) + ["epochs=2", "max_train_images=64"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: disk full writing {last}: ") and "free on that disk" in err
+    assert "inline_container" not in err
+    assert last.read_bytes() == before and torch.load(last, weights_only=True)["epoch"] == 1
+    assert not list(fold_dir(cfg, 0).glob(".*.tmp"))
+
+
+def test_disk_full_inside_the_cache_workers_is_one_line(quick_config, capsys, monkeypatch):
+    import kit.data
+
+    def full(array_path, position, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = quick_config()
+    monkeypatch.setattr(kit.data, "write_rows", full)        # the forked workers inherit it
+    assert main(["cache"] + experiment_args(cfg)) == 2
+    err = one_line_error(capsys)
+    assert "error: disk full writing " in err and "/train-600-" in err and "free on that disk" in err
+    assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
+
+
+# ---- leftovers ---------------------------------------------------------------------------------------------------------
+
+def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config, tmp_path):
+    cfg = quick_config()
+    cache_dir = cache_dir_for(cfg.out_dir, cfg.data_dir)
+    cache_dir.mkdir(parents=True)
+    leftover = cache_dir / ".train-600-0123456789abcdef.npy.k2x9q1.tmp"        # what `kill -9` mid-build leaves
+    leftover.write_bytes(b"\0" * 1000)
+    ids = read_train_labels(cfg.data_dir)["id"]
+
+    # a build still running (it holds the split's lock): its file is never touched; the second process waits
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kit.io import process_lock\n"
+         f"with process_lock({str(cache_dir / 'train.lock')!r}, ''):\n print('building', flush=True); time.sleep(300)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    result = {}
+    try:
+        assert holder.stdout.readline().strip() == "building"
+        waiter = threading.Thread(target=lambda: result.update(
+            images=load_split_images(cfg.data_dir, "train", ids, cache_dir, workers=1, progress=False)))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and leftover.exists(), "waits for the live build and leaves its file alone"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)      # the build dies: its temp file is now a dead build's leftover
+        holder.wait()
+    waiter.join(timeout=60)
+    assert not leftover.exists() and len(result["images"]) == 600
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(["train.lock", Path(result["images"].filename).name])
+
+
+def test_a_killed_runs_half_written_checkpoint_is_removed(quick_config):
+    cfg = quick_config(epochs=1, max_train_images=64)
+    train_fold(cfg, 0, **QUIET)
+    leftover = fold_dir(cfg, 0) / ".last.pt.a8f3k2.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    train_fold(cfg, 0, **QUIET)                  # already trained: still, the crash's leftover goes
+    assert not leftover.exists()
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_during_the_cache_build_says_what_was_kept_without_worker_noise(quick_config):
+    """A real SIGINT to the whole process group, as a terminal sends it, while 2 worker processes decode."""
+    cfg = quick_config()
+    slow_build = (
+        "import sys, time, kit.data\n"
+        "real = kit.data.inspect_image\n"
+        "def slow(path):\n"
+        "    print('decoding', flush=True); time.sleep(0.02); return real(path)\n"
+        "kit.data.inspect_image = slow\n"
+        "from kit.cli import main\n"
+        f"sys.exit(main({['cache'] + experiment_args(cfg)!r}))\n")
+    build = subprocess.Popen([sys.executable, "-c", slow_build], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "decoding" in build.stdout.readline()      # the workers have started
+        time.sleep(0.5)
+        os.killpg(build.pid, signal.SIGINT)
+        _, err = build.communicate(timeout=60)
+    finally:
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGKILL)
+    assert build.returncode == 130
+    assert "Traceback" not in err and "ForkPoolWorker" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted while building the train image cache: the images decoded so far were discarded (the cache is "
+        "kept whole or not at all) and nothing else changed; rerun the same command to build it")
+    assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
+
+
+def test_ctrl_c_during_training_names_the_saved_epochs(quick_config):
+    cfg = quick_config(epochs=3, max_train_images=64)
+
+    def ctrl_c_after_epoch_1(epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as caught:
+        train_fold(cfg, 0, on_epoch_end=ctrl_c_after_epoch_1, **QUIET)
+    last = fold_dir(cfg, 0) / LAST
+    assert str(caught.value) == (f"interrupted in epoch 2 of fold 0: epoch 1 is saved in {last}; rerun the same "
+                                 f"command to resume from epoch 2")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+# ---- ids with whitespace -----------------------------------------------------------------------------------------------
+
+def test_an_id_with_whitespace_is_named_as_such_not_as_a_missing_file(data_copy):
+    labels = pd.read_csv(data_copy / "train_labels.csv", dtype={"id": str})
+    labels.loc[7, "id"] = labels.loc[7, "id"] + " "
+    labels.to_csv(data_copy / "train_labels.csv", index=False)
+    with pytest.raises(KitError) as caught:
+        read_train_labels(data_copy)
+    message = str(caught.value)
+    assert f"row 9 has id '{labels.loc[7, 'id']}' with leading/trailing whitespace" in message
+    assert "missing" not in message and "make data" not in message
