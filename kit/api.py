@@ -14,12 +14,13 @@ output (runs, cache, submissions) goes under the working directory, so the kit i
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import config as config_module
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
-from .errors import KitError
+from .errors import Interrupted, KitError
 from .io import require_writable_dir
 
 KAGGLE_ROOT_VARIABLE = "KIT_KAGGLE_ROOT"     # where a Kaggle notebook's /kaggle tree is (tests point it elsewhere)
@@ -70,6 +71,8 @@ def make_demo_data(out_dir: str | Path | None = None, n_train: int | None = None
         raise KitError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     default_dir, default_train, default_test = DEMO_DATA_DEFAULTS[difficulty]
     out_dir, n_train, n_test = out_dir or default_dir, n_train or default_train, n_test or default_test
+    if force or not Path(out_dir).is_dir():
+        require_writable_dir(out_dir, "DATA_DIR")        # a file in the way or a read-only place: one line now
     if not force and demo_data_is_complete(out_dir, n_train, n_test, difficulty):
         log(f"{difficulty} demo data already in {out_dir} ({n_train} train / {n_test} test patches)")
         return Path(out_dir)
@@ -118,6 +121,18 @@ def train_all(cfg: Config, force: bool = False, log=print) -> list[dict]:
     return [train(cfg, fold, force=force, log=log) for fold in range(cfg.folds.n_splits)]
 
 
+@contextmanager
+def no_submission_when_interrupted():
+    """Ctrl-C while predicting: say that no CSV was written (a cache build says what it kept itself)."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while predicting: no submission was written; trained folds and caches are "
+                          "intact; rerun the same command") from None
+
+
 def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
     """Fold ensemble × TTA on the test set → a validated CSV in submissions_dir; returns its path."""
     from .data import read_sample_submission
@@ -126,7 +141,8 @@ def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
 
     require_writable_dir(cfg.out_dir)
     require_writable_dir(cfg.submissions_dir, "submissions_dir")
-    prediction = predict_test(cfg, allow_missing_folds=allow_missing_folds, log=log)
+    with no_submission_when_interrupted():
+        prediction = predict_test(cfg, allow_missing_folds=allow_missing_folds, log=log)
     sample = read_sample_submission(cfg.data_dir)
     details = {"experiment": cfg.name, "cv_auc": prediction.cv_auc, "folds": [c.fold for c in prediction.folds],
                "tta": prediction.views,
@@ -163,7 +179,8 @@ def predict_blend(configs: list[Config], method: str = "mean", allow_missing_fol
     for cfg in configs:
         require_writable_dir(cfg.out_dir)
     require_writable_dir(first.submissions_dir, "submissions_dir")
-    blended = blend_experiments(configs, method, allow_missing_folds=allow_missing_folds, log=log)
+    with no_submission_when_interrupted():
+        blended = blend_experiments(configs, method, allow_missing_folds=allow_missing_folds, log=log)
     sample = read_sample_submission(first.data_dir)
     name = "blend-" + "+".join(blended.members)
     details = {"experiment": name, "cv_auc": blended.cv_auc, "folds": "each member's", "tta": first.tta.views,

@@ -84,7 +84,7 @@ def test_read_only_out_is_named_before_training(quick_config, tmp_path, capsys, 
     monkeypatch.setattr(kit.io.tempfile, "mkstemp", read_only_mkstemp)
     assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
     err = one_line_error(capsys)
-    assert f"OUT={cfg.out_dir} is not writable: {cfg.out_dir} is read-only (a read-only file system); point OUT=" in err
+    assert f"OUT={cfg.out_dir} is not writable: {cfg.out_dir} is read-only (a read-only file system); write elsewhere: OUT=" in err
     assert not any(Path(cfg.out_dir).rglob("*.npy")), "stopped before the cache build"
 
 
@@ -247,3 +247,24 @@ def test_an_id_with_whitespace_is_named_as_such_not_as_a_missing_file(data_copy)
     message = str(caught.value)
     assert f"row 9 has id '{labels.loc[7, 'id']}' with leading/trailing whitespace" in message
     assert "missing" not in message and "make data" not in message
+
+
+def test_ctrl_c_while_predicting_says_no_submission_was_written(quick_config, monkeypatch):
+    import kit.predict
+    from kit import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg = quick_config()
+    monkeypatch.setattr(kit.predict, "predict_test", interrupted)
+    with pytest.raises(Interrupted, match="interrupted while predicting: no submission was written"):
+        api.predict(cfg)
+    assert not list(Path(cfg.submissions_dir).glob("*.csv"))
+
+
+def test_demo_data_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["demo-data", "--out", str(tmp_path / "taken" / "demo")]) == 2
+    assert f"DATA_DIR={tmp_path / 'taken' / 'demo'} cannot be a folder: {tmp_path / 'taken'} is a file" \
+        in one_line_error(capsys)
