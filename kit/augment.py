@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .competition import CENTRE, CENTRE_SIZE, IMAGE_SIZE
+from .device import to_device
 from .errors import KitError
 
 CENTRE_PROBES = 64              # random draws of the pipeline when checking it
@@ -114,7 +115,7 @@ def apply_d4(images: torch.Tensor, labels: torch.Tensor, elements: torch.Tensor)
     that also converts to float, which is several times cheaper on CPU than moving images one place at a time.
     """
     order = torch.argsort(elements, stable=True)
-    on_device = order.to(images.device, non_blocking=True)
+    on_device = to_device(order, images.device)
     # a channels-last batch (as gathered from the cache) is contiguous as NHWC: select whole images there
     grouped = images.permute(0, 2, 3, 1).index_select(0, on_device).permute(0, 3, 1, 2)
     moved = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=torch.channels_last)
@@ -129,7 +130,7 @@ def apply_d4(images: torch.Tensor, labels: torch.Tensor, elements: torch.Tensor)
             group = group.flip(3)
         moved[start:start + count].copy_(group)
         start += count
-    return moved, labels.index_select(0, order.to(labels.device, non_blocking=True))
+    return moved, labels.index_select(0, to_device(order, labels.device))
 
 
 @dataclass
@@ -179,7 +180,7 @@ class PixelOp:
         images = images.float() if images.dtype == torch.uint8 else images
         if len(rows) == count:
             return self.apply(images, u), labels
-        rows_on_device = rows.to(images.device, non_blocking=True)
+        rows_on_device = to_device(rows, images.device)
         images[rows_on_device] = self.apply(images.index_select(0, rows_on_device), u[rows])
         return images, labels
 
@@ -223,7 +224,7 @@ class AffineOp(PixelOp):
         return torch.cat([linear, offset.unsqueeze(-1)], -1).float()
 
     def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        theta = self.theta(u, images.shape[2], images.shape[3]).to(images.device, non_blocking=True)
+        theta = to_device(self.theta(u, images.shape[2], images.shape[3]), images.device)
         grid = F.affine_grid(theta, list(images.shape), align_corners=True)
         moved = F.grid_sample(images - self.fill if self.fill else images, grid, mode=self.mode,
                               padding_mode=self.padding, align_corners=True)
@@ -239,8 +240,8 @@ class BrightnessContrastOp(PixelOp):
             t.brightness_by_max
 
     def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        alpha = (1 + _uniform(self.contrast, u[:, 0])).float().to(images.device).view(-1, 1, 1, 1)
-        beta = _uniform(self.brightness, u[:, 1]).float().to(images.device).view(-1, 1, 1, 1)
+        alpha = to_device((1 + _uniform(self.contrast, u[:, 0])).float(), images.device).view(-1, 1, 1, 1)
+        beta = to_device(_uniform(self.brightness, u[:, 1]).float(), images.device).view(-1, 1, 1, 1)
         beta = beta * (255.0 if self.by_max else images.mean((1, 2, 3), keepdim=True))
         return (images * alpha + beta).clamp_(0, 255)
 
@@ -255,7 +256,7 @@ class HueSaturationValueOp(PixelOp):
 
     def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         def shift(limits, column, scale):
-            return (_uniform(limits, u[:, column]) / scale).float().to(images.device).view(-1, 1, 1)
+            return to_device((_uniform(limits, u[:, column]) / scale).float(), images.device).view(-1, 1, 1)
 
         return shift_hsv(images / 255, shift(self.hue, 0, 180), shift(self.sat, 1, 255), shift(self.val, 2, 255)) * 255
 

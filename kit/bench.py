@@ -32,8 +32,9 @@ from .config import Config, ModelConfig, histology_augmentation
 from .data import (AlbumentationsBatches, CachedBatches, image_paths, load_split_images, read_image,
                    read_train_labels, resident_images, to_model_input)
 from .demo_data import make_demo_data
-from .engine import (TrainingParts, autocast_dtype, build_loss, build_optimizer, build_scheduler,
-                     predict_probabilities, select_device, train_one_epoch)
+from .device import autocast_dtype, select_device
+from .engine import (TrainingParts, build_loss, build_optimizer, build_scheduler, predict_probabilities,
+                     train_one_epoch)
 from .errors import KitError
 from .io import atomic_write_json
 from .models import build_model
@@ -126,8 +127,6 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1   # usable ones
     torch.set_num_threads(cores)
     amp_dtype = autocast_dtype(device, amp=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     results: dict[str, float] = {}
 
     def record(name: str, rate: float) -> None:

@@ -131,7 +131,8 @@ class Config:
     eval_batch_size: int = 256
     num_workers: int = -1        # DataLoader workers (train.input albumentations); -1 = auto: 0 on CPU, up to 8 on GPU
     device: str = "auto"         # auto (GPU when there is one) | cpu | cuda
-    amp: bool = True             # mixed precision on GPU (bf16 where supported, else fp16); ignored on CPU
+    amp: bool = True             # mixed precision on GPU: bf16 where the card has it (≥ 8.0), else fp16; not on CPU
+    amp_dtype: str = "auto"      # auto (by the card) | bf16 | fp16: force one (bf16 is refused below 8.0)
     max_train_images: int = 0    # use only the first N training images (quick trials); 0 = all
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +146,7 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
+    "amp_dtype": ("auto", "bf16", "fp16"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("constant", "cosine", "onecycle"),
     "loss.name": ("bce", "focal"),

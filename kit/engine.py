@@ -28,6 +28,8 @@ from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choos
 from .config import Config, LossConfig, to_dict
 from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
                    gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
+from .device import (autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory,
+                     select_device)
 from .errors import Interrupted, KitError
 from .folds import Split, load_split
 from .io import require_writable_dir
@@ -35,27 +37,12 @@ from .models import build_model, count_parameters, head_parameter_names, start_h
 from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock, is_finished
 from .tta import tta_view_count, with_tta
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "peak_memory_mb"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------------------------
-
-def select_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise KitError("config `device: cuda` but no GPU is visible to PyTorch; use device=auto or device=cpu")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None = full precision."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -84,11 +71,14 @@ def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over `parameter_groups`; on a GPU the fused kernels (one launch for every tensor, and
+    with fp16 the GradScaler's inf check stays on the device instead of a sync per step)."""
     opt, groups = cfg.optimizer, parameter_groups(cfg, model)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0)
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0, **fused)
     optimizer_class = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=opt.lr)
+    return optimizer_class(groups, lr=opt.lr, **fused)
 
 
 def head_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -142,8 +132,8 @@ class StepEma(ModelEmaV3):
                            [(ema, live) for ema, live in pairs if not ema.is_floating_point()])
         _, ema_values, live_values, counters = self._pairs
         self._foreach_lerp_(ema_values, live_values, weight=1.0 - decay)
-        for ema, live in counters:
-            ema.copy_(live)
+        if counters:                     # BatchNorm's num_batches_tracked: copied, one kernel for all
+            torch._foreach_copy_([ema for ema, _ in counters], [live for _, live in counters])
 
 
 def build_loss(loss_cfg: LossConfig, device: torch.device):
@@ -198,6 +188,15 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
             parameter.requires_grad_(trainable)
 
 
+def hold_backbone(optimizer: torch.optim.Optimizer, scheduler, held: bool) -> None:
+    """Freeze by a zero learning rate (what `train.compile` uses): the graph stays the same, so the compiled model
+    is not recompiled at the unfreeze, as it would be when `requires_grad` changes. Released, each group gets the
+    rate its schedule gives now (schedulers compute it from the step, never from the current value)."""
+    for group, scheduled in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        if group["name"].startswith("backbone"):
+            group["lr"] = 0.0 if held else scheduled
+
+
 def build_training_input(cfg: Config, data: FoldData, images, device: torch.device):
     """The fold's training batches on the path `train.input` chooses, and a line for the log saying which and why.
 
@@ -240,12 +239,14 @@ class TrainingParts:
 
 
 def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, desc: str | None,
-                    check_every: int = 20):
+                    check_every: int = 20, hold_backbone_lr: bool = False):
     """One pass over `batches` ((inputs, labels) on the device); returns (mean loss, images per second).
     A progress bar shows loss and images/s (none when `desc` is None).
 
     The loss is summed on the device and read back every `check_every` steps (to check it and update the bar):
-    reading it every step would make the CPU wait for the GPU instead of queueing the next batch.
+    reading it every step would make the CPU wait for the GPU instead of queueing the next batch. Nothing else in
+    the loop waits for the GPU (tests/test_gpu_path.py checks every copy).
+    `hold_backbone_lr`: the backbone is frozen by a zero learning rate (`hold_backbone`).
     """
     model.train()
     loss_sum, seen, start = torch.zeros((), device=device), 0, time.perf_counter()
@@ -269,6 +270,8 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.scheduler.step()
+        if hold_backbone_lr:
+            hold_backbone(parts.optimizer, parts.scheduler, held=True)
         if parts.ema is not None:        # the scheduler counts optimizer steps, across resumes too
             parts.ema.update(getattr(model, "_orig_mod", model), step=parts.scheduler.last_epoch)
     bar.close()
@@ -384,9 +387,7 @@ def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
     """Model, data and optimisation for one fold; touches no run folder (FORCE=1 relies on that)."""
     # the model first: a bad name or missing weights fails in seconds, before a long first cache build
     device = select_device(cfg.device)
-    amp_dtype = autocast_dtype(device, cfg.amp)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
     seed_everything(cfg.seed * 1000 + fold)
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
@@ -475,10 +476,10 @@ def interrupted_fold(cfg: Config, fold: int, run: FoldRun, progress: dict, stage
 
 
 def describe_setup(cfg: Config, fold: int, setup: FoldSetup, log) -> None:
-    amp = f" ({setup.amp_dtype})" if setup.amp_dtype else ""
+    device = card_name(setup.device) if setup.device.type == "cuda" else "cpu"
     log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: model {cfg.model.name}, "
         f"{count_parameters(setup.model):,} parameters, {len(setup.data.train_rows):,} train / "
-        f"{len(setup.data.valid_rows):,} valid images, device {setup.device}{amp}"
+        f"{len(setup.data.valid_rows):,} valid images, device {device}, {precision_name(setup.amp_dtype)}"
         f"{', compiled' if cfg.train.compile else ''}")
     log(setup.input_line)
     planned = round(cfg.schedule.warmup_epochs * len(setup.batches))
@@ -493,7 +494,7 @@ def restore(state: dict, setup: FoldSetup) -> dict:
     setup.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
+    if state.get("scaler") and parts.scaler.is_enabled():    # a CPU or bf16 run saved `{}`: nothing to load
         parts.scaler.load_state_dict(state["scaler"])
     if parts.ema is not None and state.get("ema") is not None:
         parts.ema.load_state_dict(state["ema"])
@@ -511,10 +512,17 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch   # same batches and views whether resumed or not
         setup.batches.set_seed(epoch_seed)
-        set_backbone_trainable(model, epoch > cfg.train.freeze_backbone_epochs)
+        torch.manual_seed(epoch_seed)      # dropout, drop-path: the CPU and every CUDA generator, so a resumed run
+        frozen = epoch <= cfg.train.freeze_backbone_epochs          # draws what an uninterrupted one draws
+        if cfg.train.compile:
+            hold_backbone(parts.optimizer, parts.scheduler, held=frozen)    # no recompile at the unfreeze
+        else:
+            set_backbone_trainable(model, not frozen)                      # no backbone gradients: faster
+        reset_peak_memory(setup.device)
         started = time.perf_counter()
         train_loss, images_per_s = train_one_epoch(setup.step_model, setup.batches, parts, setup.device,
-                                                   setup.amp_dtype, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
+                                                   setup.amp_dtype, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}",
+                                                   hold_backbone_lr=frozen and cfg.train.compile)
         if setup.swa is not None and epoch > cfg.epochs - cfg.train.swa_epochs:
             setup.swa.update_parameters(model)
         evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
@@ -523,7 +531,8 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
                                       channels_last=cfg.train.channels_last)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": bce_loss(valid_logits, valid_labels),
                "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": head_lr(parts.optimizer),
-               "images_per_s": images_per_s, "seconds": time.perf_counter() - started}
+               "images_per_s": images_per_s, "seconds": time.perf_counter() - started,
+               "peak_memory_mb": peak_memory_mb(setup.device)}
         progress["history"].append(row)
         improved = row["val_auc"] > progress["best_auc"]
         if improved:
@@ -537,12 +546,13 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
             "ema": parts.ema.state_dict() if parts.ema is not None else None,
             "swa": setup.swa.state_dict() if setup.swa is not None else None,
-            "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": progress["history"],
+            "torch_rng": torch.get_rng_state(), "amp_dtype": precision_name(setup.amp_dtype),
+            "epoch": epoch, "history": progress["history"],
             "best_auc": progress["best_auc"], "best_epoch": progress["best_epoch"], "config": to_dict(cfg)})
         run.commit_staging()           # FORCE=1: the new run has a checkpoint now, so it replaces the old fold
         log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {images_per_s:,.0f} img/s  "
-            f"{row['seconds']:.0f}s")
+            f"{row['seconds']:.0f}s" + (f"  peak {row['peak_memory_mb']:,.0f} MB" if row["peak_memory_mb"] else ""))
         warning = stall_warning(cfg, fold, epoch, train_loss, setup.plateau_loss)
         if warning:
             log(warning)

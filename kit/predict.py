@@ -17,7 +17,8 @@ from sklearn.metrics import roc_auc_score
 from .augment import build_transform
 from .config import Config, from_dict
 from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
-from .engine import autocast_dtype, predict_probabilities, select_device
+from .device import autocast_dtype, select_device
+from .engine import predict_probabilities
 from .errors import KitError
 from .models import build_model
 from .runs import FinishedFold, check_split_against_data, finished_folds, fold_dir, load_checkpoint
@@ -62,7 +63,7 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
     test_ids = read_sample_submission(data_dir)["id"].tolist()
     images = load_split_images(data_dir, "test", test_ids, cache_dir_for(cfg.out_dir, data_dir))
     device = select_device(cfg.device)
-    amp_dtype = autocast_dtype(device, cfg.amp)
+    amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
     images = resident_images(images, device)      # uploaded once for every fold when it fits in GPU memory
     log(f"{cfg.name}: predicting {len(test_ids):,} test images with folds "
         f"{', '.join(str(c.fold) for c in checkpoints)} × {tta_view_count(cfg.tta.views)} TTA views ({cfg.tta.views})")

@@ -45,7 +45,7 @@ RUN_FILES = (LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD)
 
 # Keys that say where or how fast a run goes, not what it computes: changing them never blocks a resume.
 NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "submissions_dir", "device", "num_workers",
-                          "eval_batch_size", "amp", "train.compile", "train.channels_last"})
+                          "eval_batch_size", "amp", "amp_dtype", "train.compile", "train.channels_last"})
 # At prediction the weights come from best.pt, so where the initial weights came from no longer matters.
 PREDICT_NEUTRAL_KEYS = NEUTRAL_KEYS | {"model.pretrained", "model.pretrained_file"}
 # Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
