@@ -15,7 +15,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report bench results \
+.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report bench gpu-check results \
         venv clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
@@ -69,6 +69,11 @@ kaggle-bundle: $(STAMP)
 # images/s from files to the model (docs/PERFORMANCE.md); DEVICE=cpu|cuda, default auto
 bench: $(STAMP)
 	$(PY) -m kit bench $(if $(OUT),--out $(OUT)/bench) $(if $(DEVICE),--device $(DEVICE))
+
+# the GPU path proved on this card (kit/gpu_check.py): bench, one epoch per config under sync-debug "error" in each
+# precision, compile, TTA → runs/gpu-check/gpu-check-<time>.json and a table; no GPU: one line, exit 2
+gpu-check: $(STAMP)
+	$(PY) -m kit gpu-check $(if $(OUT),--out $(OUT)/gpu-check)
 
 # configs × seeds on the hard generated set → docs/RESULTS.md (hours on CPU; resumes). CONFIGS, SEEDS, FOLDS, ARGS.
 results: $(STAMP)

@@ -7,7 +7,10 @@ It generates its own patches (the demo generator, in a temporary folder) and mea
   input (b)     uint8 cache + albumentations in a DataLoader                         │ same core count:
   input (c)     uint8 cache + batch augmentation on the device (the kit's fast path) ┘ target c ≥ 10 × a
   train step    forward + backward + update on ready batches: the baseline CNN and a timm model
+  epoch         input (c) default + step + EMA together, as training runs them    target ≥ 1/1.3 of the step
   TTA inference the 8 D4 views of every image, read from the cache as `make predict` does
+On a GPU the models run in each precision the card has (bf16 from compute capability 8.0, fp16), and the peak memory
+of each is recorded.
 Input pipelines run for two transform lists: D4 alone (configs/demo.yaml's kind) and the kit's default (D4, mild
 affine, stain/colour jitter). On a GPU the input must outrun the step (target ≥ 3×), so that the model is the bound.
 """
@@ -32,8 +35,8 @@ from .config import Config, ModelConfig, histology_augmentation
 from .data import (AlbumentationsBatches, CachedBatches, image_paths, load_split_images, read_image,
                    read_train_labels, resident_images, to_model_input)
 from .demo_data import make_demo_data
-from .device import autocast_dtype, select_device
-from .engine import (TrainingParts, build_loss, build_optimizer, build_scheduler, predict_probabilities,
+from .device import autocast_dtype, peak_memory_mb, reset_peak_memory, select_device
+from .engine import (StepEma, TrainingParts, build_loss, build_optimizer, build_scheduler, predict_probabilities,
                      train_one_epoch)
 from .errors import KitError
 from .io import atomic_write_json
@@ -46,6 +49,7 @@ PIPELINES = {
 FAST_OVER_SEED_WAY = 10.0     # input (c) ÷ input (a), same transforms and cores
 CACHE_OVER_DECODE = 0.7       # cache build ÷ (decode rate of one core × cores)
 INPUT_OVER_STEP = 3.0         # on a GPU: input (c) ÷ train step, so that the step is the bound
+EPOCH_OVER_STEP = 1 / 1.3     # on a GPU: an epoch (input + step + EMA) within 1.3× of the step's own time
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
 
     def record(name: str, rate: float) -> None:
         results[name] = rate
-        log(f"  {name:<34} {rate:>12,.0f} images/s")
+        log(f"  {name:<44} {rate:>12,.0f} images/s")
 
     with tempfile.TemporaryDirectory(prefix="kit-bench-") as tmp:
         log(f"generating {images:,} patches …")
@@ -176,38 +180,68 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
                 del epoch, batches            # ends its DataLoader workers before the next loader forks its own
                 gc.collect()
 
-        # ---- the model: one training step, and inference with 8 TTA views -------------------------------------
+        # ---- the model: one training step, an epoch, and inference with 8 TTA views ---------------------------
         inputs = torch.rand(batch_size, 3, 96, 96, device=device).contiguous(memory_format=torch.channels_last)
         targets = (torch.rand(batch_size, device=device) > 0.5).float()
+        steps = 20 if device.type == "cuda" else 2
+        epoch_rows = rows if device.type == "cuda" else rows[:2 * batch_size]       # a CPU-sized share
+        augment = batch_equivalent(build_transform(PIPELINES["default"], "bench default"), "default")
+        peak_memory = {}
         for name in ("baseline", timm_model):
-            cfg = dataclasses.replace(Config(), model=ModelConfig(name=name, pretrained=False))
-            model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
-            steps = 20 if device.type == "cuda" else 2
-            optimizer = build_optimizer(cfg, model)
-            parts = TrainingParts(optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, steps),
-                                  scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                                  loss_fn=build_loss(cfg.loss, device))
-            step_batches = [(inputs, targets)] * steps
+            for precision, dtype in model_precisions(device, amp_dtype).items():
+                cfg = dataclasses.replace(Config(), model=ModelConfig(name=name, pretrained=False))
+                model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+                label = f"{name}{precision}"
+                reset_peak_memory(device)
+                step_batches = [(inputs, targets)] * steps
+                step_parts = training_parts(cfg, model, steps, device, dtype, ema=False)
+                epoch_batches = CachedBatches(resident, epoch_rows, labels[epoch_rows], batch_size, device, augment)
+                epoch_parts = training_parts(cfg, model, len(epoch_batches), device, dtype, ema=True)
 
-            def train_steps() -> int:
-                train_one_epoch(model, step_batches, parts, device, amp_dtype, desc=None)
-                return steps * batch_size
+                def train_steps() -> int:
+                    train_one_epoch(model, step_batches, step_parts, device, dtype, desc=None)
+                    return steps * batch_size
 
-            subset = cache if device.type == "cuda" else cache[:batch_size]     # 8 views × a CPU-sized share
+                def train_epoch() -> int:
+                    train_one_epoch(model, epoch_batches, epoch_parts, device, dtype, desc=None)
+                    return len(epoch_batches) * batch_size
 
-            def predict_with_tta() -> int:
-                return len(predict_probabilities(model, subset, "d4", batch_size, device, amp_dtype))
+                subset = cache if device.type == "cuda" else cache[:batch_size]     # 8 views × a CPU-sized share
 
-            record(f"train step {name}", images_per_second(train_steps, device, min_seconds))
-            record(f"TTA ×8 inference {name}", images_per_second(predict_with_tta, device, min_seconds))
+                def predict_with_tta() -> int:
+                    return len(predict_probabilities(model, subset, "d4", batch_size, device, dtype))
+
+                record(f"train step {label}", images_per_second(train_steps, device, min_seconds))
+                record(f"epoch (input + step + EMA) {label}", images_per_second(train_epoch, device, min_seconds))
+                record(f"TTA ×8 inference {label}", images_per_second(predict_with_tta, device, min_seconds))
+                if device.type == "cuda":
+                    peak_memory[label] = peak_memory_mb(device)
+                    log(f"  {'peak memory ' + label:<44} {peak_memory[label]:>12,.0f} MB")
+                del model, step_parts, epoch_parts
+                gc.collect()
 
     return summarise(results, machine_description(device, cores), {
         "images": images, "batch_size": batch_size, "timm_model": timm_model, "min_seconds": min_seconds,
-        "amp": str(amp_dtype) if amp_dtype else None, "pipelines": PIPELINES})
+        "amp": str(amp_dtype) if amp_dtype else None, "pipelines": PIPELINES}, peak_memory)
 
 
-def summarise(results: dict, machine: dict, settings: dict) -> dict:
-    """The targets' ratios, each computed from numbers of this run; the step target applies on a GPU only."""
+def model_precisions(device: torch.device, amp_dtype) -> dict:
+    """{label suffix: autocast dtype}: the kit's choice unlabelled; on a bf16 card also fp16 (what a T4 runs)."""
+    precisions = {"": amp_dtype}
+    if amp_dtype == torch.bfloat16:
+        precisions[" fp16"] = torch.float16
+    return precisions
+
+
+def training_parts(cfg: Config, model, steps: int, device: torch.device, amp_dtype, ema: bool) -> TrainingParts:
+    optimizer = build_optimizer(cfg, model)
+    return TrainingParts(optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, steps),
+                         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                         loss_fn=build_loss(cfg.loss, device), ema=StepEma(model, 0.999) if ema else None)
+
+
+def summarise(results: dict, machine: dict, settings: dict, peak_memory: dict | None = None) -> dict:
+    """The targets' ratios, each computed from numbers of this run; the step targets apply on a GPU only."""
     cores, on_gpu = machine["cores"], machine["gpu"] is not None
 
     def target(value: float, needs: float, applies: bool = True) -> dict:
@@ -220,19 +254,26 @@ def summarise(results: dict, machine: dict, settings: dict) -> dict:
     for model in ("baseline", settings["timm_model"]):
         targets[f"(c) default / train step {model}"] = target(
             results["input (c) default"] / results[f"train step {model}"], INPUT_OVER_STEP, applies=on_gpu)
-    return {"machine": machine, "settings": settings, "results": results, "targets": targets}
+        targets[f"epoch / train step {model}"] = target(
+            results[f"epoch (input + step + EMA) {model}"] / results[f"train step {model}"], EPOCH_OVER_STEP,
+            applies=on_gpu)
+    return {"machine": machine, "settings": settings, "results": results, "targets": targets,
+            "peak_memory_mb": peak_memory or {}}
 
 
 def format_table(report: dict) -> str:
-    """The results and targets as a plain-text table."""
+    """The results, peak memory and targets as a plain-text table."""
     machine = report["machine"]
     lines = [f"{machine['cpu']}, {machine['cores']} cores, {machine['gpu'] or 'no GPU'}; torch {machine['torch']}",
-             "", f"{'measurement':<36}{'images/s':>12}", "-" * 48]
-    lines += [f"{name:<36}{rate:>12,.0f}" for name, rate in report["results"].items()]
-    lines += ["", f"{'target':<36}{'value':>8}{'needs':>8}  result", "-" * 62]
+             "", f"{'measurement':<46}{'images/s':>12}", "-" * 58]
+    lines += [f"{name:<46}{rate:>12,.0f}" for name, rate in report["results"].items()]
+    if report.get("peak_memory_mb"):
+        lines += ["", f"{'peak GPU memory (step, epoch, TTA)':<46}{'MB':>12}", "-" * 58]
+        lines += [f"{name:<46}{mb:>12,.0f}" for name, mb in report["peak_memory_mb"].items()]
+    lines += ["", f"{'target':<46}{'value':>8}{'needs':>8}  result", "-" * 72]
     for name, target in report["targets"].items():
         verdict = ("met" if target["met"] else "MISSED") if target["applies"] else "n/a (GPU target)"
-        lines.append(f"{name:<36}{target['value']:>8.2f}{'≥ ' + format(target['needs'], 'g'):>8}  {verdict}")
+        lines.append(f"{name:<46}{target['value']:>8.2f}{'≥ ' + format(target['needs'], '.3g'):>8}  {verdict}")
     return "\n".join(lines)
 
 

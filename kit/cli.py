@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timm-model", default="resnet18", help="the timm model timed (default %(default)s)")
     bench.add_argument("--seconds", type=float, default=2.0, help="least time per measurement (default %(default)s)")
 
+    gpu_check = commands.add_parser("gpu-check", help="prove the GPU path on this card: bench, one epoch per config "
+                                                      "under sync-debug, both precisions, compile, TTA")
+    gpu_check.add_argument("--out", default="runs/gpu-check", help="folder for gpu-check-<time>.json "
+                                                                  "(default %(default)s)")
+    gpu_check.add_argument("--images", type=int, default=50_000, help="generated patches (default %(default)s)")
+
     results = commands.add_parser("results", help="configs × seeds on the hard generated set → docs/RESULTS.md")
     results.add_argument("--configs", default="baseline baseline_bn effnet_b0 resnet34 convnext_nano",
                          help="shipped configs, or lite0_imagenet / lite0_random (default: %(default)s)")
@@ -124,6 +130,13 @@ def run(args) -> None:
     elif args.command == "bench":
         print(api.bench(args.out, images=args.images, device=args.device, batch_size=args.batch_size,
                         timm_model=args.timm_model, min_seconds=args.seconds))     # the JSON's path, last
+    elif args.command == "gpu-check":
+        from .gpu_check import run_gpu_check
+
+        path, passed = run_gpu_check(args.out, images=args.images)
+        print(path)
+        if not passed:
+            raise KitError(f"gpu-check: some runs failed (marked FAILED above; details in {path})")
     elif args.command == "results":
         from .config import parse_overrides
         from .results import run_study

@@ -8,6 +8,9 @@ such a card at start with one line.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import torch
 
 from .errors import KitError
@@ -100,3 +103,34 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_mb(device: torch.device) -> float | None:
     """The most GPU memory tensors held since the last reset, in MB; None on the CPU."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+SYNC_DEBUG_VARIABLE = "KIT_SYNC_DEBUG"    # "error" or "warn": `make gpu-check` sets it to prove the loop never waits
+
+
+@contextmanager
+def sync_debug(device: torch.device):
+    """Inside the training loop, apply the sync debug mode named by $KIT_SYNC_DEBUG (torch.cuda.set_sync_debug_mode:
+    a GPU→CPU wait then raises or warns); the loop's intended reads go through `intended_sync`."""
+    mode = os.environ.get(SYNC_DEBUG_VARIABLE, "")
+    if device.type != "cuda" or not mode:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@contextmanager
+def intended_sync():
+    """A read the loop means to make (the loss every `check_every` steps), allowed under `sync_debug`."""
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode("default")
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)

@@ -28,8 +28,8 @@ from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choos
 from .config import Config, LossConfig, to_dict
 from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
                    gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
-from .device import (autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory,
-                     select_device)
+from .device import (autocast_dtype, card_name, intended_sync, peak_memory_mb, precision_name, reset_peak_memory,
+                     select_device, sync_debug)
 from .errors import Interrupted, KitError
 from .folds import Split, load_split
 from .io import require_writable_dir
@@ -252,30 +252,39 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
     loss_sum, seen, start = torch.zeros((), device=device), 0, time.perf_counter()
     bar = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True, leave=False, mininterval=0.5,
                disable=desc is None)
-    for step, (inputs, labels) in enumerate(bar, 1):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = parts.loss_fn(model(inputs).float(), labels)
-        loss_sum += loss.detach() * len(inputs)
-        seen += len(inputs)
-        if step % check_every == 0 or step == len(batches):
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise KitError(f"training diverged ({desc}: loss is {mean_loss}); lower optimizer.lr")
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{seen / (time.perf_counter() - start):,.0f}")
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.scaler.scale(loss).backward()
-        if parts.grad_clip:
-            parts.scaler.unscale_(parts.optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-        parts.scheduler.step()
-        if hold_backbone_lr:
-            hold_backbone(parts.optimizer, parts.scheduler, held=True)
-        if parts.ema is not None:        # the scheduler counts optimizer steps, across resumes too
-            parts.ema.update(getattr(model, "_orig_mod", model), step=parts.scheduler.last_epoch)
+    with sync_debug(device):
+        for step, (inputs, labels) in enumerate(bar, 1):
+            seen += len(inputs)
+            train_step(model, inputs, labels, parts, device, amp_dtype, loss_sum, hold_backbone_lr)
+            if step % check_every == 0 or step == len(batches):
+                with intended_sync():
+                    mean_loss = loss_sum.item() / seen
+                if not math.isfinite(mean_loss):
+                    raise KitError(f"training diverged ({desc}: loss is {mean_loss}); lower optimizer.lr")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{seen / (time.perf_counter() - start):,.0f}")
     bar.close()
     return loss_sum.item() / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
+
+
+def train_step(model, inputs, labels, parts: TrainingParts, device, amp_dtype, loss_sum: torch.Tensor,
+               hold_backbone_lr: bool) -> None:
+    """Forward, backward, update, schedule and EMA for one batch; its loss × batch size is added to `loss_sum` on
+    the device (never read here)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = parts.loss_fn(model(inputs).float(), labels)
+    loss_sum += loss.detach() * len(inputs)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if parts.grad_clip:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step()
+    if hold_backbone_lr:
+        hold_backbone(parts.optimizer, parts.scheduler, held=True)
+    if parts.ema is not None:        # the scheduler counts optimizer steps, across resumes too
+        parts.ema.update(getattr(model, "_orig_mod", model), step=parts.scheduler.last_epoch)
 
 
 @torch.no_grad()

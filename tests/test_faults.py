@@ -59,7 +59,7 @@ def tiny_disk(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-# ---- OUT that cannot be written: said before any work ----------------------------------------------------------------
+# ---- OUT that cannot be written: said before any work --------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["cache"], ["train", "--fold", "0"], ["train-all"], ["predict"], ["report"]])
 def test_out_that_is_a_file_is_one_line_before_any_work(quick_config, tmp_path, capsys, command):
@@ -84,7 +84,8 @@ def test_read_only_out_is_named_before_training(quick_config, tmp_path, capsys, 
     monkeypatch.setattr(kit.io.tempfile, "mkstemp", read_only_mkstemp)
     assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
     err = one_line_error(capsys)
-    assert f"OUT={cfg.out_dir} is not writable: {cfg.out_dir} is read-only (a read-only file system); write elsewhere: OUT=" in err
+    assert f"OUT={cfg.out_dir} is not writable: {cfg.out_dir} is read-only (a read-only file system); " \
+           f"write elsewhere: OUT=" in err
     assert not any(Path(cfg.out_dir).rglob("*.npy")), "stopped before the cache build"
 
 
@@ -151,7 +152,7 @@ def test_disk_full_inside_the_cache_workers_is_one_line(quick_config, capsys, mo
     assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
 
 
-# ---- leftovers ---------------------------------------------------------------------------------------------------------
+# ---- leftovers -----------------------------------------------------------------------------------------------------
 
 def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config, tmp_path):
     cfg = quick_config()
@@ -191,7 +192,7 @@ def test_a_killed_runs_half_written_checkpoint_is_removed(quick_config):
     assert not leftover.exists()
 
 
-# ---- Ctrl-C ------------------------------------------------------------------------------------------------------------
+# ---- Ctrl-C --------------------------------------------------------------------------------------------------------
 
 def test_ctrl_c_during_the_cache_build_says_what_was_kept_without_worker_noise(quick_config):
     """A real SIGINT to the whole process group, as a terminal sends it, while 2 worker processes decode."""
@@ -236,7 +237,7 @@ def test_ctrl_c_during_training_names_the_saved_epochs(quick_config):
     assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
-# ---- ids with whitespace -----------------------------------------------------------------------------------------------
+# ---- ids with whitespace -------------------------------------------------------------------------------------------
 
 def test_an_id_with_whitespace_is_named_as_such_not_as_a_missing_file(data_copy):
     labels = pd.read_csv(data_copy / "train_labels.csv", dtype={"id": str})

@@ -193,3 +193,31 @@ def test_the_training_loop_makes_no_blocking_copy_and_reads_the_loss_only_at_che
     assert audit.reads.count("engine.py:item") == len(batches) // 4 + 1, audit.reads
     assert {read for read in audit.reads if not read.startswith(("optimizer.py", "engine.py"))} <= \
         {"augment.py:tolist"}, audit.reads
+
+
+def test_gpu_check_without_a_gpu_is_one_line_and_exit_2(capsys):
+    from kit.cli import main
+
+    assert main(["gpu-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "make gpu-check needs a GPU, and PyTorch sees none here" in err
+
+
+def test_gpu_check_runs_every_step_end_to_end(tmp_path):
+    """The same script on the CPU, small: bench, an epoch under the sync-debug switch, TTA, the JSON and the table
+    (on a GPU the same code adds forced fp16, compile and peak memory)."""
+    import json
+
+    from kit.gpu_check import run_gpu_check
+
+    lines = []
+    path, passed = run_gpu_check(tmp_path / "check", images=600, test_images=48, configs=("baseline_bn",), compiled=(),
+                                 device="cpu", bench_images=64, bench_seconds=0.0, log=lines.append)
+    report = json.loads(path.read_text())
+    assert passed and report["passed"] and report["card"] == "cpu"
+    (run,) = report["epochs"]
+    assert run["status"] == "ok" and run["precision"] == "auto" and run["train_images_per_s"] > 0
+    assert run["peak_memory_mb"] is None and 0 <= run["val_auc"] <= 1
+    assert report["tta"]["status"] == "ok" and report["tta"]["views"] == "d4"
+    assert "epoch (input + step + EMA) baseline" in report["bench"]["results"]
+    assert lines[-1].endswith("passed") and "train img/s" in lines[-1]

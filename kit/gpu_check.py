@@ -1,0 +1,179 @@
+"""`make gpu-check`: the GPU path proved on the card at hand, in one script (a few minutes on one GPU).
+
+  1. `make bench DEVICE=cuda`: input pipelines, step, epoch (input + step + EMA), TTA, in each precision the card has
+  2. one epoch of every shipped config on ~50k generated patches (fold 0 of 5: 40k train / 10k valid) with
+     torch.cuda.set_sync_debug_mode("error") over the training loop (any GPU→CPU wait there raises), in the precision
+     the kit picks and in forced fp16 (what a T4 runs), compile off; and compiled for a few configs
+  3. a TTA prediction of the test set with the trained fold
+It writes one JSON (runs/gpu-check/gpu-check-<time>.json) and prints a table: card, torch, images/s, peak memory,
+epoch seconds. Runs that fail are marked FAILED with their error, the others go on; the exit status says whether
+all passed. No GPU: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .competition import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR, TRAIN_LABELS_CSV
+from .config import CONFIGS_DIR, load_config
+from .demo_data import make_demo_data
+from .device import SYNC_DEBUG_VARIABLE, autocast_dtype, card_name, precision_name, select_device
+from .errors import KitError
+from .io import atomic_write_csv, atomic_write_json
+
+SHIPPED = tuple(sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml") if path.stem != "demo"))
+COMPILED = ("baseline_bn", "effnet_b0")     # compiling takes a minute or so each: two families
+
+
+def timing_data(folder: Path, images: int, unique: int = 5000, test: int = 2000) -> Path:
+    """`images` training patches in the Kaggle layout, fast: `unique` generated ones, hard-linked under new ids up
+    to the count (decoding and training cost the same whatever the pixels)."""
+    source = make_demo_data(folder / "unique", n_train=min(unique, images), n_test=test, seed=0)
+    labels = pd.read_csv(source / TRAIN_LABELS_CSV, dtype={"id": str})
+    data = folder / "data"
+    (data / TRAIN_DIR).mkdir(parents=True)
+    shutil.copytree(source / TEST_DIR, data / TEST_DIR)
+    shutil.copy(source / SAMPLE_SUBMISSION_CSV, data / SAMPLE_SUBMISSION_CSV)
+    rows = []
+    for number in range(images):
+        original = labels.iloc[number % len(labels)]
+        new_id = f"{number:08x}{original['id'][8:]}"
+        os.link(source / TRAIN_DIR / f"{original['id']}.tif", data / TRAIN_DIR / f"{new_id}.tif")
+        rows.append((new_id, int(original["label"])))
+    atomic_write_csv(data / TRAIN_LABELS_CSV, pd.DataFrame(rows, columns=["id", "label"]))
+    return data
+
+
+@contextmanager
+def sync_debug_error():
+    previous = os.environ.get(SYNC_DEBUG_VARIABLE)
+    os.environ[SYNC_DEBUG_VARIABLE] = "error"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SYNC_DEBUG_VARIABLE, None)
+        else:
+            os.environ[SYNC_DEBUG_VARIABLE] = previous
+
+
+def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compiled: bool, device: str) -> dict:
+    """Fold 0 of `config` for one epoch, under sync-debug "error": its history row, or the error."""
+    from .engine import train_fold
+
+    name = f"{config}-{amp_dtype}{'-compiled' if compiled else ''}"
+    cfg = load_config(config, {"name": name, "data_dir": str(data_dir), "out_dir": str(out_dir), "epochs": 1,
+                               "folds.n_splits": 5, "amp_dtype": amp_dtype, "train.compile": compiled,
+                               "model.pretrained": False, "model.pretrained_file": "", "train.swa_epochs": 0,
+                               "device": device, "submissions_dir": str(out_dir / "submissions")})
+    row = {"config": config, "precision": amp_dtype, "compiled": compiled}
+    started = time.perf_counter()
+    try:
+        with sync_debug_error():
+            metrics = train_fold(cfg, 0, log=lambda *_: None)
+        history = pd.read_csv(out_dir / name / "fold0" / "history.csv").iloc[-1]
+        peak = history.get("peak_memory_mb")
+        row.update(status="ok", train_images_per_s=float(history["images_per_s"]),
+                   epoch_seconds=float(history["seconds"]), peak_memory_mb=None if pd.isna(peak) else float(peak),
+                   val_auc=float(metrics["best_val_auc"]), fold_seconds=time.perf_counter() - started)
+    except Exception as err:     # a failed run is reported, and the check goes on with the others
+        row.update(status="FAILED", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                   where=traceback.format_exc(limit=-3))
+    return row
+
+
+def tta_prediction(config: str, data_dir: Path, out_dir: Path, device: str) -> dict:
+    """The test set through the trained fold 0 × 8 D4 views (what `make predict` does per fold)."""
+    from .predict import predict_test
+
+    cfg = load_config(config, {"name": f"{config}-auto", "data_dir": str(data_dir), "out_dir": str(out_dir),
+                               "epochs": 1, "folds.n_splits": 5, "model.pretrained": False,
+                               "model.pretrained_file": "", "train.swa_epochs": 0, "device": device})
+    started = time.perf_counter()
+    try:
+        prediction = predict_test(cfg, allow_missing_folds=True, log=lambda *_: None)
+        seconds = time.perf_counter() - started
+        return {"config": config, "status": "ok", "views": prediction.views, "seconds": seconds,
+                "images_per_s": len(prediction.ids) / seconds}
+    except Exception as err:
+        return {"config": config, "status": "FAILED", "error": f"{type(err).__name__}: {err}"}
+
+
+def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, test_images: int = 2000,
+                  configs=SHIPPED, compiled=COMPILED, device: str = "cuda", bench_images: int = 8192,
+                  bench_seconds: float = 1.0, log=print) -> tuple[Path, bool]:
+    """Every step of the module docstring; returns the JSON's path and whether every run passed. `device="cpu"`
+    runs the same steps on the CPU (the tests use it, small)."""
+    from .bench import run_bench
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KitError("make gpu-check needs a GPU, and PyTorch sees none here (torch.cuda.is_available() is False); "
+                       "run it on a GPU machine, e.g. a Kaggle notebook with a T4 or L4")
+    torch_device = select_device(device)          # refuses a card this torch has no kernels for
+    card = card_name(torch_device) if torch_device.type == "cuda" else "cpu"
+    auto = autocast_dtype(torch_device, amp=True)
+    precisions = ["auto"] + (["fp16"] if auto == torch.bfloat16 else [])     # a bf16 card also runs a T4's fp16
+    log(f"gpu-check on {card}, torch {torch.__version__}; the kit's precision: {precision_name(auto)}")
+    report = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "kit_precision": precision_name(auto), "images": images}
+    started = time.perf_counter()
+    log("1/3 make bench …")
+    report["bench"] = run_bench(images=bench_images, device=device, batch_size=min(256, bench_images),
+                                min_seconds=bench_seconds, log=log)
+    with tempfile.TemporaryDirectory(prefix="kit-gpu-check-") as tmp:
+        log(f"2/3 one epoch per config on {images:,} generated patches (sync debug: error) …")
+        data_dir = timing_data(Path(tmp), images, test=test_images)
+        runs = []
+        for config in configs:
+            for precision in precisions:
+                runs.append(one_epoch(config, data_dir, Path(tmp) / "runs", precision, False, device))
+                log(format_run(runs[-1]))
+            if config in compiled:
+                runs.append(one_epoch(config, data_dir, Path(tmp) / "runs", "auto", True, device))
+                log(format_run(runs[-1]))
+        report["epochs"] = runs
+        log("3/3 TTA prediction of the test set …")
+        report["tta"] = tta_prediction(configs[0] if "baseline_bn" not in configs else "baseline_bn", data_dir,
+                                       Path(tmp) / "runs", device)
+    report["seconds"] = time.perf_counter() - started
+    passed = all(r["status"] == "ok" for r in runs) and report["tta"]["status"] == "ok"
+    report["passed"] = passed
+    path = Path(out_dir) / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(path, report)
+    log("\n" + format_report(report))
+    return path, passed
+
+
+def format_run(row: dict) -> str:
+    what = f"{row['config']:<14} {row['precision']:<5} {'compiled' if row['compiled'] else 'eager':<9}"
+    if row["status"] != "ok":
+        return f"  {what} FAILED: {row['error']}"
+    peak = row.get("peak_memory_mb")
+    peak = f"{peak:>9,.0f}" if peak is not None else f"{'-':>9}"
+    return (f"  {what} {row['train_images_per_s']:>10,.0f} {row['epoch_seconds']:>8.1f} {peak} "
+            f"{row['val_auc']:>8.4f}")
+
+
+def format_report(report: dict) -> str:
+    from .bench import format_table
+
+    lines = [f"{report['card']}; torch {report['torch']} (CUDA {report['cuda']}); kit precision "
+             f"{report['kit_precision']}; {report['images']:,} patches; {report['seconds'] / 60:.1f} min", "",
+             format_table(report["bench"]), "",
+             f"  {'config':<14} {'prec.':<5} {'mode':<9} {'train img/s':>10} {'epoch s':>8} {'peak MB':>9} "
+             f"{'val AUC':>8}", "  " + "-" * 70]
+    lines += [format_run(row) for row in report["epochs"]]
+    tta = report["tta"]
+    lines += ["", f"  TTA prediction ({tta['config']}): " + (
+        f"{tta['images_per_s']:,.0f} test images/s × {tta['views']} views" if tta["status"] == "ok"
+        else f"FAILED: {tta['error']}"), "", "passed" if report["passed"] else "FAILED: see the rows above"]
+    return "\n".join(lines)
