@@ -34,10 +34,13 @@ class Probability(nn.Module):
         return torch.sigmoid(self.model(images).float())
 
 
+STACKED_IMAGES = 2048     # images per forward pass when views are stacked: large GPU batches, bounded memory
+
+
 class StackedTTA(nn.Module):
-    """The mean probability over ttach's views, with every view of a batch in one forward pass: (V·N, C, H, W)
-    instead of V passes of N, so a GPU runs one large batch (and TTA-time BatchNorm is in eval mode, so stacking
-    changes nothing). The views and their inverses are ttach's own."""
+    """The mean probability over ttach's views, with the views of a batch stacked into one forward pass (as many as
+    fit in STACKED_IMAGES: all 8 for a batch of 256) instead of one pass per view, so a GPU runs large batches.
+    BatchNorm is in eval mode at TTA time, so stacking changes nothing; the views and their inverses are ttach's."""
 
     def __init__(self, model: nn.Module, transforms: ttach.Compose):
         super().__init__()
@@ -45,9 +48,13 @@ class StackedTTA(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         views = list(self.transforms)
-        stacked = torch.cat([view.augment_image(images) for view in views])
-        probabilities = self.model(stacked).split(len(images))
-        return torch.stack([view.deaugment_label(p) for view, p in zip(views, probabilities)]).mean(0)
+        per_pass = max(1, STACKED_IMAGES // max(1, len(images)))
+        probabilities = []
+        for start in range(0, len(views), per_pass):
+            group = views[start:start + per_pass]
+            outputs = self.model(torch.cat([view.augment_image(images) for view in group])).split(len(images))
+            probabilities += [view.deaugment_label(p) for view, p in zip(group, outputs)]
+        return torch.stack(probabilities).mean(0)
 
 
 def with_tta(model: nn.Module, views: str) -> nn.Module:

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from kit.cli import main
@@ -8,7 +9,11 @@ from kit.models import build_model
 from kit.predict import predict_probabilities
 
 
-def test_d4_tta_equals_the_mean_of_the_eight_views_by_hand():
+@pytest.mark.parametrize("stacked_images", [2048, 4])     # all 8 views in one pass; 2 views a pass
+def test_d4_tta_equals_the_mean_of_the_eight_views_by_hand(monkeypatch, stacked_images):
+    import kit.tta
+
+    monkeypatch.setattr(kit.tta, "STACKED_IMAGES", stacked_images)
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="baseline")).eval()
     images = np.random.default_rng(0).integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
