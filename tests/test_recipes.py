@@ -1,5 +1,6 @@
 """Transfer learning and the training recipe: shipped configs, pretrained files, augmentation, options, blending."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -259,3 +260,21 @@ def test_swa_averages_the_last_epochs_recomputes_batchnorm_and_resumes_exactly(q
     straight_best = load_checkpoint(fold_dir(straight, 0) / "best.pt")["model"]
     for name, tensor in straight_best.items():
         torch.testing.assert_close(best["model"][name], tensor, msg=name)
+
+
+COMPETE = ["compete_effnet_b0", "compete_resnet34", "compete_convnext_nano"]
+
+
+def test_the_competitive_recipe_is_what_the_readme_says():
+    """224 px ImageNet backbones, a frozen-backbone warm-up epoch, cosine, SWA over the last 3 epochs (no early
+    stopping to cut it short), 4 flip views: and the three are blendable (same folds, same data)."""
+    configs = [load_config(name) for name in COMPETE]
+    for cfg in configs:
+        assert cfg.model.pretrained and cfg.model.input_size == 224 and cfg.model.name not in BASELINES
+        assert cfg.train.freeze_backbone_epochs == 1 and cfg.schedule.name == "cosine"
+        assert cfg.train.swa_epochs == 3 < cfg.epochs and cfg.train.early_stopping == 0
+        assert cfg.tta.views == "flip4"
+        assert build_model(dataclasses.replace(cfg.model, pretrained=False)).input_size == 224
+    assert len({(c.folds.n_splits, c.folds.seed, c.folds.groups_csv, c.data_dir) for c in configs}) == 1
+    readme = (REPO / "README.md").read_text()
+    assert f'make predict EXPS="{" ".join(COMPETE)}"' in readme
