@@ -2,7 +2,7 @@
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
 #            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench),
-#            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results).
+#            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results), PARALLEL=N|auto (train-all: folds at once).
 
 CONFIG ?= configs/baseline_bn.yaml
 FOLD ?= 0
@@ -47,7 +47,7 @@ train: $(STAMP)
 	$(PY) -m kit train --fold $(FOLD) $(FORCE_FLAG) $(EXPERIMENT)
 
 train-all: $(STAMP)
-	$(PY) -m kit train-all $(FORCE_FLAG) $(EXPERIMENT)
+	$(PY) -m kit train-all $(FORCE_FLAG) $(if $(PARALLEL),--parallel $(PARALLEL)) $(EXPERIMENT)
 
 predict: $(STAMP)
 	$(PY) -m kit predict $(if $(filter 1 true yes,$(ALLOW_MISSING_FOLDS)),--allow-missing-folds) \

@@ -2,7 +2,7 @@
 
     from kit import api
     cfg = api.load_config("baseline_bn", epochs=3)  # a shipped config by name, or a path; keyword overrides
-    api.train_all(cfg)                              # or api.train(cfg, fold=0)
+    api.train_all(cfg)                              # or api.train(cfg, fold=0); parallel=2 (or "auto": GPUs)
     path = api.predict(cfg)                         # folds × TTA → validated CSV; returns its path
     api.submit(path)                                # validate, then upload through the Kaggle API
     api.report(cfg)                                 # runs/<experiment>/report.md with figures
@@ -117,8 +117,23 @@ def train(cfg: Config, fold: int, force: bool = False, log=print) -> dict:
     return train_fold(cfg, fold, force=force, log=log)
 
 
-def train_all(cfg: Config, force: bool = False, log=print) -> list[dict]:
-    return [train(cfg, fold, force=force, log=log) for fold in range(cfg.folds.n_splits)]
+def train_all(cfg: Config, force: bool = False, parallel: int | str = 1, log=print) -> float:
+    """Train (or resume) every fold: one after another, or `parallel` at a time (one process per GPU, or a share of
+    the CPU cores; "auto" = the number of GPUs). Returns the CV AUC of the pooled out-of-fold predictions."""
+    from .parallel import resolve_parallel, train_folds_parallel
+    from .predict import oof_auc
+    from .runs import finished_folds
+
+    if resolve_parallel(parallel) > 1:
+        train_folds_parallel(cfg, parallel, force=force, log=log)
+    else:
+        for fold in range(cfg.folds.n_splits):
+            train(cfg, fold, force=force, log=log)
+    found, _ = finished_folds(cfg)
+    cv_auc = oof_auc(found)
+    log(f"{cfg.name}: CV AUC {cv_auc:.4f} (pooled out-of-fold predictions with {cfg.tta.views} TTA, "
+        f"{len(found)} folds)")
+    return cv_auc
 
 
 @contextmanager

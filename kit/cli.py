@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_all = commands.add_parser("train-all", help="train every fold of the experiment")
     _add_experiment_options(train_all)
     train_all.add_argument("--force", action="store_true", help="retrain folds that are finished")
+    train_all.add_argument("--parallel", default="1", help="folds trained at once, one process each: a number, or "
+                                                           "auto = one per GPU (default %(default)s)")
 
     predict = commands.add_parser("predict", help="fold ensemble × TTA → submissions/<experiment>-<time>.csv")
     _add_experiment_options(predict)
@@ -158,7 +160,7 @@ def run(args) -> None:
         elif args.command == "train":
             api.train(cfg, args.fold, force=args.force)
         elif args.command == "train-all":
-            api.train_all(cfg, force=args.force)
+            api.train_all(cfg, force=args.force, parallel=args.parallel)
         elif args.command == "predict":
             names = args.exps.replace(",", " ").split()
             if len(names) > 1:

@@ -15,6 +15,7 @@ module; none of them builds a run path or decides "finished" on its own.
         metrics.json   written last; the fold is finished when it exists and the run reached its epochs or stopped
                        early
       fold<k>.lock     held (flock) by the process training fold k; the OS releases it when that process dies
+      fold<k>.log      what a `train-all PARALLEL=N` worker printed while training fold k
       .fold<k>.new/    a FORCE=1 retrain until its first checkpoint, then swapped in for fold<k>/
 
 Every file is written atomically, and checkpoints hold only tensors and plain data (`torch.load(weights_only=True)`).
@@ -54,6 +55,12 @@ EXTENSIBLE_SCHEDULES = ("constant", "cosine")
 
 def experiment_dir(cfg: Config) -> Path:
     return Path(cfg.out_dir) / cfg.name
+
+
+def fold_log_path(cfg: Config, fold: int) -> Path:
+    """The log of a fold trained by a `train-all PARALLEL=N` worker (beside the fold's folder, which a fresh run
+    replaces: the log of every attempt stays)."""
+    return experiment_dir(cfg) / f"fold{fold}.log"
 
 
 def fold_dir(cfg: Config, fold: int) -> Path:
@@ -345,6 +352,19 @@ def check_split_against_data(cfg: Config, folds=None) -> None:
     labels = read_train_labels(check_data_dir(cfg.data_dir))
     _, key, _ = split_path(labels, cfg.folds, Path(cfg.out_dir) / "folds", log=lambda *_: None)
     check_split(cfg, key, labels, folds)
+
+
+def folds_to_train(cfg: Config, force: bool = False) -> list[int]:
+    """The folds `train-all` has work for: all with `force`, else those not finished under this config (a fold
+    finished under another config is included: training it says why it is refused)."""
+    pending = []
+    for fold in range(cfg.folds.n_splits):
+        run = FoldRun(cfg, fold)
+        status = run.status()
+        comparison = run.compare(status)
+        if force or not is_finished(status, comparison) or comparison.differences:
+            pending.append(fold)
+    return pending
 
 
 def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[FinishedFold], dict[int, str]]:

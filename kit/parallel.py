@@ -1,0 +1,160 @@
+"""Fold-parallel training: `make train-all PARALLEL=N` trains N folds at once, one process per fold.
+
+Folds are independent and each writes only its own run folder (behind its lock), so the first win on a machine with
+several GPUs (Kaggle's T4 ×2) or many cores is running them side by side. The parent builds what folds share (the
+fold file and the train cache) once, before any worker starts; then it hands out folds from a queue of unfinished
+ones, one worker process per slot: a GPU each (`CUDA_VISIBLE_DEVICES`), or on the CPU an equal share of the cores.
+Each worker is the ordinary `python -m kit train --fold k`, logging to runs/<exp>/fold<k>.log; the parent prints
+their epoch lines prefixed with the fold. A failed fold is named with the end of its log while the others finish;
+Ctrl-C stops every worker, and each fold resumes later from its last saved epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config, save_config
+from .data import cache_dir_for, check_data_dir, load_split_images, read_train_labels
+from .errors import Interrupted, KitError
+from .folds import load_split
+from .runs import experiment_dir, fold_log_path, folds_to_train
+
+SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
+LOG_TAIL = 3          # lines of a failed fold's log in the error
+
+
+def resolve_parallel(parallel) -> int:
+    """`auto`: one worker per visible GPU (1 on a CPU machine); else a positive whole number."""
+    if str(parallel).strip().lower() == "auto":
+        return max(1, torch.cuda.device_count())
+    try:
+        count = int(parallel)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise KitError(f"PARALLEL must be a positive whole number or auto, got {parallel!r}")
+    return count
+
+
+@dataclass
+class Worker:
+    fold: int
+    slot: int
+    process: subprocess.Popen
+    log_path: Path
+    read: int = 0                            # bytes of the log already echoed
+    tail: list[str] = field(default_factory=list)
+
+
+def slot_environment(slot: int, workers: int) -> dict:
+    """A GPU of its own, or on the CPU an equal share of the cores (torch sizes its thread pool from these)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
+def prepare_shared(cfg: Config, log) -> None:
+    """The fold file and the train cache, built once here so that no two workers build them."""
+    data_dir = check_data_dir(cfg.data_dir)
+    labels = read_train_labels(data_dir)
+    load_split(labels, cfg.folds, Path(cfg.out_dir) / "folds")
+    images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg.out_dir, data_dir))
+    log(f"shared by the workers: the fold file and the train cache ({len(images):,} images)")
+
+
+def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=print) -> list[int]:
+    """Train the experiment's unfinished folds (all with `force`), `parallel` at a time; return the folds trained.
+    Raises KitError naming each failed fold with the end of its log, once the others have finished."""
+    workers_wanted = resolve_parallel(parallel)
+    pending = folds_to_train(cfg, force)
+    if not pending:
+        log(f"{cfg.name}: every fold is trained; pass FORCE=1 to train them again")
+        return []
+    prepare_shared(cfg, log)
+    config_path = experiment_dir(cfg) / "parallel-config.yaml"   # the effective config, overrides included
+    save_config(cfg, config_path)
+    workers = min(workers_wanted, len(pending))
+    where = (f"{workers} GPU(s)" if torch.cuda.is_available()
+             else f"the CPU, {max(1, (os.cpu_count() or 1) // workers)} thread(s) each")
+    log(f"{cfg.name}: training folds {', '.join(map(str, pending))}, {workers} at a time on {where}; "
+        f"logs in {experiment_dir(cfg)}/fold<k>.log")
+    queue, running, failed = list(pending), [], {}
+    try:
+        while queue or running:
+            free = sorted(set(range(workers)) - {w.slot for w in running})
+            while queue and free:
+                running.append(start_worker(cfg, queue.pop(0), free.pop(0), workers, config_path, force))
+            time.sleep(0.5)
+            for worker in list(running):
+                echo_new_lines(worker, log)
+                if worker.process.poll() is not None:
+                    echo_new_lines(worker, log)
+                    running.remove(worker)
+                    if worker.process.returncode != 0:
+                        failed[worker.fold] = worker.tail[-LOG_TAIL:]
+    except KeyboardInterrupt:
+        stop_workers(running)
+        raise Interrupted(f"interrupted: folds {', '.join(str(w.fold) for w in running) or 'none'} stopped; every "
+                          f"fold keeps its finished epochs; rerun the same command to resume") from None
+    if failed:
+        raise KitError("; ".join(f"fold {fold} failed ({experiment_dir(cfg)}/fold{fold}.log ends: "
+                                 f"{' | '.join(tail) or 'no output'})" for fold, tail in failed.items()))
+    return pending
+
+
+def start_worker(cfg: Config, fold: int, slot: int, workers: int, config_path: Path, force: bool) -> Worker:
+    log_path = fold_log_path(cfg, fold)
+    with open(log_path, "ab") as log_file:      # appended: earlier runs' lines stay; the child has its own handle
+        start = log_file.tell()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kit", "train", "--fold", str(fold), "--config", str(config_path)]
+            + (["--force"] if force else []),
+            stdout=log_file, stderr=subprocess.STDOUT, env=slot_environment(slot, workers))
+    return Worker(fold, slot, process, log_path, read=start)
+
+
+def echo_new_lines(worker: Worker, log) -> None:
+    """The worker's new complete log lines: kept for the error tail, the informative ones echoed."""
+    with open(worker.log_path, "rb") as handle:
+        handle.seek(worker.read)
+        chunk = handle.read()
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    worker.read += len(complete)
+    for line in complete.decode(errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        worker.tail = (worker.tail + [line])[-LOG_TAIL:]
+        if any(marker in line for marker in SHOWN):
+            log(f"[fold {worker.fold}] {line}")
+
+
+def stop_workers(running: list[Worker], grace_seconds: float = 60.0) -> None:
+    """Stop every worker as Ctrl-C would (each keeps its saved epochs and exits), then wait; kill what does not
+    stop. A terminal's Ctrl-C has reached them already (one process group): they get a moment to end on their own
+    before being sent one (a notebook's interrupt reaches only this process)."""
+    deadline = time.monotonic() + 2.0
+    while any(w.process.poll() is None for w in running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in running:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_seconds
+    for worker in running:
+        try:
+            worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
