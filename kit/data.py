@@ -21,13 +21,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from .competition import (CHANNELS, IMAGE_SIZE, IMAGE_SUFFIX, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR,
                           TRAIN_LABELS_CSV)
 from .device import spare_memory, to_device
 from .errors import Interrupted, KitError
 from .io import WHERE_TO_WRITE, atomic_path, free_bytes, human_bytes, process_lock, remove_temp_files
+from .progress import progress_bar
 
 GET_DATA_HINT = "run `make data` (or `make demo-data` for generated data), or pass DATA_DIR=/path/to/data"
 REPAIR_HINT = ("run `make data DATA_DIR={data_dir}` to verify every image and re-extract the bad ones from the "
@@ -208,7 +208,7 @@ def decode_images(paths: list[Path], array_path: Path | None, workers: int, desc
     tasks = [(None if array_path is None else str(array_path), header + start * ROW_BYTES,
               [str(p) for p in paths[start:start + chunk]]) for start in range(0, len(paths), chunk)]
     problems = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5, disable=not progress)
+    bar = progress_bar(total=len(paths), desc=desc, unit="img", hidden=not progress)
     with bar:
         if workers <= 1 or len(tasks) == 1:
             done = map(_decode_into, tasks)

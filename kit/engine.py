@@ -22,7 +22,6 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 from timm.utils import ModelEmaV3
 from torch.optim.swa_utils import AveragedModel, update_bn
-from tqdm import tqdm
 
 from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choose_input
 from .config import Config, LossConfig, to_dict
@@ -34,6 +33,7 @@ from .errors import Interrupted, KitError
 from .folds import Split, load_split
 from .io import require_writable_dir
 from .models import build_model, count_parameters, head_parameter_names, start_head_neutral
+from .progress import progress_bar
 from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock, is_finished
 from .tta import tta_view_count, with_tta
 
@@ -250,8 +250,7 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
     """
     model.train()
     loss_sum, seen, start = torch.zeros((), device=device), 0, time.perf_counter()
-    bar = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True, leave=False, mininterval=0.5,
-               disable=desc is None)
+    bar = progress_bar(batches, desc=desc, unit="batch", leave=False, hidden=desc is None)
     with sync_debug(device):
         for step, (inputs, labels) in enumerate(bar, 1):
             seen += len(inputs)
@@ -307,7 +306,7 @@ def predict_logits(model, images, indices: np.ndarray | None, batch_size: int, d
             pass
     outputs = []
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, dynamic_ncols=True):
+    for start in progress_bar(starts, desc=desc, unit="batch", leave=False, hidden=desc is None):
         batch = gather_batch(images, order[start:start + batch_size], device)
         if transform is not None:                                                 # per image, on the CPU
             batch = torch.from_numpy(np.stack([transform(image=image)["image"] for image in batch.cpu().numpy()]))

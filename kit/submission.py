@@ -256,9 +256,9 @@ def extract_missing(zip_path: Path, data_dir: Path, bad: set[Path] = frozenset()
                 raise KitError(f"{zip_path}: member {member.filename} would land outside {data_dir}; not extracting")
             if not target.is_file() or target.stat().st_size != member.file_size or target in bad:
                 todo.append((member, target))
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        for member, target in tqdm(todo, desc="unzip", unit="file", disable=not todo, mininterval=0.5):
+        for member, target in progress_bar(todo, desc="unzip", unit="file", hidden=not todo):
             with archive.open(member) as source, atomic_path(target) as tmp, open(tmp, "wb") as sink:
                 shutil.copyfileobj(source, sink, length=1 << 20)
             extracted += 1
