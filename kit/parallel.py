@@ -25,7 +25,7 @@ from .config import Config, save_config
 from .data import cache_dir_for, check_data_dir, load_split_images, read_train_labels
 from .errors import Interrupted, KitError
 from .folds import load_split
-from .runs import experiment_dir, fold_log_path, folds_to_train
+from .runs import experiment_dir, fold_log_path, folds_to_train, parallel_config_path
 
 SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
 LOG_TAIL = 3          # lines of a failed fold's log in the error
@@ -83,10 +83,10 @@ def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=print) 
         log(f"{cfg.name}: every fold is trained; pass FORCE=1 to train them again")
         return []
     prepare_shared(cfg, log)
-    config_path = experiment_dir(cfg) / "parallel-config.yaml"   # the effective config, overrides included
+    config_path = parallel_config_path(cfg)       # the effective config, overrides included, for the workers
     save_config(cfg, config_path)
     workers = min(workers_wanted, len(pending))
-    where = (f"{workers} GPU(s)" if torch.cuda.is_available()
+    where = (f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available()
              else f"the CPU, {max(1, (os.cpu_count() or 1) // workers)} thread(s) each")
     log(f"{cfg.name}: training folds {', '.join(map(str, pending))}, {workers} at a time on {where}; "
         f"logs in {experiment_dir(cfg)}/fold<k>.log")

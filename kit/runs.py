@@ -16,6 +16,7 @@ module; none of them builds a run path or decides "finished" on its own.
                        early
       fold<k>.lock     held (flock) by the process training fold k; the OS releases it when that process dies
       fold<k>.log      what a `train-all PARALLEL=N` worker printed while training fold k
+      parallel-config.yaml   the effective config those workers were given
       .fold<k>.new/    a FORCE=1 retrain until its first checkpoint, then swapped in for fold<k>/
 
 Every file is written atomically, and checkpoints hold only tensors and plain data (`torch.load(weights_only=True)`).
@@ -55,6 +56,11 @@ EXTENSIBLE_SCHEDULES = ("constant", "cosine")
 
 def experiment_dir(cfg: Config) -> Path:
     return Path(cfg.out_dir) / cfg.name
+
+
+def parallel_config_path(cfg: Config) -> Path:
+    """The effective config (overrides included) that `train-all PARALLEL=N` hands its workers."""
+    return experiment_dir(cfg) / "parallel-config.yaml"
 
 
 def fold_log_path(cfg: Config, fold: int) -> Path:
