@@ -113,7 +113,7 @@ def test_mixed_precision_trains_and_predicts_with_tta_on_cpu(amp_dtype, scaled):
     np.testing.assert_allclose(mixed, full, atol=0.05)
 
 
-@pytest.mark.parametrize("first, then", [(None, torch.float16), (torch.float16, None), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("first, then", [(None, torch.float16), (torch.float16, torch.bfloat16)])
 def test_resume_across_precisions(quick_config, monkeypatch, first, then):
     """A CPU or bf16 run saves the scaler as {}; fp16 resumes it with a fresh scale, and the other way round the
     saved scale is simply not needed. The precision is recorded in last.pt."""
