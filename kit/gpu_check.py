@@ -29,6 +29,7 @@ from .demo_data import make_demo_data
 from .device import SYNC_DEBUG_VARIABLE, autocast_dtype, card_name, precision_name, select_device
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json
+from .runs import HISTORY, fold_dir
 
 SHIPPED = tuple(sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml") if path.stem != "demo"))
 ONE_PRECISION = ("compete_",)      # the 224 px recipe: in the kit's precision only, to keep the check short
@@ -67,21 +68,27 @@ def sync_debug_error():
             os.environ[SYNC_DEBUG_VARIABLE] = previous
 
 
+def check_config(config: str, data_dir: Path, out_dir: Path, device: str, amp_dtype: str = "auto",
+                 compiled: bool = False):
+    """`config` as the check runs it: one epoch of 5 folds on the generated data, random weights (no download)."""
+    name = f"{config}-{amp_dtype}{'-compiled' if compiled else ''}"
+    return load_config(config, {"name": name, "data_dir": str(data_dir), "out_dir": str(out_dir), "epochs": 1,
+                                "folds.n_splits": 5, "amp_dtype": amp_dtype, "train.compile": compiled,
+                                "model.pretrained": False, "model.pretrained_file": "", "train.swa_epochs": 0,
+                                "device": device, "submissions_dir": str(out_dir / "submissions")})
+
+
 def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compiled: bool, device: str) -> dict:
     """Fold 0 of `config` for one epoch, under sync-debug "error": its history row, or the error."""
     from .engine import train_fold
 
-    name = f"{config}-{amp_dtype}{'-compiled' if compiled else ''}"
-    cfg = load_config(config, {"name": name, "data_dir": str(data_dir), "out_dir": str(out_dir), "epochs": 1,
-                               "folds.n_splits": 5, "amp_dtype": amp_dtype, "train.compile": compiled,
-                               "model.pretrained": False, "model.pretrained_file": "", "train.swa_epochs": 0,
-                               "device": device, "submissions_dir": str(out_dir / "submissions")})
+    cfg = check_config(config, data_dir, out_dir, device, amp_dtype, compiled)
     row = {"config": config, "precision": amp_dtype, "compiled": compiled}
     started = time.perf_counter()
     try:
         with sync_debug_error():
             metrics = train_fold(cfg, 0, log=lambda *_: None)
-        history = pd.read_csv(out_dir / name / "fold0" / "history.csv").iloc[-1]
+        history = pd.read_csv(fold_dir(cfg, 0) / HISTORY).iloc[-1]
         peak = history.get("peak_memory_mb")
         row.update(status="ok", train_images_per_s=float(history["images_per_s"]),
                    epoch_seconds=float(history["seconds"]), peak_memory_mb=None if pd.isna(peak) else float(peak),
@@ -96,9 +103,7 @@ def tta_prediction(config: str, data_dir: Path, out_dir: Path, device: str) -> d
     """The test set through the trained fold 0 × 8 D4 views (what `make predict` does per fold)."""
     from .predict import predict_test
 
-    cfg = load_config(config, {"name": f"{config}-auto", "data_dir": str(data_dir), "out_dir": str(out_dir),
-                               "epochs": 1, "folds.n_splits": 5, "model.pretrained": False,
-                               "model.pretrained_file": "", "train.swa_epochs": 0, "device": device})
+    cfg = check_config(config, data_dir, out_dir, device)          # the run `one_epoch` trained in "auto"
     started = time.perf_counter()
     try:
         prediction = predict_test(cfg, allow_missing_folds=True, log=lambda *_: None)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,6 +51,22 @@ def quick_config(demo_data, tmp_path):
         values.update(overrides)
         return load_config(REPO / "configs" / "demo.yaml", values)
     return make
+
+
+@contextmanager
+def lock_held_elsewhere(path: Path):
+    """Another process holding the kit lock at `path` (a fold's, or a split's cache build), as a training or build
+    would; killed with -9 on exit, so no clean-up code of its own runs."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from kit.io import process_lock\n"
+         f"with process_lock({str(path)!r}, ''):\n print('locked', flush=True); time.sleep(300)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
 
 
 @pytest.fixture

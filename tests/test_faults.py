@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,7 +24,7 @@ from kit.engine import train_fold
 from kit.errors import Interrupted, KitError
 from kit.runs import LAST, fold_dir
 
-from conftest import REPO
+from conftest import REPO, lock_held_elsewhere
 
 QUIET = {"log": lambda *_: None}
 PROGRESS_BAR = re.compile(r"^(cache \w+|fold \d+ epoch \d+/\d+|verify images):|^\s+$")
@@ -163,21 +162,13 @@ def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config
     ids = read_train_labels(cfg.data_dir)["id"]
 
     # a build still running (it holds the split's lock): its file is never touched; the second process waits
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kit.io import process_lock\n"
-         f"with process_lock({str(cache_dir / 'train.lock')!r}, ''):\n print('building', flush=True); time.sleep(300)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
     result = {}
-    try:
-        assert holder.stdout.readline().strip() == "building"
+    with lock_held_elsewhere(cache_dir / "train.lock"):     # then killed: its temp file is a dead build's leftover
         waiter = threading.Thread(target=lambda: result.update(
             images=load_split_images(cfg.data_dir, "train", ids, cache_dir, workers=1, progress=False)))
         waiter.start()
         time.sleep(1.0)
         assert waiter.is_alive() and leftover.exists(), "waits for the live build and leaves its file alone"
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)      # the build dies: its temp file is now a dead build's leftover
-        holder.wait()
     waiter.join(timeout=60)
     assert not leftover.exists() and len(result["images"]) == 600
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted(["train.lock", Path(result["images"].filename).name])

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,9 +15,9 @@ from kit import api
 from kit.data import cache_dir_for
 from kit.errors import KitError
 from kit.parallel import prepare_shared, resolve_parallel
-from kit.runs import experiment_dir, fold_dir, fold_lock
+from kit.runs import experiment_dir, fold_dir
 
-from conftest import REPO
+from conftest import REPO, lock_held_elsewhere
 
 
 def test_two_folds_are_trained_by_two_processes_on_data_built_once(quick_config):
@@ -45,18 +44,9 @@ def test_two_folds_are_trained_by_two_processes_on_data_built_once(quick_config)
 
 def test_a_fold_held_by_another_process_fails_alone_naming_its_log(quick_config):
     cfg = quick_config(epochs=1)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from kit.config import load_config; from kit.runs import fold_lock\n"
-         f"cfg = load_config('demo', {{'out_dir': {cfg.out_dir!r}}})\n"
-         "with fold_lock(cfg, 1):\n print('locked', flush=True); time.sleep(300)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(experiment_dir(cfg) / "fold1.lock") as holder:
         with pytest.raises(KitError) as caught:
             api.train_all(cfg, parallel=2, log=lambda *_: None)
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
     message = str(caught.value)
     assert message.startswith(f"fold 1 failed ({experiment_dir(cfg)}/fold1.log ends: ")
     assert f"is being trained by PID {holder.pid}" in message

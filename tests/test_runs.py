@@ -2,12 +2,7 @@
 to their labels, predict from best.pt alone, EMA that validates a trained model, decay groups, OOF with TTA."""
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -23,9 +18,9 @@ from kit.config import load_config
 from kit.engine import StepEma, build_optimizer, predict_probabilities, train_fold
 from kit.errors import KitError
 from kit.models import build_model
-from kit.runs import BEST, LAST, METRICS, OOF, RECORD, RUN_FILES, fold_dir, fold_lock, load_checkpoint
+from kit.runs import BEST, LAST, METRICS, OOF, RECORD, RUN_FILES, experiment_dir, fold_dir, fold_lock, load_checkpoint
 
-from conftest import REPO
+from conftest import REPO, lock_held_elsewhere
 
 QUIET = {"log": lambda *_: None}
 
@@ -141,20 +136,11 @@ def test_force_checks_everything_first_and_keeps_the_old_fold_until_the_new_one_
 
 def test_a_second_process_on_a_fold_is_refused_naming_the_holder_and_a_killed_holder_never_blocks(quick_config):
     cfg = quick_config(epochs=1)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kit.config import load_config; from kit.runs import fold_lock\n"
-         f"cfg = load_config('demo', {{'out_dir': {cfg.out_dir!r}}})\n"
-         "with fold_lock(cfg, 0):\n print('locked', flush=True); time.sleep(300)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(experiment_dir(cfg) / "fold0.lock") as holder:      # killed with -9 at the end
         with pytest.raises(KitError) as caught:
             train_fold(cfg, 0, **QUIET)
         assert f"fold 0 of `demo` is being trained by PID {holder.pid} on {socket.gethostname()}" in str(caught.value)
         assert not fold_dir(cfg, 0).exists(), "the refused process wrote nothing"
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)         # kill -9: no clean-up code runs
-        holder.wait()
     with fold_lock(cfg, 0):                         # the OS released the dead holder's lock
         pass
 
