@@ -2,7 +2,8 @@
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
 #            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench),
-#            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results), PARALLEL=N|auto (train-all: folds at once).
+#            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results), PARALLEL=N|auto (train-all: folds at once),
+#            NPROC=N (train: one fold on N processes, DDP), NNODES=M RDZV=host:port (train: on M machines).
 
 CONFIG ?= configs/baseline_bn.yaml
 FOLD ?= 0
@@ -43,8 +44,13 @@ demo-data: $(STAMP)
 cache: $(STAMP)
 	$(PY) -m kit cache $(EXPERIMENT)
 
+# NPROC=N: one fold on N processes (DDP; a GPU each, or CPU processes over gloo) through torchrun (kit/launch.py);
+# NNODES=M RDZV=host:port: the same on M machines (run the same command on each; kit/distributed.py)
+TORCHRUN = $(PY) -m kit.launch --nproc_per_node $(NPROC) \
+           $(if $(NNODES),--nnodes $(NNODES) --rdzv-backend c10d --rdzv-id $(or $(RDZV_ID),kit) \
+             --rdzv-endpoint $(or $(RDZV),$(error NNODES=$(NNODES) needs RDZV=host:port, the first machine's address)))
 train: $(STAMP)
-	$(PY) -m kit train --fold $(FOLD) $(FORCE_FLAG) $(EXPERIMENT)
+	$(if $(NPROC),$(TORCHRUN),$(PY)) -m kit train --fold $(FOLD) $(FORCE_FLAG) $(EXPERIMENT)
 
 train-all: $(STAMP)
 	$(PY) -m kit train-all $(FORCE_FLAG) $(if $(PARALLEL),--parallel $(PARALLEL)) $(EXPERIMENT)

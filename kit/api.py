@@ -93,7 +93,7 @@ def build_cache(cfg: Config, log=print) -> None:
 
     data_dir = check_data_dir(cfg.data_dir)
     require_writable_dir(cfg.out_dir)
-    cache_dir = cache_dir_for(cfg.out_dir, data_dir)
+    cache_dir = cache_dir_for(cfg, data_dir)
     for split, ids in (("train", read_train_labels(data_dir)["id"]), ("test", read_sample_submission(data_dir)["id"])):
         images = load_split_images(data_dir, split, ids, cache_dir)
         log(f"{split}: {len(images):,} images cached in {cache_dir}")

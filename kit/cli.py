@@ -8,9 +8,10 @@ Ctrl-C says what was and was not saved at that stage and exits 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .errors import Interrupted, KitError
+from .errors import Interrupted, KitError, SharedError
 
 DEFAULT_CONFIG = "configs/baseline_bn.yaml"
 
@@ -176,6 +177,14 @@ def run(args) -> None:
             print(api.report(configs, target_sensitivity=args.target_sensitivity))
 
 
+def current_rank() -> int | None:
+    """This process's rank once it has joined a multi-process group, else None."""
+    from .distributed import current
+
+    ranks = current()
+    return ranks.rank if ranks.active else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -184,10 +193,28 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    say, under_torchrun = print, "WORLD_SIZE" in os.environ      # (kit.distributed imports torch: only then)
+    if under_torchrun:
+        from .distributed import launched_rank, launched_world
+    if under_torchrun and launched_world() > 1:       # NPROC > 1: rank 0 speaks for what every rank shares
+        if args.command != "train":
+            if launched_rank() == 0:
+                print(f"error: only `train` runs under torchrun (NPROC); run `{args.command}` as one process",
+                      file=sys.stderr)
+            return 2
+
+        def say(*values, **options):
+            if launched_rank() == 0:
+                print(*values, **options)
     try:
         run(args)
     except KitError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # a SharedError, or one raised before the ranks joined (a bad config), is the same on every rank
+        rank = current_rank() if under_torchrun else None
+        if rank is None or isinstance(err, SharedError):
+            say(f"error: {err}", file=sys.stderr)
+        else:
+            print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
     except OSError as err:              # one not already put in words where it happened
         from .io import os_error_message
@@ -195,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"\n{err}", file=sys.stderr)
+        say(f"\n{err}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\ninterrupted: files written before are intact (every write is atomic); rerun the same command",
-              file=sys.stderr)
+        say("\ninterrupted: files written before are intact (every write is atomic); rerun the same command",
+            file=sys.stderr)
         return 130
     return 0

@@ -100,6 +100,8 @@ class TrainConfig:
     # auto: batch when every augment.train transform has a batch equivalent (kit/augment.py), else albumentations.
     input: str = "auto"
     compile: bool = False        # torch.compile the training model: faster GPU steps after a minute of compiling
+    # Under DDP (NPROC > 1, GPUs only): BatchNorm statistics over the whole batch instead of each GPU's share.
+    sync_bn: bool = False
     # Stochastic weight averaging over the last N epochs (torch.optim.swa_utils), BatchNorm statistics recomputed on
     # the training images at the end; the average becomes best.pt. 0 = off.
     swa_epochs: int = 0
@@ -124,6 +126,7 @@ class Config:
     name: str = ""               # experiment name: run folder and submission file are named after it
     data_dir: str = "data"       # the Kaggle folder: train/, test/, train_labels.csv, sample_submission.csv
     out_dir: str = "runs"        # run folders (runs/<name>/fold<k>/), folds and the image cache live here
+    cache_dir: str = ""          # the image cache elsewhere (e.g. each machine's local disk); "" = <out_dir>/cache
     submissions_dir: str = "submissions"
     seed: int = 42               # weights init, shuffling and augmentation
     epochs: int = 10

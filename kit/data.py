@@ -24,6 +24,7 @@ import torch
 
 from .competition import (CHANNELS, IMAGE_SIZE, IMAGE_SUFFIX, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR,
                           TRAIN_LABELS_CSV)
+from . import distributed
 from .device import spare_memory, to_device
 from .errors import Interrupted, KitError
 from .io import WHERE_TO_WRITE, atomic_path, free_bytes, human_bytes, process_lock, remove_temp_files
@@ -241,10 +242,12 @@ def find_bad_images(paths: list[Path], workers: int | None = None, desc: str = "
     return decode_images(paths, None, workers or os.cpu_count() or 1, desc, progress)
 
 
-def cache_dir_for(out_dir: str | Path, data_dir: str | Path) -> Path:
-    """One cache folder per data folder, so two data sets never evict each other's cache."""
+def cache_dir_for(cfg, data_dir: str | Path) -> Path:
+    """One cache folder per data folder, so two data sets never evict each other's cache: under the config's
+    `cache_dir` (e.g. a machine's local disk while runs go to shared storage), else under `out_dir`/cache."""
     source = Path(data_dir).resolve()
-    return Path(out_dir) / "cache" / f"{source.name}-{hashlib.sha1(str(source).encode()).hexdigest()[:8]}"
+    root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
+    return root / f"{source.name}-{hashlib.sha1(str(source).encode()).hexdigest()[:8]}"
 
 
 def load_split_images(data_dir: str | Path, split: str, ids, cache_dir: str | Path,
@@ -380,6 +383,7 @@ class CachedBatches:
         self.images, self.rows, self.batch_size, self.device = images, np.asarray(rows), batch_size, device
         self.augment, self.channels_last, self.seed = augment, channels_last, 0
         self.labels = torch.as_tensor(labels, dtype=torch.float32).to(device)
+        self.ranks = distributed.current()      # under DDP: this rank's equal share of every batch
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed
@@ -388,12 +392,18 @@ class CachedBatches:
         return batches_per_epoch(len(self.rows), self.batch_size)
 
     def __iter__(self):
-        """(float NCHW inputs, labels) on the device; order and augmentations come from the seed alone."""
+        """(float NCHW inputs, labels) on the device; order and augmentations come from the seed alone.
+
+        Under DDP every rank draws the same order and takes its slice of each batch (same number of steps on every
+        rank); its augmentations come from its own seed (`distributed.rank_seed`)."""
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(self.rows), generator=generator).numpy()
+        if self.ranks.active:
+            generator = torch.Generator().manual_seed(distributed.rank_seed(self.seed, self.ranks.rank))
         size = self.batch_size if len(self.rows) > self.batch_size else len(self.rows)
+        share, rank = size // self.ranks.world, self.ranks.rank
         for start in range(0, len(self) * size, size):
-            picked = order[start:start + size]
+            picked = order[start:start + size][rank * share:(rank + 1) * share]
             images = gather_batch(self.images, self.rows[picked], self.device)
             labels = self.labels[to_device(torch.as_tensor(picked), self.device)]
             if self.augment is None:
@@ -430,6 +440,7 @@ class SeededBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, items: int, batch_size: int):
         self.items, self.batch_size, self.seed = items, batch_size, 0
+        self.ranks = distributed.current()      # under DDP: this rank's equal share of every batch, its own seed
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed
@@ -442,8 +453,10 @@ class SeededBatchSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.items, generator=generator).tolist()
         seeds = torch.randint(2**31, (len(self),), generator=generator).tolist()
         size = self.batch_size if self.items > self.batch_size else self.items
+        share, rank = size // self.ranks.world, self.ranks.rank
         for number, seed in enumerate(seeds):
-            yield [(item, seed) for item in order[number * size:(number + 1) * size]]
+            batch = order[number * size:(number + 1) * size][rank * share:(rank + 1) * share]
+            yield [(item, distributed.rank_seed(seed, rank)) for item in batch]
 
 
 class AlbumentationsBatches:

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import sigmoid_focal_loss
 from timm.utils import ModelEmaV3
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from . import distributed
 from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choose_input
 from .config import Config, LossConfig, to_dict
 from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
@@ -249,20 +252,23 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
     `hold_backbone_lr`: the backbone is frozen by a zero learning rate (`hold_backbone`).
     """
     model.train()
+    world = distributed.current().world       # under DDP every rank trains an equal share of each batch
     loss_sum, seen, start = torch.zeros((), device=device), 0, time.perf_counter()
     bar = progress_bar(batches, desc=desc, unit="batch", leave=False, hidden=desc is None)
     with sync_debug(device):
         for step, (inputs, labels) in enumerate(bar, 1):
-            seen += len(inputs)
+            seen += len(inputs) * world
             train_step(model, inputs, labels, parts, device, amp_dtype, loss_sum, hold_backbone_lr)
             if step % check_every == 0 or step == len(batches):
-                with intended_sync():
-                    mean_loss = loss_sum.item() / seen
+                with intended_sync():             # summed over the ranks: every rank sees the same loss, and stops
+                    mean_loss = distributed.sum_across_ranks(loss_sum).item() / seen      # together if it diverges
                 if not math.isfinite(mean_loss):
-                    raise KitError(f"training diverged ({desc}: loss is {mean_loss}); lower optimizer.lr")
+                    raise KitError(f"training diverged ({desc or 'an epoch'}: loss is {mean_loss}); lower "
+                                   f"optimizer.lr")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{seen / (time.perf_counter() - start):,.0f}")
     bar.close()
-    return loss_sum.item() / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
+    return (distributed.sum_across_ranks(loss_sum).item() / max(1, seen),
+            seen / max(1e-9, time.perf_counter() - start))
 
 
 def train_step(model, inputs, labels, parts: TrainingParts, device, amp_dtype, loss_sum: torch.Tensor,
@@ -283,7 +289,13 @@ def train_step(model, inputs, labels, parts: TrainingParts, device, amp_dtype, l
     if hold_backbone_lr:
         hold_backbone(parts.optimizer, parts.scheduler, held=True)
     if parts.ema is not None:        # the scheduler counts optimizer steps, across resumes too
-        parts.ema.update(getattr(model, "_orig_mod", model), step=parts.scheduler.last_epoch)
+        parts.ema.update(unwrap(model), step=parts.scheduler.last_epoch)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of torch.compile's and DDP's wrappers (what EMA, SWA and checkpoints hold)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -364,13 +376,23 @@ def prepare_fold_data(cfg: Config, fold: int) -> FoldData:
     data_dir = check_data_dir(cfg.data_dir)
     labels = read_train_labels(data_dir)
     split = load_split(labels, cfg.folds, Path(cfg.out_dir) / "folds")
-    images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg.out_dir, data_dir))
+    images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg, data_dir))
     fold_of_row = split.folds["fold"].to_numpy()
     train_rows = np.flatnonzero(fold_of_row != fold)
     if cfg.max_train_images:
         train_rows = train_rows[: cfg.max_train_images]
     return FoldData(ids=labels["id"].to_numpy(), labels=labels["label"].to_numpy(), images=images,
                     train_rows=train_rows, valid_rows=np.flatnonzero(fold_of_row == fold), split=split)
+
+
+def prepare_shared(cfg: Config, log) -> None:
+    """The fold file and the train cache, built once before the processes that share them start training
+    (`train-all PARALLEL=N` workers, DDP ranks), so that none of them builds them while the others wait."""
+    data_dir = check_data_dir(cfg.data_dir)
+    labels = read_train_labels(data_dir)
+    load_split(labels, cfg.folds, Path(cfg.out_dir) / "folds")
+    images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg, data_dir))
+    log(f"shared by the processes: the fold file and the train cache ({len(images):,} images)")
 
 
 @dataclass
@@ -392,15 +414,25 @@ class FoldSetup:
 
 
 def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
-    """Model, data and optimisation for one fold; touches no run folder (FORCE=1 relies on that)."""
+    """Model, data and optimisation for one fold; touches no run folder (FORCE=1 relies on that).
+
+    Under DDP every rank builds the same model (same seed) and the same data; `wrap_step_model` then joins them."""
     # the model first: a bad name or missing weights fails in seconds, before a long first cache build
     device = select_device(cfg.device)
+    ranks = distributed.current()
+    if ranks.active:
+        check_ddp_config(cfg, device, ranks.world)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())     # this rank's GPU (LOCAL_RANK)
     amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
     seed_everything(cfg.seed * 1000 + fold)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if ranks.active and cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.train.compile else model    # shares the weights; compiles on first use
+    step_model = torch.compile(model) if cfg.train.compile and not ranks.active else model   # compiles on first use
     valid_transform = build_transform(cfg.augment.valid, "augment.valid")
     data = prepare_fold_data(cfg, fold)
     train_labels = data.labels[data.train_rows]
@@ -420,6 +452,62 @@ def set_up_fold(cfg: Config, fold: int) -> FoldSetup:
                      AveragedModel(model) if cfg.train.swa_epochs else None)
 
 
+def check_ddp_config(cfg: Config, device: torch.device, world: int) -> None:
+    """What DDP needs of the config: a batch that splits evenly over the ranks, SyncBatchNorm only on GPUs."""
+    if cfg.batch_size % world:
+        raise KitError(f"batch_size {cfg.batch_size} does not split over {world} processes (NPROC={world}): "
+                       f"batch_size is the whole step's batch, so use a multiple of {world}")
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise KitError("train.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel): drop it on the CPU")
+
+
+def wrap_step_model(cfg: Config, setup: FoldSetup) -> None:
+    """Under DDP the training steps go through DistributedDataParallel (it averages the gradients over the ranks
+    and starts every rank from rank 0's weights); EMA, SWA and checkpoints keep using `setup.model` itself.
+    Compiled after wrapping, as PyTorch recommends."""
+    if not distributed.current().active:
+        return
+    device = setup.device
+    step_model = DistributedDataParallel(setup.model, device_ids=[device.index] if device.type == "cuda" else None)
+    setup.step_model = torch.compile(step_model) if cfg.train.compile else step_model
+
+
+@dataclass
+class FoldPlan:
+    """What rank 0 decided to do with a fold's run folder (every rank follows it)."""
+    finished: dict | None = None       # metrics of a fold already finished under this config: nothing to train
+    state: dict | None = None          # last.pt to resume from
+    extension: tuple | None = None     # (old, new) epochs when a raised `epochs` continues the run
+    keep_existing: bool = False        # FORCE=1 over a trained fold: stage the new run beside it
+
+
+def plan_fold(cfg: Config, fold: int, run: FoldRun, force: bool, world: int) -> FoldPlan:
+    """Resume, skip or start afresh, by the run folder's rules (kit/runs.py); run holding the fold's lock."""
+    run.recover_from_crash()
+    status = run.status()
+    comparison = run.compare(status)
+    resume = status.has_checkpoint and not force
+    if resume and comparison.differences:
+        raise run.mismatch_error(comparison)
+    if not force:
+        check_split_against_data(cfg)     # every fold of the experiment on the split of today's labels
+    if resume and is_finished(status, comparison):
+        return FoldPlan(finished=status.metrics)
+    if not resume:
+        return FoldPlan(keep_existing=status.has_checkpoint)
+    state = run.load_checkpoint(LAST)
+    trained_by = int(state.get("world_size", 1))
+    if trained_by != world:
+        raise KitError(f"{run.label} was being trained by {trained_by} process(es) (NPROC={trained_by}), not "
+                       f"{world}: each process's share of a batch and its augmentations depend on the count; resume "
+                       f"with NPROC={trained_by}, or retrain it with FORCE=1")
+    return FoldPlan(state=state, extension=comparison.extension)
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """The log of DDP ranks other than 0."""
+
+
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
     """Train (or resume) one fold; return its metrics.
 
@@ -427,35 +515,40 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
     unless `force`: then everything is checked first, and the old fold is replaced only once the new run has
     written its first checkpoint. `on_epoch_end(epoch, row)` runs after each epoch's files are saved (tests use
     it to interrupt a run).
+
+    Under torchrun (`make train NPROC=N`) every rank runs this: rank 0 takes the lock, decides, logs and writes;
+    the others follow its decision and train their share (kit/distributed.py).
     """
-    require_writable_dir(cfg.out_dir)         # a read-only OUT, or a file there, fails now, not after an epoch
-    run = FoldRun(cfg, fold)
-    with fold_lock(cfg, fold):
-        run.recover_from_crash()
-        status = run.status()
-        comparison = run.compare(status)
-        resume = status.has_checkpoint and not force
-        if resume and comparison.differences:
-            raise run.mismatch_error(comparison)
-        if not force:
-            check_split_against_data(cfg)     # every fold of the experiment on the split of today's labels
-        if resume and is_finished(status, comparison):
-            metrics = status.metrics
+    ranks = distributed.start(select_device(cfg.device))
+    log = log if ranks.is_main else quiet
+    run = FoldRun(cfg, fold, writes=ranks.is_main)
+    with ExitStack() as held:
+        def lock_and_plan() -> FoldPlan:
+            require_writable_dir(cfg.out_dir)         # a read-only OUT, or a file there, fails now, not after an epoch
+            held.enter_context(fold_lock(cfg, fold))
+            return plan_fold(cfg, fold, run, force, ranks.world)
+
+        plan = distributed.from_main(lock_and_plan)
+        if plan.finished is not None:
+            metrics = plan.finished
             log(f"{cfg.name} fold {fold}: already trained (best val AUC {metrics['best_val_auc']:.4f} at epoch "
                 f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
             return metrics
 
-        setup = set_up_fold(cfg, fold)
+        if ranks.active:      # rank 0 builds what all share (with its progress bar) while the others wait
+            distributed.from_main(lambda: prepare_shared(cfg, log))
+        setup = distributed.together(lambda: set_up_fold(cfg, fold))
+        wrap_step_model(cfg, setup)
         progress = {"history": [], "best_auc": -1.0, "best_epoch": 0, "epoch": 0}
-        if resume:
-            progress = restore(run.load_checkpoint(LAST), setup)
+        if plan.state is not None:
+            progress = restore(plan.state, setup)
             log(f"{cfg.name} fold {fold}: resuming after epoch {progress['epoch']} (best val AUC "
-                f"{progress['best_auc']:.4f})" + (f"; epochs raised {comparison.extension[0]} → "
-                                                   f"{comparison.extension[1]}" if comparison.extension else ""))
+                f"{progress['best_auc']:.4f})" + (f"; epochs raised {plan.extension[0]} → {plan.extension[1]}"
+                                                   if plan.extension else ""))
         else:
-            run.start_fresh(keep_existing=status.has_checkpoint)
+            run.start_fresh(keep_existing=plan.keep_existing)
         try:
-            run.write_identity(setup.data.split.record, comparison.extension if resume else None)
+            run.write_identity(setup.data.split.record, plan.extension if plan.state is not None else None)
             describe_setup(cfg, fold, setup, log)
             stopped_early = progress["stopped"] = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log)
             return finish_fold(cfg, fold, run, setup, progress, stopped_early, log)
@@ -485,10 +578,14 @@ def interrupted_fold(cfg: Config, fold: int, run: FoldRun, progress: dict, stage
 
 def describe_setup(cfg: Config, fold: int, setup: FoldSetup, log) -> None:
     device = card_name(setup.device) if setup.device.type == "cuda" else "cpu"
+    ranks = distributed.current()
+    processes = (f", {ranks.world} processes (DDP over {torch.distributed.get_backend()}, "
+                 f"{cfg.batch_size // ranks.world} images each per step{', SyncBatchNorm' if cfg.train.sync_bn else ''})"
+                 if ranks.active else "")
     log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: model {cfg.model.name}, "
         f"{count_parameters(setup.model):,} parameters, {len(setup.data.train_rows):,} train / "
         f"{len(setup.data.valid_rows):,} valid images, device {device}, {precision_name(setup.amp_dtype)}"
-        f"{', compiled' if cfg.train.compile else ''}")
+        f"{', compiled' if cfg.train.compile else ''}{processes}")
     log(setup.input_line)
     planned = round(cfg.schedule.warmup_epochs * len(setup.batches))
     if cfg.schedule.name != "onecycle" and planned > warmup_steps(cfg, len(setup.batches)):
@@ -513,30 +610,49 @@ def restore(state: dict, setup: FoldSetup) -> dict:
             "epoch": state["epoch"]}
 
 
+def predict_held_out(cfg: Config, setup: FoldSetup, model: nn.Module, views: str | None = None) -> np.ndarray:
+    """The fold's held-out rows through `model`: logits, or with `views` the TTA-mean probability (what oof.csv
+    holds). Under DDP each rank predicts its shard and every rank gets all the rows back, in order."""
+    rows = distributed.shard(setup.data.valid_rows)
+    options = dict(transform=setup.valid_transform, channels_last=cfg.train.channels_last)
+    if views is None:
+        local = predict_logits(model, setup.images, rows, cfg.eval_batch_size, setup.device, setup.amp_dtype,
+                               **options)
+    else:
+        local = predict_probabilities(model, setup.images, views, cfg.eval_batch_size, setup.device,
+                                      setup.amp_dtype, rows=rows, **options)
+    return distributed.gather_rows(local)
+
+
 def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress: dict, on_epoch_end, log) -> bool:
     """Train and validate epoch by epoch, saving after each; return whether early stopping ended the run."""
     model, parts, data = setup.model, setup.parts, setup.data
+    ranks = distributed.current()
+    # a fixed graph (compile) or DDP's gradient hooks must not see requires_grad change: freeze by a zero rate
+    freeze_by_lr = cfg.train.compile or ranks.active
     valid_labels = data.labels[data.valid_rows]
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch   # same batches and views whether resumed or not
         setup.batches.set_seed(epoch_seed)
-        torch.manual_seed(epoch_seed)      # dropout, drop-path: the CPU and every CUDA generator, so a resumed run
-        frozen = epoch <= cfg.train.freeze_backbone_epochs          # draws what an uninterrupted one draws
-        if cfg.train.compile:
+        torch.manual_seed(distributed.rank_seed(epoch_seed))   # dropout, drop-path: the CPU and every CUDA
+        frozen = epoch <= cfg.train.freeze_backbone_epochs     # generator, so a resumed run draws what an
+        if freeze_by_lr:                                       # uninterrupted one draws
             hold_backbone(parts.optimizer, parts.scheduler, held=frozen)    # no recompile at the unfreeze
         else:
             set_backbone_trainable(model, not frozen)                      # no backbone gradients: faster
         reset_peak_memory(setup.device)
         started = time.perf_counter()
         train_loss, images_per_s = train_one_epoch(setup.step_model, setup.batches, parts, setup.device,
-                                                   setup.amp_dtype, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}",
-                                                   hold_backbone_lr=frozen and cfg.train.compile)
+                                                   setup.amp_dtype, hold_backbone_lr=frozen and freeze_by_lr,
+                                                   desc=f"fold {fold} epoch {epoch}/{cfg.epochs}" if ranks.is_main
+                                                   else None)
+        if ranks.active:      # each rank's BatchNorm statistics followed its own share: rank 0's become everyone's
+            distributed.copy_from_main(list(model.buffers()) +
+                                       (list(parts.ema.module.buffers()) if parts.ema is not None else []))
         if setup.swa is not None and epoch > cfg.epochs - cfg.train.swa_epochs:
             setup.swa.update_parameters(model)
         evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
-        valid_logits = predict_logits(evaluated, setup.images, data.valid_rows, cfg.eval_batch_size, setup.device,
-                                      setup.amp_dtype, transform=setup.valid_transform,
-                                      channels_last=cfg.train.channels_last)
+        valid_logits = predict_held_out(cfg, setup, evaluated)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": bce_loss(valid_logits, valid_labels),
                "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": head_lr(parts.optimizer),
                "images_per_s": images_per_s, "seconds": time.perf_counter() - started,
@@ -555,6 +671,7 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
             "ema": parts.ema.state_dict() if parts.ema is not None else None,
             "swa": setup.swa.state_dict() if setup.swa is not None else None,
             "torch_rng": torch.get_rng_state(), "amp_dtype": precision_name(setup.amp_dtype),
+            "world_size": ranks.world,
             "epoch": epoch, "history": progress["history"],
             "best_auc": progress["best_auc"], "best_epoch": progress["best_epoch"], "config": to_dict(cfg)})
         run.commit_staging()           # FORCE=1: the new run has a checkpoint now, so it replaces the old fold
@@ -585,8 +702,8 @@ def finish_swa(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, log) -> f
     setup.batches.set_seed(SWA_BN_SEED)
     update_bn(setup.batches, setup.swa)
     averaged = setup.swa.module
-    logits = predict_logits(averaged, setup.images, setup.data.valid_rows, cfg.eval_batch_size, setup.device,
-                            setup.amp_dtype, transform=setup.valid_transform, channels_last=cfg.train.channels_last)
+    distributed.average_across_ranks(averaged.buffers())     # DDP: each rank saw its share of every batch
+    logits = predict_held_out(cfg, setup, averaged)
     auc = float(roc_auc_score(setup.data.labels[setup.data.valid_rows], logits))
     run.save_checkpoint(BEST, {"model": averaged.state_dict(), "config": to_dict(cfg), "epoch": cfg.epochs,
                                "val_auc": auc, "fold": fold, "swa_epochs": int(setup.swa.n_averaged)})
@@ -601,10 +718,8 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
     data = setup.data
     swa_auc = finish_swa(cfg, fold, run, setup, log) if setup.swa is not None else None
     best_model = copy.deepcopy(setup.parts.ema.module if setup.parts.ema is not None else setup.model)
-    best_model.load_state_dict(run.load_checkpoint(BEST)["model"])
-    probabilities = predict_probabilities(best_model, setup.images, cfg.tta.views, cfg.eval_batch_size,
-                                          setup.device, setup.amp_dtype, rows=data.valid_rows,
-                                          transform=setup.valid_transform, channels_last=cfg.train.channels_last)
+    best_model.load_state_dict(distributed.from_main(lambda: run.load_checkpoint(BEST)["model"]))
+    probabilities = predict_held_out(cfg, setup, best_model, views=cfg.tta.views)
     valid_labels = data.labels[data.valid_rows]
     oof_auc = float(roc_auc_score(valid_labels, probabilities))
     run.write_oof(pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels, "pred": probabilities}))
@@ -614,6 +729,7 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
                "stopped_early": stopped_early, "train_images": int(len(data.train_rows)),
                "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
                "parameters": count_parameters(setup.model), "device": str(setup.device),
+               "processes": distributed.current().world,
                "ema": bool(cfg.train.ema_decay), "swa_val_auc": swa_auc, "plateau_loss": setup.plateau_loss,
                "stalled": is_stalled(progress["history"][-1]["train_loss"], setup.plateau_loss)}
     run.write_metrics(metrics)

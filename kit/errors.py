@@ -7,3 +7,7 @@ class KitError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying what was and was not saved at the stage it stopped (the command line prints it)."""
+
+
+class SharedError(KitError):
+    """A KitError that every rank of a multi-process (torchrun) run raises together: rank 0 alone prints it."""

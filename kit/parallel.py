@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, save_config
-from .data import cache_dir_for, check_data_dir, load_split_images, read_train_labels
+from .engine import prepare_shared
 from .errors import Interrupted, KitError
-from .folds import load_split
 from .runs import experiment_dir, fold_log_path, folds_to_train, parallel_config_path
 
 SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
@@ -63,15 +62,6 @@ def slot_environment(slot: int, workers: int) -> dict:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return env
-
-
-def prepare_shared(cfg: Config, log) -> None:
-    """The fold file and the train cache, built once here so that no two workers build them."""
-    data_dir = check_data_dir(cfg.data_dir)
-    labels = read_train_labels(data_dir)
-    load_split(labels, cfg.folds, Path(cfg.out_dir) / "folds")
-    images = load_split_images(data_dir, "train", labels["id"], cache_dir_for(cfg.out_dir, data_dir))
-    log(f"shared by the workers: the fold file and the train cache ({len(images):,} images)")
 
 
 def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=print) -> list[int]:

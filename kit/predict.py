@@ -61,7 +61,7 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
     checkpoints = find_fold_checkpoints(cfg, allow_missing_folds)
     data_dir = check_data_dir(cfg.data_dir)
     test_ids = read_sample_submission(data_dir)["id"].tolist()
-    images = load_split_images(data_dir, "test", test_ids, cache_dir_for(cfg.out_dir, data_dir))
+    images = load_split_images(data_dir, "test", test_ids, cache_dir_for(cfg, data_dir))
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
     images = resident_images(images, device)      # uploaded once for every fold when it fits in GPU memory

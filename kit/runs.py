@@ -24,6 +24,7 @@ Every file is written atomically, and checkpoints hold only tensors and plain da
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -46,7 +47,7 @@ LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
 RUN_FILES = (LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD)
 
 # Keys that say where or how fast a run goes, not what it computes: changing them never blocks a resume.
-NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "submissions_dir", "device", "num_workers",
+NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "cache_dir", "submissions_dir", "device", "num_workers",
                           "eval_batch_size", "amp", "amp_dtype", "train.compile", "train.channels_last"})
 # At prediction the weights come from best.pt, so where the initial weights came from no longer matters.
 PREDICT_NEUTRAL_KEYS = NEUTRAL_KEYS | {"model.pretrained", "model.pretrained_file"}
@@ -153,11 +154,23 @@ def is_finished(status: FoldStatus, comparison: Comparison) -> bool:
     return status.complete and (comparison.extension is None or bool(status.metrics.get("stopped_early")))
 
 
-class FoldRun:
-    """The files of one fold. `directory` is fold<k>/, or .fold<k>.new/ while a FORCE=1 retrain has no checkpoint."""
+def _writer_only(method):
+    """A FoldRun method that changes the folder: it does nothing on a FoldRun made with `writes=False`."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        return method(self, *args, **kwargs) if self.writes else None
+    return guarded
 
-    def __init__(self, cfg: Config, fold: int):
-        self.cfg, self.fold = cfg, fold
+
+class FoldRun:
+    """The files of one fold. `directory` is fold<k>/, or .fold<k>.new/ while a FORCE=1 retrain has no checkpoint.
+
+    Under DDP rank 0 alone owns the folder: the other ranks hold a `FoldRun(writes=False)`, whose methods that
+    write (`_writer_only`) do nothing, so the engine runs the same steps on every rank.
+    """
+
+    def __init__(self, cfg: Config, fold: int, writes: bool = True):
+        self.cfg, self.fold, self.writes = cfg, fold, writes
         self.experiment_dir = experiment_dir(cfg)
         self.final_dir = fold_dir(cfg, fold)
         self.staging_dir = self.experiment_dir / f".fold{fold}.new"
@@ -198,6 +211,7 @@ class FoldRun:
 
     # ---- starting, staging, recording ---------------------------------------------------------------------------
 
+    @_writer_only
     def recover_from_crash(self) -> None:
         """Tidy what a killed run left (call it holding the fold's lock): finish a swap that `commit_staging` was
         doing (.fold<k>.new/ and .fold<k>.old/), and delete half-written temporary files of checkpoints and CSVs."""
@@ -206,6 +220,7 @@ class FoldRun:
         shutil.rmtree(self.trash_dir, ignore_errors=True)
         remove_temp_files(self.final_dir)
 
+    @_writer_only
     def start_fresh(self, keep_existing: bool) -> None:
         """Train from epoch 1. With `keep_existing` (FORCE=1 over a trained fold) the new run writes into
         .fold<k>.new/, and the old fold<k>/ stays whole until the new run has a checkpoint (`commit_staging`)."""
@@ -216,6 +231,7 @@ class FoldRun:
             shutil.rmtree(self.final_dir, ignore_errors=True)     # an unfinished first epoch at most: nothing to keep
         self.directory.mkdir(parents=True, exist_ok=True)
 
+    @_writer_only
     def commit_staging(self) -> None:
         """Swap the retrained fold in for the old one once it has a checkpoint (no-op when not staging)."""
         if self.directory != self.staging_dir:
@@ -226,11 +242,13 @@ class FoldRun:
         shutil.rmtree(self.trash_dir, ignore_errors=True)
         self.directory = self.final_dir
 
+    @_writer_only
     def discard_staging(self) -> None:
         if self.directory == self.staging_dir:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
             self.directory = self.final_dir
 
+    @_writer_only
     def write_identity(self, split_record: dict, extension: tuple | None = None) -> None:
         """config.yaml (the config now training the fold) and run.json (its fingerprint, split, extensions)."""
         record = read_json(self.path(RECORD)) or {"experiment": self.cfg.name, "fold": self.fold,
@@ -246,18 +264,22 @@ class FoldRun:
 
     # ---- files --------------------------------------------------------------------------------------------------
 
+    @_writer_only
     def save_checkpoint(self, name: str, state: dict) -> None:
         atomic_torch_save(self.path(name), state)
 
     def load_checkpoint(self, name: str) -> dict:
         return load_checkpoint(self.path(name))
 
+    @_writer_only
     def write_history(self, history: list[dict], columns: list[str]) -> None:
         atomic_write_csv(self.path(HISTORY), pd.DataFrame(history, columns=columns))
 
+    @_writer_only
     def write_oof(self, oof: pd.DataFrame) -> None:
         atomic_write_csv(self.path(OOF), oof[["id", "label", "pred"]])
 
+    @_writer_only
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.path(METRICS), metrics)
 

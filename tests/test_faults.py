@@ -155,7 +155,7 @@ def test_disk_full_inside_the_cache_workers_is_one_line(quick_config, capsys, mo
 
 def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config, tmp_path):
     cfg = quick_config()
-    cache_dir = cache_dir_for(cfg.out_dir, cfg.data_dir)
+    cache_dir = cache_dir_for(cfg, cfg.data_dir)
     cache_dir.mkdir(parents=True)
     leftover = cache_dir / ".train-600-0123456789abcdef.npy.k2x9q1.tmp"        # what `kill -9` mid-build leaves
     leftover.write_bytes(b"\0" * 1000)

@@ -23,7 +23,7 @@ from conftest import REPO, lock_held_elsewhere
 def test_two_folds_are_trained_by_two_processes_on_data_built_once(quick_config):
     cfg = quick_config(epochs=1)
     prepare_shared(cfg, log=lambda *_: None)
-    (cache,) = cache_dir_for(cfg.out_dir, cfg.data_dir).glob("train-*.npy")
+    (cache,) = cache_dir_for(cfg, cfg.data_dir).glob("train-*.npy")
     built = cache.stat().st_ino
     messages = []
     cv_auc = api.train_all(cfg, parallel=2, log=messages.append)

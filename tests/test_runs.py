@@ -248,7 +248,7 @@ def test_oof_is_best_pt_with_the_configured_tta_views(quick_config, demo_data):
     from kit.data import cache_dir_for, load_split_images, read_train_labels
 
     labels = read_train_labels(demo_data)
-    images = load_split_images(demo_data, "train", labels["id"], cache_dir_for(cfg.out_dir, demo_data))
+    images = load_split_images(demo_data, "train", labels["id"], cache_dir_for(cfg, demo_data))
     rows = labels.index[labels["id"].isin(oof["id"])].to_numpy()
     expected = predict_probabilities(model, images, "d4", 128, torch.device("cpu"), rows=rows)
     np.testing.assert_allclose(oof["pred"].to_numpy(), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,169 @@
+"""One fold on two processes (DDP over gloo, on the CPU), launched by the kit's torchrun as `make train NPROC=2` does:
+identical weights on both ranks, only rank 0 writes, the gathered OOF covers the fold once, resume after kill -9,
+the same run across two "machines" (torchrun's c10d rendezvous on loopback), and every rank's share of a batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO
+from kit import distributed
+from kit.data import CachedBatches, SeededBatchSampler, read_train_labels
+from kit.engine import train_fold
+from kit.errors import KitError
+from kit.models import build_model, head_parameter_names
+from kit.folds import load_split
+from kit.runs import fold_dir, load_checkpoint
+
+WORKER = REPO / "tests" / "ddp_worker.py"
+
+
+def overrides(demo_data, out_dir, **more) -> dict:
+    values = {"data_dir": str(demo_data), "out_dir": str(out_dir), "epochs": 2, "batch_size": 32,
+              "folds.n_splits": 2, "eval_batch_size": 128, "max_train_images": 256, "train.ema_decay": 0.9,
+              "train.freeze_backbone_epochs": 1}
+    values.update(more)
+    return values
+
+
+def launch(launcher_args: list[str], values: dict, record, kill_after: int = 0, timeout: int = 240):
+    """`python -m kit.launch <launcher_args> tests/ddp_worker.py …`: the Makefile's NPROC path with the worker."""
+    command = [sys.executable, "-m", "kit.launch", *launcher_args, str(WORKER), "--overrides", json.dumps(values),
+               "--record", str(record)] + (["--kill-after", str(kill_after)] if kill_after else [])
+    # one thread per process in every launch form: sums split over another thread count round differently
+    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process, timeout: int = 240) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_ranks_train_one_fold_resume_after_kill_and_match_a_two_machine_run(demo_data, tmp_path):
+    out, record = tmp_path / "runs", tmp_path / "record"
+    values = overrides(demo_data, out)
+    one_machine = ["--nproc_per_node", "2"]
+
+    # killed (-9) on rank 0 once epoch 1 is saved: torchrun stops rank 1 too
+    code, output = finished(launch(one_machine, values, record / "killed", kill_after=1))
+    assert code != 0, output
+    last = load_checkpoint(fold_dir_of(values) / "last.pt")
+    assert last["epoch"] == 1 and last["world_size"] == 2
+
+    # epoch 1 had the backbone frozen (by a zero learning rate under DDP): only the head moved
+    cfg = load_cfg(values)
+    torch.manual_seed(cfg.seed * 1000 + 0)
+    initial = build_model(cfg.model)
+    head = head_parameter_names(initial)
+    for name, parameter in initial.named_parameters():
+        moved = not torch.equal(last["model"][name], parameter.detach())
+        assert moved == (name in head), f"{name} {'moved' if moved else 'did not move'} in the frozen epoch"
+
+    # another process count would draw other shares and augmentations: refused, naming both ways out
+    with pytest.raises(KitError, match=r"2 process\(es\) \(NPROC=2\), not 1.*NPROC=2.*FORCE=1"):
+        train_fold(cfg, 0, log=lambda *_: None)
+
+    code, output = finished(launch(one_machine, values, record / "resumed"))
+    assert code == 0, output
+    assert "resuming after epoch 1" in output
+
+    # both ranks hold the same weights, BatchNorm statistics included
+    rank0, rank1 = (torch.load(record / "resumed" / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    # every rank computed the same validation AUC (sharded predictions gathered back)
+    epochs = [json.loads((record / "resumed" / f"rank{r}-epochs.json").read_text()) for r in (0, 1)]
+    assert [e["val_auc"] for e in epochs[0]] == [e["val_auc"] for e in epochs[1]] and len(epochs[0]) == 1
+
+    # rank 0 alone wrote in the run folder (rank 1 moved no file into place, in either run)
+    for run in ("killed", "resumed"):
+        assert (record / run / "rank1-writes.txt").read_text() == ""
+        assert "last.pt" in (record / run / "rank0-writes.txt").read_text()
+
+    # the out-of-fold file covers the validation fold exactly once; the history has both epochs
+    folder = fold_dir_of(values)
+    oof = pd.read_csv(folder / "oof.csv", dtype={"id": str})
+    split = load_split(read_train_labels(demo_data), cfg.folds, out / "folds")
+    valid_ids = split.folds.loc[split.folds["fold"] == 0, "id"]
+    assert sorted(oof["id"]) == sorted(valid_ids) and oof["id"].is_unique
+    assert pd.read_csv(folder / "history.csv")["epoch"].tolist() == [1, 2]
+    assert json.loads((folder / "metrics.json").read_text())["processes"] == 2
+
+    # the same run, uninterrupted, as two machines of one process each meeting through c10d on loopback
+    reference = overrides(demo_data, tmp_path / "two-machines")
+    endpoint = f"127.0.0.1:{free_port()}"
+    machines = [launch(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                        endpoint, "--rdzv-id", "test"], reference, record / f"machine{m}") for m in (0, 1)]
+    for machine in machines:
+        code, output = finished(machine)
+        assert code == 0, output
+    uninterrupted = torch.load(next((record / f"machine{m}" / "rank0.pt") for m in (0, 1)
+                                    if (record / f"machine{m}" / "rank0.pt").exists()))
+    assert all(torch.equal(rank0[k], uninterrupted[k]) for k in rank0), "resumed run differs from uninterrupted"
+
+
+def fold_dir_of(values: dict):
+    return fold_dir(load_cfg(values), 0)
+
+
+def load_cfg(values: dict):
+    from kit.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml", values)
+
+
+def test_a_failure_on_the_ranks_is_one_line(demo_data, tmp_path):
+    values = overrides(demo_data, tmp_path / "runs", batch_size=33)
+    code, output = finished(launch(["--nproc_per_node", "2"], values, tmp_path / "record"))
+    assert code == 2
+    assert "batch_size 33 does not split over 2 processes" in output and "Traceback" not in output
+    assert output.count("does not split") == 1          # rank 0 speaks for both
+
+
+@pytest.mark.parametrize("path", ["batch", "albumentations"])
+def test_each_rank_takes_an_equal_disjoint_share_of_every_batch(monkeypatch, path):
+    """Two ranks' steps, side by side, make up the one-process run's steps; their augmentation seeds differ."""
+    rows, labels = np.arange(100, 300), np.zeros(200)
+    images = np.zeros((300, 96, 96, 3), dtype=np.uint8)
+
+    def steps(rank: int, world: int) -> list[list[int]]:
+        monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(rank, world))
+        if path == "batch":
+            seen = []
+            monkeypatch.setattr("kit.data.gather_batch",
+                                lambda images, picked, device: seen.append(sorted(picked)) or torch.zeros(
+                                    (len(picked), 96, 96, 3), dtype=torch.uint8))
+            batches = CachedBatches(images, rows, labels, 32, torch.device("cpu"))
+            batches.set_seed(7)
+            for _ in batches:
+                pass
+            return [[int(row) for row in step] for step in seen], None
+        sampler = SeededBatchSampler(len(rows), 32)
+        sampler.set_seed(7)
+        batches = list(sampler)
+        return [sorted(item for item, _ in batch) for batch in batches], {seed for batch in batches for _, seed in batch}
+
+    whole, whole_seeds = steps(0, 1)
+    (share0, seeds0), (share1, seeds1) = steps(0, 2), steps(1, 2)
+    assert len(share0) == len(share1) == len(whole) == 6
+    for step, (a, b) in enumerate(zip(share0, share1)):
+        assert len(a) == len(b) == 16 and not set(a) & set(b)
+        assert sorted(a + b) == whole[step]
+    if path == "albumentations":
+        assert seeds0 == whole_seeds and not seeds0 & seeds1
