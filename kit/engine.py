@@ -579,9 +579,9 @@ def interrupted_fold(cfg: Config, fold: int, run: FoldRun, progress: dict, stage
 def describe_setup(cfg: Config, fold: int, setup: FoldSetup, log) -> None:
     device = card_name(setup.device) if setup.device.type == "cuda" else "cpu"
     ranks = distributed.current()
+    sync_bn = ", SyncBatchNorm" if cfg.train.sync_bn else ""
     processes = (f", {ranks.world} processes (DDP over {torch.distributed.get_backend()}, "
-                 f"{cfg.batch_size // ranks.world} images each per step{', SyncBatchNorm' if cfg.train.sync_bn else ''})"
-                 if ranks.active else "")
+                 f"{cfg.batch_size // ranks.world} images each per step{sync_bn})" if ranks.active else "")
     log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: model {cfg.model.name}, "
         f"{count_parameters(setup.model):,} parameters, {len(setup.data.train_rows):,} train / "
         f"{len(setup.data.valid_rows):,} valid images, device {device}, {precision_name(setup.amp_dtype)}"

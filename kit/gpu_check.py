@@ -5,6 +5,8 @@
      torch.cuda.set_sync_debug_mode("error") over the training loop (any GPU→CPU wait there raises), in the precision
      the kit picks and in forced fp16 (what a T4 runs), compile off; and compiled for a few configs
   3. a TTA prediction of the test set with the trained fold
+  4. with several GPUs: the same epoch of baseline_bn as DDP over every GPU (`make train NPROC=N`) and as N folds at
+     once (`train-all PARALLEL=N`), in images/s against the one-process row
 It writes one JSON (runs/gpu-check/gpu-check-<time>.json) and prints a table: card, torch, images/s, peak memory,
 epoch seconds. Runs that fail are marked FAILED with their error, the others go on; the exit status says whether
 all passed. No GPU: one line, exit 2.
@@ -18,6 +20,7 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -114,11 +117,61 @@ def tta_prediction(config: str, data_dir: Path, out_dir: Path, device: str) -> d
         return {"config": config, "status": "FAILED", "error": f"{type(err).__name__}: {err}"}
 
 
+SCALE_OUT_CONFIG = "baseline_bn"
+
+
+def scale_out(config: str, data_dir: Path, out_dir: Path, processes: int, device: str) -> list[dict]:
+    """One epoch of `config` on `processes` processes, both ways the kit scales out: DDP on one fold (the rank-0
+    images/s counts every rank's images) and fold-parallel on `processes` folds (their images/s summed)."""
+    import subprocess
+    import sys
+
+    from .config import save_config
+    from .parallel import train_folds_parallel
+
+    rows = []
+    one = check_config(config, data_dir, out_dir, device)
+    one = replace(one, tta=replace(one.tta, views="none"))      # training images/s is what is compared
+    ddp = replace(one, name=f"{config}-ddp{processes}")
+    config_path = out_dir / f"{ddp.name}.yaml"
+    save_config(ddp, config_path)
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "kit.launch", "--nproc_per_node", str(processes), "-m", "kit", "train",
+               "--fold", "0", "--config", str(config_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    rows.append(scale_row(config, f"DDP × {processes}", ddp, [0], done.returncode, done.stderr,
+                          time.perf_counter() - started))
+    parallel = replace(one, name=f"{config}-parallel{processes}",
+                       folds=replace(one.folds, n_splits=max(2, processes)))
+    started = time.perf_counter()
+    try:
+        train_folds_parallel(parallel, processes, log=lambda *_: None)
+        code, error = 0, ""
+    except KitError as err:
+        code, error = 2, str(err)
+    rows.append(scale_row(config, f"{processes} folds at once", parallel, range(processes), code, error,
+                          time.perf_counter() - started))
+    return rows
+
+
+def scale_row(config: str, mode: str, cfg, folds, code: int, error: str, seconds: float) -> dict:
+    row = {"config": config, "mode": mode, "seconds": seconds}
+    if code != 0:
+        lines = error.strip().splitlines() or ["no output"]
+        return {**row, "status": "FAILED", "error": next((line for line in lines if line.startswith("error:")),
+                                                         lines[-1])}
+    histories = [pd.read_csv(fold_dir(cfg, fold) / HISTORY).iloc[-1] for fold in folds]
+    return {**row, "status": "ok", "train_images_per_s": float(sum(h["images_per_s"] for h in histories)),
+            "epoch_seconds": float(max(h["seconds"] for h in histories))}
+
+
 def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, test_images: int = 2000,
                   configs=SHIPPED, compiled=COMPILED, device: str = "cuda", bench_images: int = 8192,
-                  bench_seconds: float = 1.0, log=print) -> tuple[Path, bool]:
+                  bench_seconds: float = 1.0, scale_out_processes: int | None = None,
+                  log=print) -> tuple[Path, bool]:
     """Every step of the module docstring; returns the JSON's path and whether every run passed. `device="cpu"`
-    runs the same steps on the CPU (the tests use it, small)."""
+    runs the same steps on the CPU (the tests use it, small). `scale_out_processes`: the processes of step 4
+    (default: the GPU count; skipped below 2)."""
     from .bench import run_bench
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -132,11 +185,11 @@ def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, 
     report = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
               "kit_precision": precision_name(auto), "images": images}
     started = time.perf_counter()
-    log("1/3 make bench …")
+    log("1/4 make bench …")
     report["bench"] = run_bench(images=bench_images, device=device, batch_size=min(256, bench_images),
                                 min_seconds=bench_seconds, log=log)
     with tempfile.TemporaryDirectory(prefix="kit-gpu-check-") as tmp:
-        log(f"2/3 one epoch per config on {images:,} generated patches (sync debug: error) …")
+        log(f"2/4 one epoch per config on {images:,} generated patches (sync debug: error) …")
         data_dir = timing_data(Path(tmp), images, test=test_images)
         runs = []
         for config in configs:
@@ -147,11 +200,16 @@ def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, 
                 runs.append(one_epoch(config, data_dir, Path(tmp) / "runs", "auto", True, device))
                 log(format_run(runs[-1]))
         report["epochs"] = runs
-        log("3/3 TTA prediction of the test set …")
+        log("3/4 TTA prediction of the test set …")
         report["tta"] = tta_prediction(configs[0] if "baseline_bn" not in configs else "baseline_bn", data_dir,
                                        Path(tmp) / "runs", device)
+        processes = torch.cuda.device_count() if scale_out_processes is None else scale_out_processes
+        report["scale_out"] = []
+        if processes >= 2:
+            log(f"4/4 scale-out: {SCALE_OUT_CONFIG} on {processes} processes, DDP and fold-parallel …")
+            report["scale_out"] = scale_out(SCALE_OUT_CONFIG, data_dir, Path(tmp) / "runs", processes, device)
     report["seconds"] = time.perf_counter() - started
-    passed = all(r["status"] == "ok" for r in runs) and report["tta"]["status"] == "ok"
+    passed = all(r["status"] == "ok" for r in runs + report["scale_out"]) and report["tta"]["status"] == "ok"
     report["passed"] = passed
     path = Path(out_dir) / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(path, report)
@@ -181,5 +239,15 @@ def format_report(report: dict) -> str:
     tta = report["tta"]
     lines += ["", f"  TTA prediction ({tta['config']}): " + (
         f"{tta['images_per_s']:,.0f} test images/s × {tta['views']} views" if tta["status"] == "ok"
-        else f"FAILED: {tta['error']}"), "", "passed" if report["passed"] else "FAILED: see the rows above"]
+        else f"FAILED: {tta['error']}")]
+    single = next((r for r in report["epochs"] if r["config"] == SCALE_OUT_CONFIG and r["precision"] == "auto"
+                   and not r["compiled"] and r["status"] == "ok"), None)
+    for row in report.get("scale_out", []):
+        if row["status"] != "ok":
+            lines.append(f"  {row['config']} {row['mode']}: FAILED: {row['error']}")
+            continue
+        versus = f" ({row['train_images_per_s'] / single['train_images_per_s']:.2f}× one process)" if single else ""
+        lines.append(f"  {row['config']} {row['mode']}: {row['train_images_per_s']:,.0f} train images/s{versus}, "
+                     f"epoch {row['epoch_seconds']:.1f} s")
+    lines += ["", "passed" if report["passed"] else "FAILED: see the rows above"]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 from conftest import REPO
 from kit import distributed
 from kit.data import CachedBatches, SeededBatchSampler, read_train_labels
-from kit.engine import train_fold
+from kit.engine import check_ddp_config, train_fold
 from kit.errors import KitError
 from kit.models import build_model, head_parameter_names
 from kit.folds import load_split
@@ -30,7 +30,7 @@ WORKER = REPO / "tests" / "ddp_worker.py"
 def overrides(demo_data, out_dir, **more) -> dict:
     values = {"data_dir": str(demo_data), "out_dir": str(out_dir), "epochs": 2, "batch_size": 32,
               "folds.n_splits": 2, "eval_batch_size": 128, "max_train_images": 256, "train.ema_decay": 0.9,
-              "train.freeze_backbone_epochs": 1}
+              "train.freeze_backbone_epochs": 1, "tta.views": "hflip"}
     values.update(more)
     return values
 
@@ -57,7 +57,7 @@ def free_port() -> int:
 
 def test_two_ranks_train_one_fold_resume_after_kill_and_match_a_two_machine_run(demo_data, tmp_path):
     out, record = tmp_path / "runs", tmp_path / "record"
-    values = overrides(demo_data, out)
+    values = overrides(demo_data, out, cache_dir=str(tmp_path / "local-disk"))     # runs shared, cache local
     one_machine = ["--nproc_per_node", "2"]
 
     # killed (-9) on rank 0 once epoch 1 is saved: torchrun stops rank 1 too
@@ -104,6 +104,7 @@ def test_two_ranks_train_one_fold_resume_after_kill_and_match_a_two_machine_run(
     assert sorted(oof["id"]) == sorted(valid_ids) and oof["id"].is_unique
     assert pd.read_csv(folder / "history.csv")["epoch"].tolist() == [1, 2]
     assert json.loads((folder / "metrics.json").read_text())["processes"] == 2
+    assert list((tmp_path / "local-disk").glob("*/train-*.npy")) and not (out / "cache").exists()
 
     # the same run, uninterrupted, as two machines of one process each meeting through c10d on loopback
     reference = overrides(demo_data, tmp_path / "two-machines")
@@ -136,6 +137,15 @@ def test_a_failure_on_the_ranks_is_one_line(demo_data, tmp_path):
     assert output.count("does not split") == 1          # rank 0 speaks for both
 
 
+def test_what_ddp_needs_of_the_config_is_checked_first():
+    cfg = load_cfg({"batch_size": 32, "train.sync_bn": True})
+    check_ddp_config(cfg, torch.device("cuda"), 2)                      # 16 a rank, BatchNorm synced on GPUs
+    with pytest.raises(KitError, match="batch_size 32 does not split over 3 processes"):
+        check_ddp_config(cfg, torch.device("cuda"), 3)
+    with pytest.raises(KitError, match="train.sync_bn needs GPUs"):
+        check_ddp_config(cfg, torch.device("cpu"), 2)
+
+
 @pytest.mark.parametrize("path", ["batch", "albumentations"])
 def test_each_rank_takes_an_equal_disjoint_share_of_every_batch(monkeypatch, path):
     """Two ranks' steps, side by side, make up the one-process run's steps; their augmentation seeds differ."""
@@ -157,7 +167,8 @@ def test_each_rank_takes_an_equal_disjoint_share_of_every_batch(monkeypatch, pat
         sampler = SeededBatchSampler(len(rows), 32)
         sampler.set_seed(7)
         batches = list(sampler)
-        return [sorted(item for item, _ in batch) for batch in batches], {seed for batch in batches for _, seed in batch}
+        seeds = {seed for batch in batches for _, seed in batch}
+        return [sorted(item for item, _ in batch) for batch in batches], seeds
 
     whole, whole_seeds = steps(0, 1)
     (share0, seeds0), (share1, seeds1) = steps(0, 2), steps(1, 2)

@@ -117,7 +117,7 @@ def test_mixed_precision_trains_and_predicts_with_tta_on_cpu(amp_dtype, scaled):
 def test_resume_across_precisions(quick_config, monkeypatch, first, then):
     """A CPU or bf16 run saves the scaler as {}; fp16 resumes it with a fresh scale, and the other way round the
     saved scale is simply not needed. The precision is recorded in last.pt."""
-    cfg = quick_config(epochs=2, max_train_images=64)
+    cfg = quick_config(epochs=2, max_train_images=64, **{"folds.n_splits": 10, "tta.views": "none"})
     monkeypatch.setattr(kit.engine, "autocast_dtype", lambda *args: first)
 
     def stop(epoch, row):
@@ -204,15 +204,17 @@ def test_gpu_check_without_a_gpu_is_one_line_and_exit_2(capsys):
 
 
 def test_gpu_check_runs_every_step_end_to_end(tmp_path):
-    """The same script on the CPU, small: bench, an epoch under the sync-debug switch, TTA, the JSON and the table
-    (on a GPU the same code adds forced fp16, compile and peak memory)."""
+    """The same script on the CPU, small: bench, an epoch under the sync-debug switch, TTA, scale-out on two
+    processes (DDP over gloo, two folds at once), the JSON and the table (on a GPU the same code adds forced fp16,
+    compile and peak memory)."""
     import json
 
     from kit.gpu_check import run_gpu_check
 
     lines = []
     path, passed = run_gpu_check(tmp_path / "check", images=600, test_images=48, configs=("baseline_bn",), compiled=(),
-                                 device="cpu", bench_images=64, bench_seconds=0.0, log=lines.append)
+                                 device="cpu", bench_images=64, bench_seconds=0.0, scale_out_processes=2,
+                                 log=lines.append)
     report = json.loads(path.read_text())
     assert passed and report["passed"] and report["card"] == "cpu"
     (run,) = report["epochs"]
@@ -220,4 +222,6 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     assert run["peak_memory_mb"] is None and 0 <= run["val_auc"] <= 1
     assert report["tta"]["status"] == "ok" and report["tta"]["views"] == "d4"
     assert "epoch (input + step + EMA) baseline" in report["bench"]["results"]
-    assert lines[-1].endswith("passed") and "train img/s" in lines[-1]
+    assert [row["mode"] for row in report["scale_out"]] == ["DDP × 2", "2 folds at once"]
+    assert all(row["status"] == "ok" and row["train_images_per_s"] > 0 for row in report["scale_out"])
+    assert lines[-1].endswith("passed") and "train img/s" in lines[-1] and "× one process" in lines[-1]

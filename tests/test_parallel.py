@@ -36,7 +36,7 @@ def test_two_folds_are_trained_by_two_processes_on_data_built_once(quick_config)
         assert any(m.startswith(f"[fold {fold}] ") and "done, best val AUC" in m for m in messages), messages
     pooled = pd.concat([pd.read_csv(fold_dir(cfg, fold) / "oof.csv") for fold in (0, 1)])
     assert len(pooled) == 600 and cv_auc == pytest.approx(roc_auc_score(pooled["label"], pooled["pred"]))
-    assert messages[-1] == f"demo: CV AUC {cv_auc:.4f} (pooled out-of-fold predictions with d4 TTA, 2 folds)"
+    assert messages[-1] == f"demo: CV AUC {cv_auc:.4f} (pooled out-of-fold predictions with hflip TTA, 2 folds)"
     messages.clear()
     api.train_all(cfg, parallel=2, log=messages.append)
     assert messages[0] == "demo: every fold is trained; pass FORCE=1 to train them again"
@@ -61,16 +61,16 @@ def test_parallel_values():
 
 
 def test_ctrl_c_stops_every_worker_and_the_rerun_resumes_each_fold(quick_config):
-    cfg = quick_config(epochs=4, max_train_images=64)
+    cfg = quick_config(epochs=3, max_train_images=64, **{"tta.views": "none"})
     command = [sys.executable, "-m", "kit", "train-all", "--parallel", "2", "--config", "configs/demo.yaml",
-               "--data-dir", cfg.data_dir, "--out", cfg.out_dir, "folds.n_splits=2", "epochs=4",
-               "max_train_images=64", "batch_size=32"]
+               "--data-dir", cfg.data_dir, "--out", cfg.out_dir, "folds.n_splits=2", "epochs=3",
+               "max_train_images=64", "batch_size=32", "tta.views=none"]
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     logs = [experiment_dir(cfg) / f"fold{fold}.log" for fold in (0, 1)]
     try:
         deadline = time.monotonic() + 240
-        while not all(log.is_file() and "epoch 1/4: train_loss" in log.read_text() for log in logs):
+        while not all(log.is_file() and "epoch 1/3: train_loss" in log.read_text() for log in logs):
             assert time.monotonic() < deadline and run.poll() is None, "both folds should have started"
             time.sleep(0.2)
         os.killpg(run.pid, signal.SIGINT)            # what a terminal sends to the whole process group

@@ -192,7 +192,7 @@ def test_blend_weights_and_values_equal_a_hand_computation():
 
 def test_predict_blends_two_experiments(quick_config, demo_data, tmp_path, capsys):
     common = ["--data-dir", str(demo_data), "--out", str(tmp_path / "runs"), "epochs=1", "folds.n_splits=2",
-              "max_train_images=96", f"submissions_dir={tmp_path / 'submissions'}"]
+              "max_train_images=96", "tta.views=none", f"submissions_dir={tmp_path / 'submissions'}"]
     demo = (REPO / "configs" / "demo.yaml").read_text()
     for name, seed in (("one", 1), ("two", 2)):      # two experiment configs, as a user would write them
         text = demo.replace("name: demo", f"name: {name}").replace("\nseed: 42\n", f"\nseed: {seed}\n")

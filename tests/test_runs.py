@@ -148,7 +148,7 @@ def test_a_second_process_on_a_fold_is_refused_naming_the_holder_and_a_killed_ho
 # ---- the split bound to its labels ----------------------------------------------------------------------------------
 
 def test_changed_labels_refuse_train_and_predict_until_retrained(quick_config, data_copy):
-    cfg = quick_config(epochs=1, data_dir=str(data_copy), max_train_images=64)
+    cfg = quick_config(epochs=1, data_dir=str(data_copy), max_train_images=64, **{"tta.views": "none"})
     api.train_all(cfg, **QUIET)
     record = json.loads((fold_dir(cfg, 0) / RECORD).read_text())
     assert (fold_dir(cfg, 0).parent.parent / "folds" / record["split"]["file"]).is_file()
@@ -250,7 +250,8 @@ def test_oof_is_best_pt_with_the_configured_tta_views(quick_config, demo_data):
     labels = read_train_labels(demo_data)
     images = load_split_images(demo_data, "train", labels["id"], cache_dir_for(cfg, demo_data))
     rows = labels.index[labels["id"].isin(oof["id"])].to_numpy()
-    expected = predict_probabilities(model, images, "d4", 128, torch.device("cpu"), rows=rows)
+    assert cfg.tta.views == "hflip"
+    expected = predict_probabilities(model, images, "hflip", 128, torch.device("cpu"), rows=rows)
     np.testing.assert_allclose(oof["pred"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
     untta = predict_probabilities(model, images, "none", 128, torch.device("cpu"), rows=rows)
     assert not np.allclose(untta, expected, atol=1e-4), "the views must differ for the test to mean much"
@@ -258,4 +259,4 @@ def test_oof_is_best_pt_with_the_configured_tta_views(quick_config, demo_data):
     history = pd.read_csv(out / "history.csv")
     assert metrics["best_val_auc"] == pytest.approx(history["val_auc"].max())          # per epoch, view-free
     assert metrics["oof_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["pred"]))
-    assert metrics["tta"] == "d4" and metrics["tta_views"] == 8
+    assert metrics["tta"] == "hflip" and metrics["tta_views"] == 2
