@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv)
-    # its "failed (exitcode: 2) local_rank: 0 …" line repeats what the one line below says
+    # its "failed (exitcode: 2) local_rank: 0 …" line repeats what the one line below says, and its warning
+    # "Received 2 death signal, shutting down workers" what every rank says of Ctrl-C
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
