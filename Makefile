@@ -16,8 +16,18 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test demo-data data cache train train-all predict submit submissions kaggle-bundle report bench gpu-check results \
+.PHONY: demo test test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle report bench gpu-check results \
         venv clean-venv
+
+# The oldest versions requirements-kaggle.txt admits (requirements-oldest.txt), over .venv's torch: a light venv whose
+# site-packages also lists .venv's, so its own older packages come first. `make test` runs the version-sensitive
+# tests in it too; `make test-oldest` only those.
+OLDEST_VENV := .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_STAMP := $(OLDEST_VENV)/.requirements-installed
+OLDEST_TESTS := tests/test_recipes.py tests/test_speed.py tests/test_models.py tests/test_data.py tests/test_config.py \
+                tests/test_engine.py
+PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -33,8 +43,19 @@ demo: $(STAMP)
 	$(PY) -m kit train-all --config configs/demo.yaml $(FORCE_FLAG) $(if $(OUT),--out $(OUT)) $(ARGS)
 	$(PY) -m kit predict --config configs/demo.yaml $(if $(OUT),--out $(OUT)) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(OLDEST_STAMP)
 	$(PY) -m pytest -q tests
+	$(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
+$(OLDEST_STAMP): requirements-oldest.txt $(STAMP)
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(PY) -c "$(PURELIB)" > "$$($(OLDEST_PY) -c "$(PURELIB)")/kit-shared.pth"
+	$(OLDEST_PY) -m pip install --quiet -r requirements-oldest.txt
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
 # HARD=1: the hard generated set (data/hard): slides, stain, hard negatives, noisy labels; tells recipes apart
 demo-data: $(STAMP)

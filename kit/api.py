@@ -7,13 +7,17 @@
     api.submit(path)                                # validate, then upload through the Kaggle API
     api.report(cfg)                                 # runs/<experiment>/report.md with figures
 
-Inside a Kaggle notebook the competition data is found at /kaggle/input/histopathologic-cancer-detection and every
-output (runs, cache, submissions) goes under the working directory, so the kit itself can sit on a read-only input.
+Inside a Kaggle notebook the competition data is found at /kaggle/input/histopathologic-cancer-detection, and the
+image cache (7.7 GB for the competition) and the runs go to scratch space (/kaggle/temp, else /tmp), not to
+/kaggle/working, which keeps at most 20 GB and is what the notebook's output saves: `keep_outputs` copies there what
+a user wants back (each fold's best.pt, metrics, OOF, history; the report), and submissions are written there.
+The kit itself can sit on a read-only input.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,18 +44,81 @@ def kaggle_competition_input() -> Path | None:
     return path if (path / SAMPLE_SUBMISSION_CSV).is_file() else None
 
 
+def kaggle_scratch() -> Path:
+    """A Kaggle notebook's scratch space: /kaggle/temp (kept for the session, never saved as output), else /tmp."""
+    for candidate in (kaggle_root() / "temp", Path(tempfile.gettempdir()) / "hcd-kit"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            return candidate
+    raise KitError(f"no writable scratch space in {kaggle_root() / 'temp'} or {tempfile.gettempdir()}: pass "
+                   f"out_dir=… and cache_dir=… to the config")
+
+
 def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] | dict | None = None,
                 **keyword_overrides) -> Config:
     """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides.
 
-    When the config's data folder does not exist but a Kaggle notebook has the competition attached, that is used.
+    In a Kaggle notebook (the competition attached): the competition's data when the config's data folder does not
+    exist, and the runs and the image cache in scratch space (`kaggle_scratch`) unless `out_dir` or `cache_dir`
+    is given.
     """
     merged = config_module.parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     merged.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
     cfg = config_module.load_config(name_or_path, merged)
-    if "data_dir" not in merged and not Path(cfg.data_dir).exists() and kaggle_competition_input() is not None:
-        cfg = config_module.apply_overrides(cfg, {"data_dir": str(kaggle_competition_input())})
+    competition = kaggle_competition_input()
+    if competition is not None:
+        on_kaggle = {"data_dir": str(competition)} if "data_dir" not in merged and not Path(cfg.data_dir).exists() \
+            else {}
+        if "out_dir" not in merged or "cache_dir" not in merged:
+            scratch = kaggle_scratch()
+            on_kaggle.update({key: str(scratch / folder) for key, folder in (("out_dir", "runs"),
+                                                                               ("cache_dir", "cache"))
+                              if key not in merged})
+        cfg = config_module.apply_overrides(cfg, on_kaggle)
     return cfg
+
+
+def keep_outputs(cfg: Config, destination: str | Path = "runs", log=print) -> list[Path]:
+    """Copy the experiment's results (every fold's files but last.pt; the report) to `destination`/<experiment>/:
+    in a Kaggle notebook, from scratch space to the working directory that its output saves."""
+    from .runs import copy_outputs
+
+    written = copy_outputs(cfg, destination)
+    if written:
+        log(f"kept {len(written)} files of `{cfg.name}` in {Path(destination) / cfg.name} (best.pt, metrics, OOF, "
+            f"history and report of every fold; not last.pt or the image cache)")
+    return written
+
+
+def device_summary(cfg: Config, parallel: int | str = 1) -> str:
+    """The card(s), the precision the kit will train in, and how many folds run at once: one line for a notebook.
+    A card this torch has no kernels for (a P100 under Kaggle's torch) is refused with one line."""
+    import torch
+
+    from .device import autocast_dtype, card_name, precision_name, select_device
+    from .parallel import resolve_parallel
+
+    device = select_device(cfg.device)
+    cards = (f"{card_name(device)} × {torch.cuda.device_count()}" if device.type == "cuda" else
+             f"CPU ({os.cpu_count()} cores)")
+    folds_at_once = resolve_parallel(parallel)
+    return (f"device: {cards}; precision {precision_name(autocast_dtype(device, cfg.amp, cfg.amp_dtype))}; "
+            f"{folds_at_once} fold(s) at a time")
+
+
+def training_speed(cfg: Config) -> str:
+    """Train images/s of every trained fold (mean over its epochs, from history.csv)."""
+    import pandas as pd
+
+    from .runs import HISTORY, fold_dir
+
+    speeds = {fold: pd.read_csv(fold_dir(cfg, fold) / HISTORY)["images_per_s"].mean()
+              for fold in range(cfg.folds.n_splits) if (fold_dir(cfg, fold) / HISTORY).is_file()}
+    return "train images/s: " + (", ".join(f"fold {fold} {speed:,.0f}" for fold, speed in speeds.items())
+                                 or "no fold trained yet")
 
 
 # ----------------------------------------------------------------------------------------------------------------

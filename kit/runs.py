@@ -40,11 +40,13 @@ from .config import Config, from_dict, save_config, to_dict
 from .errors import KitError
 from .data import check_data_dir, read_train_labels
 from .folds import describe_label_change, split_path
-from .io import atomic_torch_save, atomic_write_csv, atomic_write_json, process_lock, remove_temp_files
+from .io import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, process_lock,
+                 remove_temp_files)
 
 LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
     "last.pt", "best.pt", "history.csv", "oof.csv", "metrics.json", "config.yaml", "run.json")
 RUN_FILES = (LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD)
+OUTPUT_FILES = tuple(name for name in RUN_FILES if name != LAST)     # a fold's results, without its resume state
 
 # Keys that say where or how fast a run goes, not what it computes: changing them never blocks a resume.
 NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "cache_dir", "submissions_dir", "device", "num_workers",
@@ -72,6 +74,26 @@ def fold_log_path(cfg: Config, fold: int) -> Path:
 
 def fold_dir(cfg: Config, fold: int) -> Path:
     return experiment_dir(cfg) / f"fold{fold}"
+
+
+def copy_outputs(cfg: Config, destination: str | Path) -> list[Path]:
+    """The experiment's results copied to `destination`/<experiment>/: every fold's files but last.pt (resume state,
+    2-3× the weights), and the experiment's report and figures. What a Kaggle notebook keeps as its output while
+    its runs live in scratch space. Returns the files written."""
+    source, target = experiment_dir(cfg), Path(destination) / cfg.name
+    if source.resolve() == target.resolve():
+        return []
+    written = []
+    wanted = [path for path in source.glob("*") if path.is_file() and path.suffix in (".md", ".png", ".json")]
+    for fold in range(cfg.folds.n_splits):
+        wanted += [fold_dir(cfg, fold) / name for name in OUTPUT_FILES if (fold_dir(cfg, fold) / name).is_file()]
+    for path in wanted:
+        copy = target / path.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(copy) as tmp:
+            shutil.copyfile(path, tmp)
+        written.append(copy)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------------

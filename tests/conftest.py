@@ -54,6 +54,14 @@ def quick_config(demo_data, tmp_path):
     return make
 
 
+def as_from_a_terminal() -> None:
+    """Popen's preexec_fn for a process the test will Ctrl-C: its own process group, as a terminal's job has, and
+    SIGINT at its default (a job started in the background by a non-interactive shell, as CI may be, inherits SIGINT
+    ignored, and Python would then never raise KeyboardInterrupt)."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def lock_held_elsewhere(path: Path):
     """Another process holding the kit lock at `path` (a fold's, or a split's cache build), as a training or build

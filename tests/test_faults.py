@@ -24,7 +24,7 @@ from kit.engine import train_fold
 from kit.errors import Interrupted, KitError
 from kit.runs import LAST, fold_dir
 
-from conftest import REPO, lock_held_elsewhere
+from conftest import REPO, as_from_a_terminal, lock_held_elsewhere
 
 QUIET = {"log": lambda *_: None}
 PROGRESS_BAR = re.compile(r"^(cache \w+|fold \d+ epoch \d+/\d+|verify images):|^\s+$")
@@ -197,7 +197,7 @@ def test_ctrl_c_during_the_cache_build_says_what_was_kept_without_worker_noise(q
         "from kit.cli import main\n"
         f"sys.exit(main({['cache'] + experiment_args(cfg)!r}))\n")
     build = subprocess.Popen([sys.executable, "-c", slow_build], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
     try:
         assert "decoding" in build.stdout.readline()      # the workers have started
         time.sleep(0.5)

@@ -34,11 +34,37 @@ def make_read_only(root: Path) -> None:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
-def test_notebook_runs_from_a_read_only_bundle_and_writes_only_to_the_working_dir(demo_data, tmp_path):
+def python_without(package: str, folder: Path) -> Path:
+    """A virtual environment that sees this one's packages (torch, timm, albumentations, …) but not `package`, as
+    Kaggle's image lacks ttach: its site-packages lists a folder linking every entry of ours except that package's.
+    It has its own pip, to install into."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True)
+    ours = Path(pd.__file__).resolve().parent.parent
+    shadow = folder / "shared-site-packages"
+    shadow.mkdir()
+    for entry in ours.iterdir():
+        if not entry.name.lower().startswith(package):
+            (shadow / entry.name).symlink_to(entry)
+    (site,) = (folder / "venv" / "lib").glob("python*/site-packages")
+    (site / "kit-test-shared.pth").write_text(f"{shadow}\n")
+    return folder / "venv" / "bin" / "python"
+
+
+def offline_pip_environment() -> dict:
+    """pip with no configuration and an index that does not answer: only --no-index --find-links can install."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
+    return dict(env, PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
+                PIP_TIMEOUT="2", PIP_DISABLE_PIP_VERSION_CHECK="1")
+
+
+def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_output(demo_data, tmp_path):
     kaggle = tmp_path / "kaggle"
     kit_input = kaggle / "input" / "hcd-kit"
     competition_input = kaggle / "input" / "histopathologic-cancer-detection"
     working = kaggle / "working"
+    python = python_without("ttach", tmp_path / "kaggle-image")
+    no_ttach = subprocess.run([str(python), "-c", "import ttach"], capture_output=True)
+    assert no_ttach.returncode != 0, "the test environment must lack ttach, as Kaggle's image does"
     with zipfile.ZipFile(write_bundle(tmp_path / "dist" / "hcd-kit.zip")) as bundle:   # what users upload
         bundle.extractall(kit_input)
     shutil.copytree(demo_data, competition_input)
@@ -47,12 +73,12 @@ def test_notebook_runs_from_a_read_only_bundle_and_writes_only_to_the_working_di
         make_read_only(root)
     before = {root: snapshot(root) for root in (kit_input, competition_input)}
 
-    env = dict(os.environ, KIT_KAGGLE_ROOT=str(kaggle),
+    env = dict(offline_pip_environment(), KIT_KAGGLE_ROOT=str(kaggle),
                # root ignores file permissions; on Kaggle the input is truly read-only and Python skips bytecode
                PYTHONDONTWRITEBYTECODE="1",
                PYTHONPATH="")            # the kit must come from the attached input, not from this checkout
     parameters = 'CONFIG = "demo"\nOVERRIDES = {"epochs": 1, "folds.n_splits": 2}\nFOLDS = "all"\nSUBMIT = False\n'
-    result = subprocess.run([sys.executable, "-c", RUN_NOTEBOOK, str(kit_input / "notebooks" / "kaggle.ipynb"),
+    result = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(kit_input / "notebooks" / "kaggle.ipynb"),
                              parameters], cwd=working, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"kit from {kit_input}" in result.stdout
@@ -60,8 +86,19 @@ def test_notebook_runs_from_a_read_only_bundle_and_writes_only_to_the_working_di
     submission = pd.read_csv(working / "submission.csv", dtype={"id": str})
     sample = pd.read_csv(competition_input / "sample_submission.csv", dtype={"id": str})
     assert submission["id"].tolist() == sample["id"].tolist() and submission["label"].between(0, 1).all()
-    assert (working / "runs" / "demo" / "fold1" / "best.pt").is_file()
+    assert "device: CPU" in result.stdout and "train images/s: fold 0" in result.stdout
+    assert list((tmp_path / "kaggle-image" / "venv" / "lib").glob("python*/site-packages/ttach/__init__.py")), \
+        "ttach comes from the bundle's wheel"
+
+    # the output keeps what a user wants back; the cache and the resume state stay in scratch space
     assert list((working / "submissions").glob("demo-*.csv"))
+    for fold in (0, 1):
+        kept = {p.name for p in (working / "runs" / "demo" / f"fold{fold}").iterdir()}
+        assert {"best.pt", "metrics.json", "oof.csv", "history.csv", "config.yaml", "run.json"} <= kept
+        assert "last.pt" not in kept
+    assert not list(working.rglob("*.npy")) and not list(working.rglob("last.pt"))
+    scratch = kaggle / "temp"
+    assert list(scratch.glob("cache/*/train-*.npy")) and list(scratch.glob("runs/demo/fold*/last.pt"))
     for root, files in before.items():
         assert snapshot(root) == files, f"something was written under {root}"
 
@@ -70,6 +107,6 @@ def test_bundle_holds_the_kit_configs_and_notebook(tmp_path):
     with zipfile.ZipFile(write_bundle(tmp_path / "kit.zip")) as bundle:
         names = set(bundle.namelist())
     assert {"kit/__init__.py", "kit/api.py", "configs/baseline.yaml", "notebooks/kaggle.ipynb",
-            "requirements.txt"} <= names
+            "requirements.txt", "requirements-kaggle.txt", "wheels/ttach-0.0.3-py3-none-any.whl"} <= names
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
     json.loads(zipfile.ZipFile(tmp_path / "kit.zip").read("notebooks/kaggle.ipynb"))

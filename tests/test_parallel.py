@@ -17,7 +17,7 @@ from kit.errors import KitError
 from kit.parallel import prepare_shared, resolve_parallel
 from kit.runs import experiment_dir, fold_dir
 
-from conftest import REPO, lock_held_elsewhere
+from conftest import REPO, as_from_a_terminal, lock_held_elsewhere
 
 
 def test_two_folds_are_trained_by_two_processes_on_data_built_once(quick_config):
@@ -66,7 +66,7 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_resumes_each_fold(quick_config)
                "--data-dir", cfg.data_dir, "--out", cfg.out_dir, "folds.n_splits=2", "epochs=3",
                "max_train_images=64", "batch_size=32", "tta.views=none"]
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+                           preexec_fn=as_from_a_terminal)
     logs = [experiment_dir(cfg) / f"fold{fold}.log" for fold in (0, 1)]
     try:
         deadline = time.monotonic() + 240
