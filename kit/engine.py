@@ -134,7 +134,7 @@ class StepEma(ModelEmaV3):
             self._pairs = (model, [ema for ema, _ in floating], [live for _, live in floating],
                            [(ema, live) for ema, live in pairs if not ema.is_floating_point()])
         _, ema_values, live_values, counters = self._pairs
-        self._foreach_lerp_(ema_values, live_values, weight=1.0 - decay)
+        torch._foreach_lerp_(ema_values, live_values, weight=1.0 - decay)    # same dtypes: the EMA is a copy
         if counters:                     # BatchNorm's num_batches_tracked: copied, one kernel for all
             torch._foreach_copy_([ema for ema, _ in counters], [live for _, live in counters])
 
