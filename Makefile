@@ -16,7 +16,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle report bench gpu-check results \
+.PHONY: demo test test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle kaggle-run report bench gpu-check results \
         venv clean-venv
 
 # The oldest versions requirements-kaggle.txt admits (requirements-oldest.txt), over .venv's torch: a light venv whose
@@ -89,6 +89,11 @@ data: $(STAMP)
 
 submissions: $(STAMP)
 	$(PY) -m kit submissions
+
+# ACCELERATOR=NvidiaTeslaT4 (default) | NvidiaL4 …; SUBMIT=1 submits the CSV; FORCE=1 pushes a new kernel (kit/kaggle_run.py)
+kaggle-run: $(STAMP)
+	$(PY) -m kit kaggle-run $(EXPERIMENT) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) \
+	    $(if $(filter 1 true yes,$(SUBMIT)),--submit) $(FORCE_FLAG)
 
 kaggle-bundle: $(STAMP)
 	$(PY) -m kit bundle --out $(or $(BUNDLE),dist/hcd-kit.zip)

@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = commands.add_parser("bundle", help="zip the kit for upload as a Kaggle dataset")
     bundle.add_argument("--out", default="dist/hcd-kit.zip", help="zip to write (default %(default)s)")
 
+    kaggle_run = commands.add_parser("kaggle-run", help="train and predict on Kaggle's GPUs: push the bundle and the "
+                                                         "notebook, follow it, download its outputs")
+    _add_experiment_options(kaggle_run)
+    kaggle_run.add_argument("--accelerator", default="NvidiaTeslaT4",
+                            help="Kaggle accelerator (default %(default)s; NvidiaL4 for bf16)")
+    kaggle_run.add_argument("--submit", action="store_true", help="submit the downloaded CSV as `make submit` does")
+    kaggle_run.add_argument("--force", action="store_true", help="push a new kernel even if one was pushed before")
+
     report = commands.add_parser("report", help="metrics, thresholds and figures → runs/<experiment>/report.md")
     _add_experiment_options(report)
     report.add_argument("--exps", default="", help="several experiments (config names or paths, space- or "
@@ -160,6 +168,10 @@ def run(args) -> None:
             api.build_cache(cfg)
         elif args.command == "train":
             api.train(cfg, args.fold, force=args.force)
+        elif args.command == "kaggle-run":
+            from .kaggle_run import kaggle_run
+
+            print(kaggle_run(cfg, accelerator=args.accelerator, submit=args.submit, force=args.force))
         elif args.command == "train-all":
             api.train_all(cfg, force=args.force, parallel=args.parallel)
         elif args.command == "predict":

@@ -1,8 +1,10 @@
 """A fake Kaggle API on loopback that speaks only the calls the real `kaggle` client makes for this kit.
 
-The real client (kaggle 2.x with KAGGLE_API_ENVIRONMENT=LOCALHOST) POSTs JSON to
-`/api/v1/competitions.CompetitionApiService/<Method>`; uploads PUT to the URL StartSubmissionUpload returns; the data
-download is a redirect to a file URL. Everything is recorded so tests can assert what reached the "server".
+The real client (kaggle 2.x with KAGGLE_API_ENVIRONMENT=LOCALHOST) POSTs JSON to `/api/v1/<service>/<Method>`:
+competitions (submissions, data download: a redirect to a file URL), datasets and blobs (a dataset's files go up
+through StartBlobUpload → PUT to its createUrl → CreateDataset / CreateDatasetVersion with the tokens), kernels
+(SaveKernel, GetKernelSessionStatus, ListKernelSessionOutput whose file URLs the client then GETs). Everything is
+recorded so tests can assert what reached the "server".
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-API_PREFIX = "/api/v1/competitions.CompetitionApiService/"
+API_PREFIX = "/api/v1/"
 
 
 class FakeKaggle:
@@ -23,6 +25,13 @@ class FakeKaggle:
         self.uploads: dict[str, bytes] = {}     # token → uploaded bytes
         self.submissions: list[dict] = []
         self.auth_headers: list[str] = []
+        self.datasets: dict[str, list[dict]] = {}       # "owner/slug" → versions: {"notes", "files": {name: bytes}}
+        self.blobs: dict[str, tuple[str, bytes]] = {}   # token → (file name, uploaded bytes)
+        self.kernels: dict[str, list[dict]] = {}        # "owner/slug" → every SaveKernel body
+        self.kernel_statuses: list[tuple[str, str]] = [("COMPLETE", "")]   # answered in turn; the last repeats
+        self.kernel_outputs: dict[str, bytes] = {}      # output file name → bytes
+        self.kernel_log = ""
+        self.fail_methods: dict[str, int] = {}          # method → HTTP status to answer it with
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -61,10 +70,13 @@ class FakeKaggle:
             def do_POST(self):
                 if not self.path.startswith(API_PREFIX):
                     return self._json(404, {"code": 404, "message": "not found"})
-                method = self.path[len(API_PREFIX):]
+                method = self.path[len(API_PREFIX):].rsplit("/", 1)[-1]
                 body = json.loads(self._body() or b"{}")
                 fake.calls.append((method, body))
                 fake.auth_headers.append(self.headers.get("Authorization", ""))
+                if method in fake.fail_methods:
+                    status = fake.fail_methods[method]
+                    return self._json(status, {"code": status, "message": "You must accept this competition's rules"})
                 if fake.fail_status:
                     return self._json(fake.fail_status, {"code": fake.fail_status,
                                                          "message": "You must accept this competition's rules"})
@@ -82,6 +94,9 @@ class FakeKaggle:
                                "publicScore": "0.9712", "privateScore": "0.9655"}
                               for i, s in enumerate(fake.submissions)][::-1]
                     return self._json(200, {"submissions": listed})
+                answer = fake.answer_datasets_and_kernels(method, body)
+                if answer is not None:
+                    return self._json(*answer)
                 if method == "DownloadDataFiles":
                     self.send_response(302)
                     self.send_header("Location", f"{fake.url}/files/histopathologic-cancer-detection.zip")
@@ -92,12 +107,20 @@ class FakeKaggle:
 
             def do_PUT(self):
                 token = self.path.rsplit("/", 1)[-1]
+                if token in fake.blobs:
+                    name, _ = fake.blobs[token]
+                    fake.blobs[token] = (name, self._body())
+                    return self._json(200, {})
                 if token not in fake.uploads:
                     return self._json(404, {"code": 404, "message": "unknown upload"})
                 fake.uploads[token] += self._body()
                 return self._json(200, {})
 
             def do_GET(self):
+                if self.path.startswith("/kernel-output/"):
+                    name = self.path[len("/kernel-output/"):]
+                    fake.calls.append(("GET " + self.path, {}))
+                    return self._send(200, fake.kernel_outputs[name], "application/octet-stream")
                 if not self.path.startswith("/files/"):
                     return self._json(404, {"code": 404, "message": "not found"})
                 body, status, headers = fake.data_zip, 200, {}
@@ -114,3 +137,33 @@ class FakeKaggle:
             do_HEAD = do_GET
 
         return Handler
+
+
+    def answer_datasets_and_kernels(self, method: str, body: dict) -> tuple[int, dict] | None:
+        """(status, JSON) for the dataset, blob and kernel calls; None for the others."""
+        if method == "GetDatasetStatus":
+            ref = f"{body['ownerSlug']}/{body['datasetSlug']}"
+            return (200, {"status": "ready"}) if ref in self.datasets else (404, {"code": 404, "message": "Not found"})
+        if method == "StartBlobUpload":
+            token = f"dataset-blob-{len(self.blobs) + 1}"
+            self.blobs[token] = (body["name"], b"")
+            return 200, {"token": token, "createUrl": f"{self.url}/upload/{token}"}
+        if method in ("CreateDataset", "CreateDatasetVersion"):
+            owner = body["ownerSlug"]
+            ref = f"{owner}/{body.get('slug') or body.get('datasetSlug')}"
+            files = (body.get("body") or body)["files"]
+            version = {"notes": (body.get("body") or {}).get("versionNotes", ""), "private": body.get("isPrivate"),
+                       "files": {self.blobs[f["token"]][0]: self.blobs[f["token"]][1] for f in files}}
+            self.datasets.setdefault(ref, []).append(version)
+            return 200, {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
+        if method == "SaveKernel":
+            self.kernels.setdefault(body["slug"], []).append(body)
+            return 200, {"ref": f"/code/{body['slug']}", "url": f"https://www.kaggle.com/code/{body['slug']}",
+                         "versionNumber": len(self.kernels[body["slug"]])}
+        if method == "GetKernelSessionStatus":
+            status, message = self.kernel_statuses.pop(0) if len(self.kernel_statuses) > 1 else self.kernel_statuses[0]
+            return 200, {"status": status, "failureMessage": message}
+        if method == "ListKernelSessionOutput":
+            files = [{"fileName": name, "url": f"{self.url}/kernel-output/{name}"} for name in self.kernel_outputs]
+            return 200, {"files": files, "log": self.kernel_log, "nextPageToken": ""}
+        return None
