@@ -109,6 +109,26 @@ def push_dataset(api, user: str, work: Path, log) -> str:
     return ref
 
 
+def wait_until_ready(api, ref: str, poll_seconds: float, log, limit_seconds: float = 1800) -> None:
+    """Kaggle processes a new dataset version before notebooks see it: a kernel pushed earlier would attach the old
+    bundle."""
+    from .submission import explain_api_error
+
+    started = time.monotonic()
+    while True:
+        try:
+            status = str(api.dataset_status(ref)).lower()
+        except Exception as err:
+            raise explain_api_error(err, f"read the status of the dataset {ref}") from None
+        if status == "ready":
+            return
+        if status in ("failed", "deleted") or time.monotonic() - started > limit_seconds:
+            raise KitError(f"Kaggle did not finish processing the dataset {ref} (status {status}); see "
+                           f"https://www.kaggle.com/datasets/{ref} and run `make kaggle-run` again")
+        log(f"dataset {ref}: {status} …")
+        time.sleep(poll_seconds)
+
+
 def dataset_exists(api, ref: str) -> bool:
     try:
         api.dataset_status(ref)
@@ -135,8 +155,9 @@ def push_kernel(api, user: str, cfg: Config, accelerator: str, folds, work: Path
     error = getattr(response, "error", "")
     if error:
         raise KitError(f"Kaggle did not accept the kernel {metadata['id']}: {error}")
-    pushed = {"kernel": getattr(response, "ref", "") or metadata["id"], "version": getattr(response, "version_number", None),
-              "url": getattr(response, "url", ""), "accelerator": accelerator,
+    pushed = {"kernel": getattr(response, "ref", "") or metadata["id"],
+              "version": getattr(response, "version_number", None), "url": getattr(response, "url", ""),
+              "accelerator": accelerator,
               "pushed": datetime.now().isoformat(timespec="seconds"), "downloaded": False}
     if pushed["kernel"].startswith("/code/"):          # the API answers with the kernel's URL path
         pushed["kernel"] = pushed["kernel"][len("/code/"):]
@@ -238,7 +259,7 @@ def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool
     state = json.loads(state_file.read_text()) if state_file.is_file() and not force else None
     if state is None:
         with tempfile.TemporaryDirectory(prefix="kit-kaggle-run-") as tmp:
-            push_dataset(api, user, Path(tmp), log)
+            wait_until_ready(api, push_dataset(api, user, Path(tmp), log), poll_seconds, log)
             state = push_kernel(api, user, cfg, accelerator, folds, Path(tmp), log)
         atomic_write_json(state_file, state)
     else:

@@ -161,6 +161,8 @@ def explain_api_error(err: Exception, action: str) -> KitError:
                         f"create a new token at https://www.kaggle.com/settings")
     if status is not None:
         return KitError(f"Kaggle could not {action} (HTTP {status}); retry later")
+    if isinstance(err, ValueError) and "denied" in str(err):    # the client's own words for a 401/403 on kernels
+        return KitError(f"Kaggle refused to {action}: {str(err).splitlines()[0]}")
     return KitError(f"could not reach Kaggle to {action} ({type(err).__name__}); check the network and retry")
 
 

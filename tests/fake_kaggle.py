@@ -31,6 +31,7 @@ class FakeKaggle:
         self.kernel_statuses: list[tuple[str, str]] = [("COMPLETE", "")]   # answered in turn; the last repeats
         self.kernel_outputs: dict[str, bytes] = {}      # output file name → bytes
         self.kernel_log = ""
+        self.dataset_statuses: list[str] = ["READY"]    # a created dataset's status, answered in turn; the last repeats
         self.fail_methods: dict[str, int] = {}          # method → HTTP status to answer it with
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -143,7 +144,10 @@ class FakeKaggle:
         """(status, JSON) for the dataset, blob and kernel calls; None for the others."""
         if method == "GetDatasetStatus":
             ref = f"{body['ownerSlug']}/{body['datasetSlug']}"
-            return (200, {"status": "ready"}) if ref in self.datasets else (404, {"code": 404, "message": "Not found"})
+            if ref not in self.datasets:
+                return 404, {"code": 404, "message": "Not found"}
+            status = self.dataset_statuses.pop(0) if len(self.dataset_statuses) > 1 else self.dataset_statuses[0]
+            return 200, {"status": status}
         if method == "StartBlobUpload":
             token = f"dataset-blob-{len(self.blobs) + 1}"
             self.blobs[token] = (body["name"], b"")

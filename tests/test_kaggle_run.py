@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from kit.competition import COMPETITION
-from kit.config import load_config
+from kit.config import load_config, to_dict
 from kit.errors import KitError
 from kit.kaggle_run import kaggle_run, state_path
 
@@ -44,6 +44,7 @@ def finished_kernel(fake_kaggle):
     sample = competition_sample()
     prediction = sample.assign(label=np.linspace(0, 1, len(sample)))
     fake_kaggle.kernel_statuses = [("QUEUED", ""), ("RUNNING", ""), ("COMPLETE", "")]
+    fake_kaggle.dataset_statuses = ["BLOBS_RECEIVED", "READY"]   # Kaggle processes a new version before it is usable
     fake_kaggle.kernel_outputs = {
         "submission.csv": csv_bytes(prediction), "sample_submission.csv": csv_bytes(sample),
         "submissions/demo-20261128-101010.json": json.dumps(
@@ -73,6 +74,16 @@ def test_kaggle_run_pushes_follows_downloads_and_submits(finished_kernel, experi
     exec(parameters, namespace)
     assert namespace["OVERRIDES"]["epochs"] == 3 and namespace["OVERRIDES"]["name"] == "demo"
     assert "data_dir" not in namespace["OVERRIDES"] and namespace["SUBMIT"] is False
+    on_kaggle = load_config(namespace["CONFIG"], namespace["OVERRIDES"])       # what the notebook will train
+    paths = ("data_dir", "out_dir", "cache_dir", "submissions_dir")
+    assert {k: v for k, v in to_dict(on_kaggle).items() if k not in paths} == \
+        {k: v for k, v in to_dict(experiment).items() if k not in paths}
+
+    # the kernel was pushed once the new bundle was ready
+    methods = [method for method, _ in finished_kernel.calls]
+    created = methods.index("CreateDataset")
+    assert methods[created + 1:methods.index("SaveKernel")] == ["GetDatasetStatus", "GetDatasetStatus"]
+    assert f"dataset {USER}/hcd-kit: blobs_received …" in lines
 
     # followed to the end, one line per status
     assert [line.split(": ")[1].split(" ")[0] for line in lines if line.startswith(f"{USER}/hcd-kit-demo: ")] == \
