@@ -15,6 +15,7 @@ same kernel version instead of pushing a new one (FORCE=1 pushes anew).
 from __future__ import annotations
 
 import json
+import pprint
 import shutil
 import tempfile
 import time
@@ -51,12 +52,10 @@ def status_name(response) -> str:
 def notebook_with_parameters(cfg: Config, folds, submit: bool = False) -> dict:
     """notebooks/kaggle.ipynb with its parameters cell set to `cfg` (every key but the paths, which are Kaggle's)."""
     notebook = json.loads(NOTEBOOK.read_text())
-    overrides = {key: value for key, value in flat_config(cfg, neutral=PATH_KEYS).items()}
-    overrides["name"] = cfg.name
+    overrides = dict(flat_config(cfg, neutral=PATH_KEYS), name=cfg.name)
     lines = ["# Parameters (written by `make kaggle-run`)\n",
              'CONFIG = "baseline_bn"  # every key below overrides it: the effective config of the run\n',
-             f"OVERRIDES = {json.dumps(overrides, indent=1)}\n".replace("true", "True").replace("false", "False")
-             .replace("null", "None"),
+             f"OVERRIDES = {pprint.pformat(overrides, width=110, sort_dicts=False)}\n",
              f"FOLDS = {folds!r}\n", f"SUBMIT = {submit!r}\n"]
     cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     cells[0]["source"] = lines
@@ -68,7 +67,7 @@ def kernel_metadata(user: str, cfg: Config, accelerator: str) -> dict:
             "code_file": NOTEBOOK.name, "language": "python", "kernel_type": "notebook", "is_private": True,
             "enable_gpu": True, "enable_tpu": False, "enable_internet": False,
             "dataset_sources": [f"{user}/{DATASET_SLUG}"], "competition_sources": [COMPETITION],
-            "kernel_sources": [], "model_sources": [], "accelerator": accelerator}
+            "kernel_sources": [], "model_sources": [], "machine_shape": accelerator}
 
 
 def slug(text: str) -> str:
