@@ -127,7 +127,7 @@ def scale_out(config: str, data_dir: Path, out_dir: Path, processes: int, device
     import sys
 
     from .config import save_config
-    from .parallel import train_folds_parallel
+    from .parallel import kit_process_environment, train_folds_parallel
 
     rows = []
     one = check_config(config, data_dir, out_dir, device)
@@ -138,7 +138,7 @@ def scale_out(config: str, data_dir: Path, out_dir: Path, processes: int, device
     started = time.perf_counter()
     command = [sys.executable, "-m", "kit.launch", "--nproc_per_node", str(processes), "-m", "kit", "train",
                "--fold", "0", "--config", str(config_path)]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    done = subprocess.run(command, capture_output=True, text=True, env=kit_process_environment())
     rows.append(scale_row(config, f"DDP × {processes}", ddp, [0], done.returncode, done.stderr,
                           time.perf_counter() - started))
     parallel = replace(one, name=f"{config}-parallel{processes}",

@@ -56,7 +56,7 @@ def notebook_with_parameters(cfg: Config, folds, submit: bool = False) -> dict:
     lines = ["# Parameters (written by `make kaggle-run`)\n",
              'CONFIG = "baseline_bn"  # every key below overrides it: the effective config of the run\n',
              f"OVERRIDES = {pprint.pformat(overrides, width=110, sort_dicts=False)}\n",
-             f"FOLDS = {folds!r}\n", f"SUBMIT = {submit!r}\n"]
+             f"FOLDS = {folds!r}\n", 'PARALLEL = "auto"\n', f"SUBMIT = {submit!r}\n"]
     cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     cells[0]["source"] = lines
     return notebook

@@ -53,9 +53,17 @@ class Worker:
     tail: list[str] = field(default_factory=list)
 
 
+def kit_process_environment() -> dict:
+    """The environment of a `python -m kit …` child: it imports the kit this process runs (a notebook may have it on
+    sys.path only, from a read-only input), unbuffered, without progress bars."""
+    kit_home = str(Path(__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(p for p in (kit_home, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", PYTHONPATH=python_path)
+
+
 def slot_environment(slot: int, workers: int) -> dict:
     """A GPU of its own, or on the CPU an equal share of the cores (torch sizes its thread pool from these)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    env = kit_process_environment()
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
     else:

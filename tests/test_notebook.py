@@ -77,7 +77,9 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
                # root ignores file permissions; on Kaggle the input is truly read-only and Python skips bytecode
                PYTHONDONTWRITEBYTECODE="1",
                PYTHONPATH="")            # the kit must come from the attached input, not from this checkout
-    parameters = 'CONFIG = "demo"\nOVERRIDES = {"epochs": 1, "folds.n_splits": 2}\nFOLDS = "all"\nSUBMIT = False\n'
+    # two folds at once, as on T4 x2: the worker processes must import the kit from the read-only input too
+    parameters = ('CONFIG = "demo"\nOVERRIDES = {"epochs": 1, "folds.n_splits": 2}\nFOLDS = "all"\nPARALLEL = 2\n'
+                  'SUBMIT = False\n')
     result = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(kit_input / "notebooks" / "kaggle.ipynb"),
                              parameters], cwd=working, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
