@@ -62,8 +62,8 @@ def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] |
     """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides.
 
     In a Kaggle notebook (the competition attached): the competition's data when the config's data folder does not
-    exist, and the runs and the image cache in scratch space (`kaggle_scratch`) unless `out_dir` or `cache_dir`
-    is given.
+    exist, and the runs and the image cache in scratch space (`kaggle_scratch`) where `out_dir` and `cache_dir`
+    are still the defaults (a config or override that sets them, e.g. the one fold-parallel workers get, is kept).
     """
     merged = config_module.parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     merged.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
@@ -72,11 +72,12 @@ def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] |
     if competition is not None:
         on_kaggle = {"data_dir": str(competition)} if "data_dir" not in merged and not Path(cfg.data_dir).exists() \
             else {}
-        if "out_dir" not in merged or "cache_dir" not in merged:
+        defaults = Config()
+        unset = [(key, folder) for key, folder in (("out_dir", "runs"), ("cache_dir", "cache"))
+                 if key not in merged and getattr(cfg, key) == getattr(defaults, key)]
+        if unset:
             scratch = kaggle_scratch()
-            on_kaggle.update({key: str(scratch / folder) for key, folder in (("out_dir", "runs"),
-                                                                               ("cache_dir", "cache"))
-                              if key not in merged})
+            on_kaggle.update({key: str(scratch / folder) for key, folder in unset})
         cfg = config_module.apply_overrides(cfg, on_kaggle)
     return cfg
 

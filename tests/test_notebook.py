@@ -112,3 +112,25 @@ def test_bundle_holds_the_kit_configs_and_notebook(tmp_path):
             "requirements.txt", "requirements-kaggle.txt", "wheels/ttach-0.0.3-py3-none-any.whl"} <= names
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
     json.loads(zipfile.ZipFile(tmp_path / "kit.zip").read("notebooks/kaggle.ipynb"))
+
+
+def test_on_kaggle_runs_and_cache_default_to_scratch_unless_set(tmp_path, monkeypatch):
+    from kit import api
+    from kit.config import save_config
+
+    competition = tmp_path / "kaggle" / "input" / "histopathologic-cancer-detection"
+    competition.mkdir(parents=True)
+    (competition / "sample_submission.csv").write_text("id,label\n")
+    monkeypatch.setenv("KIT_KAGGLE_ROOT", str(tmp_path / "kaggle"))
+    monkeypatch.chdir(tmp_path)
+
+    cfg = api.load_config("demo")
+    scratch = tmp_path / "kaggle" / "temp"
+    assert (cfg.out_dir, cfg.cache_dir) == (str(scratch / "runs"), str(scratch / "cache"))
+    assert cfg.data_dir == str(competition)
+    assert api.load_config("demo", {"out_dir": "mine"}).out_dir == "mine"
+    # a config file that sets them (what fold-parallel workers are given) keeps them
+    save_config(api.load_config("demo", {"out_dir": "/elsewhere/runs", "cache_dir": "/local/cache"}),
+                tmp_path / "worker.yaml")
+    worker = api.load_config(str(tmp_path / "worker.yaml"))
+    assert (worker.out_dir, worker.cache_dir) == ("/elsewhere/runs", "/local/cache")
