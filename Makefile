@@ -74,7 +74,8 @@ train: $(STAMP)
 	$(if $(NPROC),$(TORCHRUN),$(PY)) -m kit train --fold $(FOLD) $(FORCE_FLAG) $(EXPERIMENT)
 
 train-all: $(STAMP)
-	$(PY) -m kit train-all $(FORCE_FLAG) $(if $(PARALLEL),--parallel $(PARALLEL)) $(EXPERIMENT)
+	$(if $(NPROC),$(TORCHRUN),$(PY)) -m kit train-all $(FORCE_FLAG) $(if $(PARALLEL),--parallel $(PARALLEL)) \
+	    $(EXPERIMENT)
 
 predict: $(STAMP)
 	$(PY) -m kit predict $(if $(filter 1 true yes,$(ALLOW_MISSING_FOLDS)),--allow-missing-folds) \

@@ -188,10 +188,13 @@ def train(cfg: Config, fold: int, force: bool = False, log=print) -> dict:
 def train_all(cfg: Config, force: bool = False, parallel: int | str = 1, log=print) -> float:
     """Train (or resume) every fold: one after another, or `parallel` at a time (one process per GPU, or a share of
     the CPU cores; "auto" = the number of GPUs). Returns the CV AUC of the pooled out-of-fold predictions."""
+    from .distributed import launched_rank, quiet
     from .parallel import resolve_parallel, train_folds_parallel
     from .predict import oof_auc
     from .runs import finished_folds
 
+    if launched_rank() != 0:        # under torchrun (NPROC): each fold on every rank, rank 0 alone speaks
+        log = quiet
     if resolve_parallel(parallel) > 1:
         train_folds_parallel(cfg, parallel, force=force, log=log)
     else:

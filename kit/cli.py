@@ -209,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if under_torchrun:
         from .distributed import launched_rank, launched_world
     if under_torchrun and launched_world() > 1:       # NPROC > 1: rank 0 speaks for what every rank shares
-        if args.command != "train":
+        if args.command not in ("train", "train-all") or getattr(args, "parallel", "1") != "1":
             if launched_rank() == 0:
-                print(f"error: only `train` runs under torchrun (NPROC); run `{args.command}` as one process",
-                      file=sys.stderr)
+                print(f"error: only `train` and `train-all` (without PARALLEL) run under torchrun (NPROC); run "
+                      f"`{args.command}` as one process", file=sys.stderr)
             return 2
 
         def say(*values, **options):

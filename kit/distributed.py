@@ -64,6 +64,10 @@ def launched_rank() -> int:
         return 0
 
 
+def quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
 def start(device: torch.device) -> Ranks:
     """Join torchrun's process group (once per process; left at exit): NCCL with one GPU per rank, or gloo on the
     CPU. Outside torchrun: a one-process `Ranks`."""

@@ -504,10 +504,6 @@ def plan_fold(cfg: Config, fold: int, run: FoldRun, force: bool, world: int) -> 
     return FoldPlan(state=state, extension=comparison.extension)
 
 
-def quiet(*_args, **_kwargs) -> None:
-    """The log of DDP ranks other than 0."""
-
-
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
     """Train (or resume) one fold; return its metrics.
 
@@ -520,7 +516,7 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
     the others follow its decision and train their share (kit/distributed.py).
     """
     ranks = distributed.start(select_device(cfg.device))
-    log = log if ranks.is_main else quiet
+    log = log if ranks.is_main else distributed.quiet
     run = FoldRun(cfg, fold, writes=ranks.is_main)
     with ExitStack() as held:
         def lock_and_plan() -> FoldPlan:
@@ -551,7 +547,9 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
             run.write_identity(setup.data.split.record, plan.extension if plan.state is not None else None)
             describe_setup(cfg, fold, setup, log)
             stopped_early = progress["stopped"] = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log)
-            return finish_fold(cfg, fold, run, setup, progress, stopped_early, log)
+            metrics = finish_fold(cfg, fold, run, setup, progress, stopped_early, log)
+            # every rank leaves once rank 0 has written the fold's files (train-all reads them next)
+            return distributed.from_main(lambda: metrics)
         except KeyboardInterrupt as err:
             staged = run.directory == run.staging_dir
             run.discard_staging()     # a FORCE=1 retrain stopped before its first checkpoint: the old fold stands

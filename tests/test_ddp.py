@@ -129,6 +129,18 @@ def load_cfg(values: dict):
     return load_config(REPO / "configs" / "demo.yaml", values)
 
 
+def test_train_all_on_two_processes_trains_every_fold_and_says_the_cv_auc_once(demo_data, tmp_path):
+    command = [sys.executable, "-m", "kit.launch", "--nproc_per_node", "2", "-m", "kit", "train-all", "--config",
+               "configs/demo.yaml", "--data-dir", str(demo_data), "--out", str(tmp_path / "runs"), "epochs=1",
+               "folds.n_splits=2", "max_train_images=64", "tta.views=none"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("demo: CV AUC") == 1 and done.stdout.count("fold 1: done") == 1
+    for fold in (0, 1):
+        assert json.loads((tmp_path / "runs" / "demo" / f"fold{fold}" / "metrics.json").read_text())["processes"] == 2
+
+
 def test_a_failure_on_the_ranks_is_one_line(demo_data, tmp_path):
     values = overrides(demo_data, tmp_path / "runs", batch_size=33)
     code, output = finished(launch(["--nproc_per_node", "2"], values, tmp_path / "record"))
