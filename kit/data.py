@@ -455,8 +455,8 @@ class SeededBatchSampler(torch.utils.data.Sampler):
         size = self.batch_size if self.items > self.batch_size else self.items
         share, rank = size // self.ranks.world, self.ranks.rank
         for number, seed in enumerate(seeds):
-            batch = order[number * size:(number + 1) * size][rank * share:(rank + 1) * share]
-            yield [(item, distributed.rank_seed(seed, rank)) for item in batch]
+            batch, batch_seed = order[number * size:(number + 1) * size], distributed.rank_seed(seed, rank)
+            yield [(item, batch_seed) for item in batch[rank * share:(rank + 1) * share]]
 
 
 class AlbumentationsBatches:

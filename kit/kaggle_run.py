@@ -36,7 +36,7 @@ DEFAULT_ACCELERATOR = "NvidiaTeslaT4"
 REFUSED_ACCELERATORS = ("p100",)     # Kaggle's torch has no kernels for it (kit/device.py)
 POLL_SECONDS = 30.0
 LOG_TAIL = 5
-DONE, FAILED = "complete", ("error", "cancelacknowledged", "cancel_acknowledged", "cancelrequested")
+DONE, FAILED = "complete", ("error", "cancel_requested", "cancel_acknowledged")
 
 
 def state_path(cfg: Config) -> Path:
@@ -44,9 +44,10 @@ def state_path(cfg: Config) -> Path:
 
 
 def status_name(response) -> str:
-    """The kernel status as a lower-case word ("queued", "running", "complete", "error", …)."""
+    """The kernel status (the client's KernelWorkerStatus) as a lower-case word: "queued", "running", "complete",
+    "error", "cancel_requested", …"""
     status = getattr(response, "status", response)
-    return str(getattr(status, "name", status)).lower().replace("kernel_worker_status_", "")
+    return str(getattr(status, "name", status)).lower()
 
 
 def notebook_with_parameters(cfg: Config, folds, submit: bool = False) -> dict:
