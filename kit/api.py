@@ -7,9 +7,9 @@
     api.submit(path)                                # validate, then upload through the Kaggle API
     api.report(cfg)                                 # runs/<experiment>/report.md with figures
 
-Inside a Kaggle notebook the competition data is found at /kaggle/input/histopathologic-cancer-detection, and the
-image cache (7.7 GB for the competition) and the runs go to scratch space (/kaggle/temp, else /tmp), not to
-/kaggle/working, which keeps at most 20 GB and is what the notebook's output saves: `keep_outputs` copies there what
+Inside a Kaggle notebook (kit/kaggle_notebook.py) the competition data is found at
+/kaggle/input/histopathologic-cancer-detection, and the image cache (7.7 GB for the competition) and the runs go to
+scratch space (/kaggle/temp, else /tmp) wherever the data is, not to /kaggle/working, which keeps at most 20 GB and is what the notebook's output saves: `keep_outputs` copies there what
 a user wants back (each fold's best.pt, metrics, OOF, history; the report), and submissions are written there.
 The kit itself can sit on a read-only input.
 """
@@ -17,7 +17,6 @@ The kit itself can sit on a read-only input.
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,60 +25,27 @@ from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import Interrupted, KitError
 from .io import require_writable_dir
-
-KAGGLE_ROOT_VARIABLE = "KIT_KAGGLE_ROOT"     # where a Kaggle notebook's /kaggle tree is (tests point it elsewhere)
+from .kaggle_notebook import competition_input, notebook_overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
 
-def kaggle_root() -> Path:
-    return Path(os.environ.get(KAGGLE_ROOT_VARIABLE, "/kaggle"))
-
-
-def kaggle_competition_input() -> Path | None:
-    """The competition data attached to a Kaggle notebook, when there is one."""
-    path = kaggle_root() / "input" / COMPETITION
-    return path if (path / SAMPLE_SUBMISSION_CSV).is_file() else None
-
-
-def kaggle_scratch() -> Path:
-    """A Kaggle notebook's scratch space: /kaggle/temp (kept for the session, never saved as output), else /tmp."""
-    for candidate in (kaggle_root() / "temp", Path(tempfile.gettempdir()) / "hcd-kit"):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(candidate, os.W_OK):
-            return candidate
-    raise KitError(f"no writable scratch space in {kaggle_root() / 'temp'} or {tempfile.gettempdir()}: pass "
-                   f"out_dir=… and cache_dir=… to the config")
-
-
 def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] | dict | None = None,
                 **keyword_overrides) -> Config:
     """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides.
 
-    In a Kaggle notebook (the competition attached): the competition's data when the config's data folder does not
-    exist, and the runs and the image cache in scratch space (`kaggle_scratch`) where `out_dir` and `cache_dir`
-    are still the defaults (a config or override that sets them, e.g. the one fold-parallel workers get, is kept).
+    In a Kaggle notebook (kit/kaggle_notebook.py): the attached competition's data when the config's data folder does
+    not exist, and the runs and the image cache in scratch space wherever the data is, where `out_dir` and
+    `cache_dir` are still the defaults (a config or override that sets them, e.g. the one fold-parallel workers
+    get, is kept).
     """
     merged = config_module.parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     merged.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
     cfg = config_module.load_config(name_or_path, merged)
-    competition = kaggle_competition_input()
-    if competition is not None:
-        on_kaggle = {"data_dir": str(competition)} if "data_dir" not in merged and not Path(cfg.data_dir).exists() \
-            else {}
-        defaults = Config()
-        unset = [(key, folder) for key, folder in (("out_dir", "runs"), ("cache_dir", "cache"))
-                 if key not in merged and getattr(cfg, key) == getattr(defaults, key)]
-        if unset:
-            scratch = kaggle_scratch()
-            on_kaggle.update({key: str(scratch / folder) for key, folder in unset})
-        cfg = config_module.apply_overrides(cfg, on_kaggle)
-    return cfg
+    on_kaggle = notebook_overrides(config_module.to_dict(cfg), merged, config_module.to_dict(Config()))
+    return config_module.apply_overrides(cfg, on_kaggle) if on_kaggle else cfg
 
 
 def keep_outputs(cfg: Config, destination: str | Path = "runs", log=print) -> list[Path]:
@@ -306,7 +272,7 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
     if not Path(path).is_file():
         raise KitError(f"submission file not found: {path} (make predict writes one under submissions/)")
     details = read_submission_details(path)
-    sample_source = data_dir or details.get("sample_submission") or kaggle_competition_input()
+    sample_source = data_dir or details.get("sample_submission") or competition_input()
     if sample_source is None:
         raise KitError(f"cannot tell which {SAMPLE_SUBMISSION_CSV} {path} answers: pass DATA_DIR=/path/to/data")
     upload(path, read_sample_submission(sample_source), message or default_message(details, path),

@@ -171,7 +171,8 @@ def run(args) -> None:
         elif args.command == "kaggle-run":
             from .kaggle_run import kaggle_run
 
-            print(kaggle_run(cfg, accelerator=args.accelerator, submit=args.submit, force=args.force))
+            print(kaggle_run(cfg, accelerator=args.accelerator, submit=args.submit, force=args.force,
+                             data_dir=args.data_dir))
         elif args.command == "train-all":
             api.train_all(cfg, force=args.force, parallel=args.parallel)
         elif args.command == "predict":

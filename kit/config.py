@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,20 @@ CHOICES = {
     "train.input": ("auto", "batch", "albumentations"),
     "model.global_pool": ("", "avg", "max", "avgmax", "catavgmax"),
 }
+# An experiment name is one path component: runs/<name>/ and submissions/<name>-<time>.csv stay inside their folders.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+PLAIN_NAME_RULE = "letters, digits, '.', '_', '-', starting with a letter or digit, at most 100 characters"
+
+
+def is_plain_name(text: str) -> bool:
+    return bool(PLAIN_NAME.fullmatch(text))
+
+
+def suggest_name(text: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._-")
+    return cleaned[:100] or "my_experiment"
+
+
 # (minimum, inclusive?) for numeric keys
 MINIMUMS = {
     "epochs": (1, True), "batch_size": (1, True), "eval_batch_size": (1, True), "num_workers": (-1, True),
@@ -295,6 +310,9 @@ def _check_value(key: str, value, hint, source: str):
         value = ""
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise KitError(f"{source}: `{key}` must be {expected}, got {value!r}")
+    if key == "name" and value and not is_plain_name(value):
+        raise KitError(f"{source}: experiment name {value!r} must be one folder name ({PLAIN_NAME_RULE}): it names "
+                       f"runs/<name>/ and the submission file; e.g. name={suggest_name(value)}")
     if key in CHOICES and value not in CHOICES[key]:
         raise KitError(f"{source}: `{key}` must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in MINIMUMS:

@@ -27,12 +27,10 @@ from .competition import (CHANNELS, IMAGE_SIZE, IMAGE_SUFFIX, SAMPLE_SUBMISSION_
 from . import distributed
 from .device import spare_memory, to_device
 from .errors import Interrupted, KitError
+from .kaggle_notebook import get_data_hint, repair_hint
 from .io import WHERE_TO_WRITE, atomic_path, free_bytes, human_bytes, process_lock, remove_temp_files
 from .progress import progress_bar
 
-GET_DATA_HINT = "run `make data` (or `make demo-data` for generated data), or pass DATA_DIR=/path/to/data"
-REPAIR_HINT = ("run `make data DATA_DIR={data_dir}` to verify every image and re-extract the bad ones from the "
-               "competition zip (generated data: `make demo-data FORCE=1`), or replace them by hand")
 SHOWN_PROBLEMS = 5          # bad files named in a message; the rest are counted
 ROW_BYTES = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
 
@@ -47,18 +45,18 @@ def check_data_dir(data_dir: str | Path) -> Path:
     """The data folder must hold train/, test/, train_labels.csv and sample_submission.csv."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise KitError(f"data folder not found: {data_dir}: {GET_DATA_HINT}")
+        raise KitError(f"data folder not found: {data_dir}: {get_data_hint()}")
     missing = [name for name in (TRAIN_LABELS_CSV, SAMPLE_SUBMISSION_CSV, TRAIN_DIR, TEST_DIR)
                if not (data_dir / name).exists()]
     if missing:
-        raise KitError(f"{data_dir} lacks {', '.join(missing)}: {GET_DATA_HINT}")
+        raise KitError(f"{data_dir} lacks {', '.join(missing)}: {get_data_hint()}")
     return data_dir
 
 
 def read_id_label_csv(path: Path, labels_must_be_binary: bool) -> pd.DataFrame:
     """Read an `id,label` CSV, refusing a wrong header, empty or duplicate ids, and (for training) non-0/1 labels."""
     if not path.is_file():
-        raise KitError(f"{path} not found: {GET_DATA_HINT}")
+        raise KitError(f"{path} not found: {get_data_hint()}")
     try:
         frame = pd.read_csv(path, dtype={"id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -71,6 +69,7 @@ def read_id_label_csv(path: Path, labels_must_be_binary: bool) -> pd.DataFrame:
     if blank.any():
         raise KitError(f"{path}: row {first_line_of(blank)} has an empty id")
     check_ids_unpadded(frame["id"], path)
+    check_ids_are_file_names(frame["id"], path)
     duplicated = frame["id"].duplicated()
     if duplicated.any():
         raise KitError(f"{path}: row {first_line_of(duplicated)} repeats id {frame['id'][duplicated].iloc[0]}")
@@ -108,6 +107,18 @@ def check_ids_unpadded(ids: pd.Series, name: str | Path) -> None:
                        f"({int(padded.sum()):,} such rows); remove it, e.g. {value.strip()!r}")
 
 
+def check_ids_are_file_names(ids: pd.Series, name: str | Path) -> None:
+    """Every id names a file inside train/ or test/: no folder separators, not `.` or `..` (the competition's ids are
+    40 hexadecimal digits), so no CSV row reads an image from outside the data folder."""
+    text = ids.astype(str)
+    escaping = text.str.contains(r"[/\\\x00]", regex=True) | text.isin([".", ".."])
+    if escaping.any():
+        value = text[escaping].iloc[0]
+        raise KitError(f"{name}: row {first_line_of(escaping)} has id {value!r}, which is not a plain file name "
+                       f"({int(escaping.sum()):,} such rows); ids name files in train/ and test/ (the competition's "
+                       f"are 40 hexadecimal digits)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,13 +140,13 @@ def inspect_image(path: str | Path) -> tuple[np.ndarray | None, str | None]:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), None    # OpenCV decodes to BGR
 
 
-def bad_images_error(problems: list[tuple[Path, str]], total: int, advice: str = REPAIR_HINT) -> KitError:
+def bad_images_error(problems: list[tuple[Path, str]], total: int, advice: str | None = None) -> KitError:
     """One line for every bad image of a pass: the count, the first few files with what is wrong, what to do."""
     shown = ", ".join(f"{path.parent.name}/{path.name} ({why})" for path, why in problems[:SHOWN_PROBLEMS])
     more = f" and {len(problems) - SHOWN_PROBLEMS:,} more" if len(problems) > SHOWN_PROBLEMS else ""
     data_dir = problems[0][0].parent.parent
     return KitError(f"{len(problems):,} of {total:,} images in {data_dir} cannot be used: {shown}{more}; "
-                    + advice.format(data_dir=data_dir))
+                    + (advice if advice is not None else repair_hint(data_dir)))
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -148,6 +159,24 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def image_paths(image_dir: Path, ids) -> list[Path]:
     return [image_dir / f"{image_id}{IMAGE_SUFFIX}" for image_id in ids]
+
+
+def check_test_images(data_dir: Path) -> int:
+    """Every id of sample_submission.csv has a non-empty file in test/: checked before training starts (a stat per
+    file, seconds for the competition's 57,458), so a missing test set does not surface after hours of training.
+    Returns the count."""
+    paths = image_paths(data_dir / TEST_DIR, read_sample_submission(data_dir)["id"])
+    problems = []
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                problems.append((path, "empty file, 0 bytes"))
+        except OSError:
+            problems.append((path, "missing"))
+    if problems:
+        raise bad_images_error(problems, len(paths), "the test set is needed to predict, so nothing was trained; "
+                                                     + repair_hint(data_dir))
+    return len(paths)
 
 
 def source_fingerprint(paths: list[Path], csv_name: str) -> str:
@@ -166,7 +195,7 @@ def source_fingerprint(paths: list[Path], csv_name: str) -> str:
         names = ", ".join(p.name for p in missing[:SHOWN_PROBLEMS])
         more = f" and {len(missing) - SHOWN_PROBLEMS:,} more" if len(missing) > SHOWN_PROBLEMS else ""
         count = "1 image listed in {} is" if len(missing) == 1 else f"{len(missing):,} images listed in {{}} are"
-        raise KitError(f"{count.format(csv_name)} missing from {missing[0].parent}: {names}{more}; {GET_DATA_HINT}")
+        raise KitError(f"{count.format(csv_name)} missing from {missing[0].parent}: {names}{more}; {get_data_hint()}")
     return digest.hexdigest()
 
 

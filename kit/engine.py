@@ -29,7 +29,8 @@ from . import distributed
 from .augment import NoBatchEquivalent, batch_equivalent, build_transform, choose_input
 from .config import Config, LossConfig, to_dict
 from .data import (AlbumentationsBatches, CachedBatches, augmented_model_input, cache_dir_for, check_data_dir,
-                   gather_batch, load_split_images, read_train_labels, resident_images, to_model_input)
+                   check_test_images, gather_batch, load_split_images, read_train_labels, resident_images,
+                   to_model_input)
 from .device import (autocast_dtype, card_name, intended_sync, peak_memory_mb, precision_name, reset_peak_memory,
                      select_device, sync_debug)
 from .errors import Interrupted, KitError
@@ -37,7 +38,7 @@ from .folds import Split, load_split
 from .io import require_writable_dir
 from .models import build_model, count_parameters, head_parameter_names, start_head_neutral
 from .progress import progress_bar
-from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock, is_finished
+from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock
 from .tta import tta_view_count, with_tta
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "peak_memory_mb"]
@@ -482,26 +483,24 @@ class FoldPlan:
 
 
 def plan_fold(cfg: Config, fold: int, run: FoldRun, force: bool, world: int) -> FoldPlan:
-    """Resume, skip or start afresh, by the run folder's rules (kit/runs.py); run holding the fold's lock."""
+    """Resume, skip or start afresh, as the run folder's rules decide (`FoldRun.decide`); run holding the fold's
+    lock."""
     run.recover_from_crash()
-    status = run.status()
-    comparison = run.compare(status)
-    resume = status.has_checkpoint and not force
-    if resume and comparison.differences:
-        raise run.mismatch_error(comparison)
+    decision = run.decide(force)
     if not force:
         check_split_against_data(cfg)     # every fold of the experiment on the split of today's labels
-    if resume and is_finished(status, comparison):
-        return FoldPlan(finished=status.metrics)
-    if not resume:
-        return FoldPlan(keep_existing=status.has_checkpoint)
+    if decision.action == "skip":
+        return FoldPlan(finished=decision.status.metrics)
+    check_test_images(check_data_dir(cfg.data_dir))    # a missing test image fails now, not after hours of training
+    if decision.action == "fresh":
+        return FoldPlan(keep_existing=decision.replaces)
     state = run.load_checkpoint(LAST)
     trained_by = int(state.get("world_size", 1))
     if trained_by != world:
         raise KitError(f"{run.label} was being trained by {trained_by} process(es) (NPROC={trained_by}), not "
                        f"{world}: each process's share of a batch and its augmentations depend on the count; resume "
                        f"with NPROC={trained_by}, or retrain it with FORCE=1")
-    return FoldPlan(state=state, extension=comparison.extension)
+    return FoldPlan(state=state, extension=decision.extension)
 
 
 def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:

@@ -47,10 +47,17 @@ def read_groups(path: str | Path, ids: pd.Series, log=print) -> np.ndarray:
 
 def assign_folds(labels: pd.DataFrame, n_splits: int, seed: int, groups: np.ndarray | None = None) -> pd.DataFrame:
     """Return `id,label,fold` with each row's validation fold; stratified on the label (and grouped if given)."""
-    counts = labels["label"].value_counts()
-    if counts.min() < n_splits or len(counts) < 2:
-        raise KitError(f"cannot make {n_splits} stratified folds: each class needs at least {n_splits} images "
-                       f"(found {counts.to_dict()}); lower folds.n_splits")
+    counts = {label: int((labels["label"] == label).sum()) for label in (0, 1)}
+    rare = min(counts, key=counts.get)
+    if counts[rare] < 2:
+        # no number of folds helps: a classifier needs both labels, and AUC needs both in every held-out fold
+        raise KitError(f"train_labels.csv has {counts[0]:,} negative and {counts[1]:,} positive patches: training "
+                       f"needs at least 2 of each label (k-fold needs one per fold); check that the labels are the "
+                       f"competition's (or the right file)")
+    if counts[rare] < n_splits:
+        raise KitError(f"cannot make {n_splits} stratified folds: label {rare} has only {counts[rare]} patches, one "
+                       f"per fold is needed; set folds.n_splits={counts[rare]} or fewer (at least 2), or add "
+                       f"labelled patches")
     if groups is not None and len(set(groups)) < n_splits:
         raise KitError(f"cannot make {n_splits} grouped folds from {len(set(groups))} groups; lower folds.n_splits")
     if groups is None:

@@ -97,6 +97,21 @@ def require_writable_dir(path: str | Path, label: str = "OUT") -> Path:
     return path
 
 
+def path_inside(root: str | Path, *parts: str | Path) -> Path:
+    """`root`/`parts…`, refused unless it stays inside `root` once `..` and absolute parts are worked out: a name
+    from a config or a CSV never writes or reads outside the folder it belongs to. (A folder the user has made a
+    symbolic link is followed: where it points is the user's choice, not a name's.)"""
+    root = Path(root)
+    path = root.joinpath(*parts)
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([base, target]) != base or target == base:
+        shown = "/".join(str(part) for part in parts)
+        raise KitError(f"{shown!r} would lead outside {root}: names must be plain folder or file names (letters, "
+                       f"digits, '.', '_', '-')")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,8 +191,12 @@ def process_lock(path: str | Path, busy: str, wait: bool = False, on_wait=None):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a symbolic link: a planted fold<k>.lock → elsewhere must not truncate its target
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP or path.is_symlink():
+            raise KitError(f"{path} is a symbolic link, not a lock file: the kit does not follow it; remove the "
+                           f"link and rerun") from None
         raise writing(path, err) from None
     try:
         try:

@@ -14,6 +14,7 @@ same kernel version instead of pushing a new one (FORCE=1 pushes anew).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pprint
 import shutil
@@ -26,14 +27,19 @@ from .bundle import REPO, write_bundle
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import KitError
-from .io import atomic_write_json, atomic_write_text
-from .runs import experiment_dir, flat_config
+from .io import atomic_path, atomic_write_json, atomic_write_text, path_inside
+from .runs import bring_in_folds, experiment_dir, flat_config
+from .submission import read_submission_details
 
 DATASET_SLUG = "hcd-kit"
 NOTEBOOK = REPO / "notebooks" / "kaggle.ipynb"
 PATH_KEYS = frozenset({"data_dir", "out_dir", "cache_dir", "submissions_dir"})   # Kaggle's paths are its own
 DEFAULT_ACCELERATOR = "NvidiaTeslaT4"
-REFUSED_ACCELERATORS = ("p100",)     # Kaggle's torch has no kernels for it (kit/device.py)
+# Kaggle's GPU machine shapes (its kernels docs, Feb 2026; some only for some competitions). The P100 is retired and
+# Kaggle's torch has no kernels for it (kit/device.py); TPUs run no CUDA: neither can train the kit.
+GPU_ACCELERATORS = ("NvidiaTeslaT4", "NvidiaTeslaT4Highmem", "NvidiaL4", "NvidiaL4X1", "NvidiaTeslaA100",
+                    "NvidiaH100", "NvidiaRtxPro6000")
+KERNEL_SLUG_LENGTH = 50           # Kaggle's limit on a kernel's slug (its title, 5 to 50 characters)
 POLL_SECONDS = 30.0
 LOG_TAIL = 5
 DONE, FAILED = "complete", ("error", "cancel_requested", "cancel_acknowledged")
@@ -63,8 +69,18 @@ def notebook_with_parameters(cfg: Config, folds, submit: bool = False) -> dict:
     return notebook
 
 
+def kernel_slug(name: str) -> str:
+    """hcd-kit-<experiment> as Kaggle spells slugs (lower case, digits, hyphens), one per experiment name: a name
+    that is not already such a slug (`a_b`, `A-b`) gets a short hash of itself, so `a_b` and `a-b` never share a
+    kernel (and download each other's outputs)."""
+    readable = slug(name)
+    suffix = "" if readable == name else "-" + hashlib.sha1(name.encode()).hexdigest()[:6]
+    room = KERNEL_SLUG_LENGTH - len(DATASET_SLUG) - 1 - len(suffix)
+    return f"{DATASET_SLUG}-{readable[:room].strip('-')}{suffix}"
+
+
 def kernel_metadata(user: str, cfg: Config, accelerator: str) -> dict:
-    return {"id": f"{user}/{DATASET_SLUG}-{slug(cfg.name)}", "title": f"{DATASET_SLUG}-{slug(cfg.name)}",
+    return {"id": f"{user}/{kernel_slug(cfg.name)}", "title": kernel_slug(cfg.name),
             "code_file": NOTEBOOK.name, "language": "python", "kernel_type": "notebook", "is_private": True,
             "enable_gpu": True, "enable_tpu": False, "enable_internet": False,
             "dataset_sources": [f"{user}/{DATASET_SLUG}"], "competition_sources": [COMPETITION],
@@ -77,10 +93,16 @@ def slug(text: str) -> str:
 
 
 def check_accelerator(accelerator: str) -> str:
-    if any(word in accelerator.lower() for word in REFUSED_ACCELERATORS):
+    """Kaggle's spelling of a GPU it offers (matched without regard to case), checked before anything is sent."""
+    known = {name.lower(): name for name in GPU_ACCELERATORS}
+    if accelerator.strip().lower() in known:
+        return known[accelerator.strip().lower()]
+    if "p100" in accelerator.lower():
         raise KitError(f"ACCELERATOR={accelerator}: Kaggle's torch has no kernels for the P100; pick a T4 "
                        f"(NvidiaTeslaT4, the default) or an L4 (NvidiaL4)")
-    return accelerator
+    why = "TPUs run no CUDA, which the kit trains on" if "tpu" in accelerator.lower() else "not a Kaggle GPU"
+    raise KitError(f"ACCELERATOR={accelerator}: {why}; pick one of {', '.join(GPU_ACCELERATORS)} (default "
+                   f"{DEFAULT_ACCELERATOR}, T4 x2)")
 
 
 def push_dataset(api, user: str, work: Path, log) -> str:
@@ -208,12 +230,19 @@ def log_tail(api, kernel: str) -> list[str]:
         return [line.strip() for line in text.splitlines() if line.strip()][-LOG_TAIL:]
 
 
-def download_outputs(api, cfg: Config, kernel: str, log) -> Path:
+def download_outputs(api, cfg: Config, pushed: dict, log) -> Path:
     """The kernel's outputs: submission.csv → submissions/<experiment>-kaggle-<time>.csv (with its details JSON),
-    runs/<experiment>/… → runs/<experiment>/…; returns the CSV's path."""
+    runs/<experiment>/fold<k>/ → runs/<experiment>/ where no local fold differs (else runs/<experiment>-kaggle-v<n>/:
+    `runs.bring_in_folds`); returns the CSV's path. Outputs of another experiment are refused."""
     from .submission import explain_api_error
 
-    with tempfile.TemporaryDirectory(prefix="kit-kaggle-output-") as tmp:
+    kernel = pushed["kernel"]
+    version = pushed.get("version")
+    run_label = f"v{version}" if isinstance(version, int) else "".join(c for c in pushed["pushed"] if c.isdigit())
+    experiment = experiment_dir(cfg)
+    experiment.mkdir(parents=True, exist_ok=True)
+    # downloaded beside the runs (the folders the user gave, and one disk: the folds move in by renaming)
+    with tempfile.TemporaryDirectory(prefix=".kaggle-output-", dir=experiment) as tmp:
         try:
             api.kernels_output(kernel, tmp, force=True, quiet=True)
         except Exception as err:
@@ -223,33 +252,42 @@ def download_outputs(api, cfg: Config, kernel: str, log) -> Path:
         if not csv.is_file():
             raise KitError(f"the kernel {kernel} finished without submission.csv among its outputs; open it on "
                            f"Kaggle to see why")
-        target = Path(cfg.submissions_dir) / f"{cfg.name}-kaggle-{datetime.now():%Y%m%d-%H%M%S}.csv"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(csv, target)
-        runs = out / "runs" / cfg.name
-        if runs.is_dir():
-            shutil.copytree(runs, experiment_dir(cfg), dirs_exist_ok=True)
         # the kernel's own details (experiment, CV AUC, folds, TTA), and the competition's sample_submission.csv
         # beside the CSV, to validate it against when submitting without the data here
         kernel_details = sorted((out / "submissions").glob("*.json"))
-        details = json.loads(kernel_details[-1].read_text()) if kernel_details else {}
+        details = read_submission_details(kernel_details[-1].with_suffix(".csv")) if kernel_details else {}
+        trained = sorted(p.name for p in (out / "runs").glob("*") if p.is_dir())
+        if details.get("experiment", cfg.name) != cfg.name or (trained and cfg.name not in trained):
+            raise KitError(f"the kernel {kernel} holds the outputs of `{details.get('experiment') or trained[0]}`, "
+                           f"not of `{cfg.name}`: nothing was downloaded; run `make kaggle-run` for that "
+                           f"experiment, or FORCE=1 to push `{cfg.name}` anew")
+        target = path_inside(cfg.submissions_dir, f"{cfg.name}-kaggle-{datetime.now():%Y%m%d-%H%M%S}.csv")
+        with atomic_path(target) as tmp_csv:
+            shutil.copyfile(csv, tmp_csv)
+        received = cfg
+        runs = out / "runs" / cfg.name
+        if runs.is_dir():
+            received = bring_in_folds(cfg, runs, f"{cfg.name}-kaggle-{run_label}", log)
         sample_dir = target.with_suffix("")
         if (out / SAMPLE_SUBMISSION_CSV).is_file():
             sample_dir.mkdir(exist_ok=True)
-            shutil.copyfile(out / SAMPLE_SUBMISSION_CSV, sample_dir / SAMPLE_SUBMISSION_CSV)
+            with atomic_path(sample_dir / SAMPLE_SUBMISSION_CSV) as tmp_sample:
+                shutil.copyfile(out / SAMPLE_SUBMISSION_CSV, tmp_sample)
             details["sample_submission"] = str(sample_dir)
         details["kernel"] = kernel
         atomic_write_json(target.with_suffix(".json"), details)
-    log(f"outputs of {kernel}: {target}" + (f" and {experiment_dir(cfg)}" if runs.is_dir() else ""))
+    log(f"outputs of {kernel}: {target}" + (f" and {experiment_dir(received)}" if runs.is_dir() else ""))
     return target
 
 
 def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool = False, force: bool = False,
-               folds="all", poll_seconds: float = POLL_SECONDS, log=print) -> Path:
-    """Every step of the module docstring; returns the downloaded submission's path."""
+               folds="all", poll_seconds: float = POLL_SECONDS, data_dir: str | Path | None = None,
+               log=print) -> Path:
+    """Every step of the module docstring; returns the downloaded submission's path. `data_dir`: the
+    sample_submission.csv to check the CSV against before submitting (else the one the kernel brought back)."""
     from .submission import kaggle_api
 
-    check_accelerator(accelerator)
+    accelerator = check_accelerator(accelerator)
     api = kaggle_api()
     user = api.get_config_value("username")
     if not user:
@@ -265,10 +303,10 @@ def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool
     else:
         log(f"following the kernel pushed at {state['pushed']}: {state['kernel']} (FORCE=1 pushes a new one)")
     follow(api, state["kernel"], poll_seconds, log)
-    csv = download_outputs(api, cfg, state["kernel"], log)
+    csv = download_outputs(api, cfg, state, log)
     atomic_write_json(state_file, dict(state, downloaded=True, submission=str(csv)))
     if submit:
         from . import api as kit_api
 
-        kit_api.submit(csv, data_dir=None)
+        kit_api.submit(csv, data_dir=data_dir, log=log)
     return csv

@@ -7,6 +7,7 @@ checkpoint predicts correctly on its own) and returns one logit per image, shape
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import torch
@@ -118,11 +119,13 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
     if model_cfg.global_pool:
         options["global_pool"] = model_cfg.global_pool
     if model_cfg.pretrained_file:
-        net = timm.create_model(model_cfg.name, pretrained=False, **options)
+        net = create_timm_model(model_cfg, options, pretrained=False)
         load_backbone_weights(net, model_cfg.name, Path(model_cfg.pretrained_file))
     else:
         try:
-            net = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, **options)
+            net = create_timm_model(model_cfg, options, pretrained=model_cfg.pretrained)
+        except KitError:
+            raise
         except Exception as err:   # the hub unreachable (no internet), no local cache entry, …
             if not model_cfg.pretrained:
                 raise
@@ -131,6 +134,27 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
                            f".safetensors (e.g. a Kaggle dataset of timm weights) or model.pretrained=false") from None
     data_config = timm.data.resolve_data_config({}, model=net)     # the pretrained weights' mean/std, RGB order
     return PatchClassifier(net, mean=data_config["mean"], std=data_config["std"], input_size=model_cfg.input_size)
+
+
+# timm keyword → the config key that sets it (a family that lacks one is named with the key to change)
+TIMM_OPTION_KEYS = {"drop_rate": ("model.dropout", "0"), "drop_path_rate": ("model.drop_path", "0"),
+                    "global_pool": ("model.global_pool", '""')}
+
+
+def create_timm_model(model_cfg: ModelConfig, options: dict, pretrained: bool) -> nn.Module:
+    """`timm.create_model` with the config's options; an option the family's constructor does not take (DenseNet
+    has no stochastic depth: no `drop_path_rate`) is one line naming the config key to change."""
+    import timm
+
+    try:
+        return timm.create_model(model_cfg.name, pretrained=pretrained, **options)
+    except TypeError as err:
+        refused = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if refused is None or refused.group(1) not in TIMM_OPTION_KEYS:
+            raise
+        key, neutral = TIMM_OPTION_KEYS[refused.group(1)]
+        raise KitError(f"config `model.name: {model_cfg.name}`: this timm family takes no `{refused.group(1)}`, which "
+                       f"`{key}` sets; set {key}={neutral} for it (e.g. ARGS='{key}={neutral}')") from None
 
 
 def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None:

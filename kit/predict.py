@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +20,8 @@ from .device import autocast_dtype, select_device
 from .engine import predict_probabilities
 from .errors import KitError
 from .models import build_model
-from .runs import FinishedFold, check_split_against_data, finished_folds, fold_dir, load_checkpoint
+from .runs import (RECORD, FinishedFold, check_split_against_data, epochs_note, finished_folds, fold_dir,
+                   load_checkpoint, read_json)
 from .tta import tta_view_count
 
 
@@ -59,6 +59,9 @@ class Prediction:
 def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> Prediction:
     """Predict the test set with every finished fold × TTA views and average the folds."""
     checkpoints = find_fold_checkpoints(cfg, allow_missing_folds)
+    note = epochs_note(cfg, checkpoints)
+    if note:
+        log(note)
     data_dir = check_data_dir(cfg.data_dir)
     test_ids = read_sample_submission(data_dir)["id"].tolist()
     images = load_split_images(data_dir, "test", test_ids, cache_dir_for(cfg, data_dir))
@@ -133,6 +136,22 @@ def choose_blend_weights(member_oof: list[np.ndarray], labels: np.ndarray, metho
     return best_weights, best_auc
 
 
+def check_members_share_folds(configs: list[Config], allow_missing_folds: bool) -> None:
+    """Blend weights are chosen on the members' pooled OOF predictions, which only compare when every member
+    holds out the same rows: the same finished folds of the same split file. Checked before any test prediction."""
+    described = {}
+    for cfg in configs:
+        found = find_fold_checkpoints(cfg, allow_missing_folds)
+        splits = sorted({(read_json(f.directory / RECORD) or {}).get("split", {}).get("file", "?") for f in found})
+        described[cfg.name] = (tuple(f.fold for f in found), cfg.folds.n_splits, tuple(splits))
+    if len(set(described.values())) > 1:
+        shown = "; ".join(f"`{name}` folds {', '.join(map(str, folds))} of {k} ({', '.join(splits)})"
+                          for name, (folds, k, splits) in described.items())
+        raise KitError(f"blend members must hold out the same rows, but {shown}: blend experiments trained on the "
+                       f"same split (folds.n_splits, folds.seed, folds.groups_csv) with the same folds finished "
+                       f"(nothing was predicted)")
+
+
 @dataclass
 class Blend:
     ids: list[str]
@@ -152,6 +171,7 @@ def predict_blend(configs: list[Config], method: str = "mean", allow_missing_fol
     names = [cfg.name for cfg in configs]
     if len(set(names)) != len(names) or not 2 <= len(names) <= MAX_BLEND_MEMBERS:
         raise KitError(f"blend 2 to {MAX_BLEND_MEMBERS} different experiments, got {', '.join(names)}")
+    check_members_share_folds(configs, allow_missing_folds)        # before predicting anything
     predictions = [predict_test(cfg, allow_missing_folds=allow_missing_folds, log=log) for cfg in configs]
     if any(p.ids != predictions[0].ids for p in predictions):
         raise KitError(f"experiments {', '.join(names)} predicted different test sets: use the same data_dir")

@@ -31,7 +31,7 @@ from .config import Config
 from .data import image_paths, read_image
 from .errors import KitError
 from .io import atomic_path, atomic_write_text
-from .runs import check_split_against_data, experiment_dir, finished_folds
+from .runs import check_split_against_data, epochs_note, experiment_dir, finished_folds
 from .submission import read_submission_file
 
 matplotlib.use("Agg")     # figures go to files: no display needed (servers, notebook kernels, CI)
@@ -68,6 +68,7 @@ class RunFolder:
     histories: dict[int, pd.DataFrame]   # finished fold → its history.csv
     fold_metrics: dict[int, dict]        # finished fold → its metrics.json
     missing: dict[int, str]              # unfinished fold → why it is not counted
+    epochs_note: str | None = None       # the finished folds ran another number of epochs than the config says
 
     @property
     def finished(self) -> list[int]:
@@ -91,7 +92,7 @@ def read_run_folder(cfg: Config) -> RunFolder:
         raise KitError(f"the out-of-fold labels of `{cfg.name}` hold one class only, so ROC AUC is undefined")
     histories = {f.fold: f.history for f in found if f.history is not None}
     return RunFolder(cfg.name, directory, cfg.folds.n_splits, oof, histories, {f.fold: f.metrics for f in found},
-                     missing)
+                     missing, epochs_note(cfg, found))
 
 
 def _stamp(path: Path) -> str:
@@ -408,6 +409,8 @@ def headline(run: RunFolder, aucs: AucSummary, accuracy: float, points: list[Ope
                      f"specificity {point.specificity:.4f}{test}")
     if run.missing:
         lines.append(f"  missing folds: {_missing_folds(run)}")
+    if run.epochs_note:
+        lines.append(f"  {run.epochs_note}")
     return lines
 
 
@@ -568,6 +571,8 @@ def write_comparison(cfgs: list[Config], target_sensitivity: float, log=print) -
                      f"specificity at sensitivity ≥ {target_sensitivity:g} {sensitive.specificity:.4f}")
         if run.missing:
             notes.append(f"- `{run.name}`: {_missing_folds(run)}.")
+        if run.epochs_note:
+            notes.append(f"- {run.epochs_note}.")
 
     plot_roc([(run.name, run.oof["label"].to_numpy(), run.oof["pred"].to_numpy(), True) for run in runs], out / ROC,
              title="ROC (pooled out-of-fold)")

@@ -24,6 +24,7 @@ Every file is written atomically, and checkpoints hold only tensors and plain da
 
 from __future__ import annotations
 
+import filecmp
 import functools
 import hashlib
 import json
@@ -40,7 +41,7 @@ from .config import Config, from_dict, save_config, to_dict
 from .errors import KitError
 from .data import check_data_dir, read_train_labels
 from .folds import describe_label_change, split_path
-from .io import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, process_lock,
+from .io import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, path_inside, process_lock,
                  remove_temp_files)
 
 LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
@@ -58,7 +59,8 @@ EXTENSIBLE_SCHEDULES = ("constant", "cosine")
 
 
 def experiment_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / cfg.name
+    """runs/<experiment>/, refused unless it is inside out_dir (the schema already keeps names to one component)."""
+    return path_inside(cfg.out_dir, cfg.name)
 
 
 def parallel_config_path(cfg: Config) -> Path:
@@ -80,7 +82,7 @@ def copy_outputs(cfg: Config, destination: str | Path) -> list[Path]:
     """The experiment's results copied to `destination`/<experiment>/: every fold's files but last.pt (resume state,
     2-3× the weights), and the experiment's report and figures. What a Kaggle notebook keeps as its output while
     its runs live in scratch space. Returns the files written."""
-    source, target = experiment_dir(cfg), Path(destination) / cfg.name
+    source, target = experiment_dir(cfg), path_inside(destination, cfg.name)
     if source.resolve() == target.resolve():
         return []
     written = []
@@ -144,16 +146,26 @@ class FoldStatus:
     recorded: Config | None = None     # the config that trained it (config.yaml)
     record: dict = field(default_factory=dict)    # run.json
     metrics: dict | None = None        # metrics.json, when written
-    has_checkpoint: bool = False       # last.pt exists: there is training to resume or keep
+    has_checkpoint: bool = False       # last.pt exists: there is training to resume or extend
+
+    @property
+    def run_finished(self) -> bool:
+        """metrics.json is there and the run it was started for reached its own epochs or stopped early. Such a
+        fold is never retrained or deleted without FORCE, whatever else it lacks (last.pt is only needed to
+        extend it)."""
+        if self.metrics is None or self.recorded is None:
+            return False
+        return bool(self.metrics.get("stopped_early")) or self.metrics.get("epochs_trained", 0) >= self.recorded.epochs
+
+    @property
+    def missing_outputs(self) -> list[str]:
+        """The result files predict and report need that the folder lacks."""
+        return [name for name in (BEST, OOF) if not (self.directory / name).is_file()]
 
     @property
     def complete(self) -> bool:
-        """metrics.json, best.pt and oof.csv are there, and the run reached its epochs or stopped early."""
-        if self.metrics is None or self.recorded is None:
-            return False
-        if not ((self.directory / BEST).is_file() and (self.directory / OOF).is_file()):
-            return False
-        return bool(self.metrics.get("stopped_early")) or self.metrics.get("epochs_trained", 0) >= self.recorded.epochs
+        """A finished run with every result file: what predict, report and blend use."""
+        return self.run_finished and not self.missing_outputs
 
     @property
     def epochs_trained(self) -> int:
@@ -170,10 +182,19 @@ class Comparison:
     extension: tuple | None      # (old epochs, new epochs) when `epochs` was raised on a schedule that allows it
 
 
-def is_finished(status: FoldStatus, comparison: Comparison) -> bool:
-    """The one definition of a finished fold: complete under its own config, and not extended by a raised `epochs`
-    (unless it had stopped early: it would stop again)."""
-    return status.complete and (comparison.extension is None or bool(status.metrics.get("stopped_early")))
+# What an unfinished first epoch can leave in fold<k>/ (best.pt and history.csv are written before last.pt):
+# the only files a fresh start may delete without FORCE.
+FIRST_EPOCH_LEFTOVERS = frozenset({CONFIG, RECORD, BEST, HISTORY})
+
+
+@dataclass
+class FoldDecision:
+    """The one answer to "what may training do with this fold's folder", which train, train-all (sequential,
+    fold-parallel, DDP) and kaggle-run all ask for (`decide`)."""
+    action: str                        # "skip" (finished) | "resume" (from last.pt) | "fresh" (from epoch 1)
+    status: FoldStatus
+    extension: tuple | None = None     # resume: (old, new) epochs when a raised `epochs` continues a finished run
+    replaces: bool = False             # fresh under FORCE=1 over a folder with files: staged beside it, swapped in
 
 
 def _writer_only(method):
@@ -223,6 +244,55 @@ class FoldRun:
         if new > old and self.cfg.schedule.name in EXTENSIBLE_SCHEDULES:
             return Comparison(others, (old, new))
         return Comparison(differences, None)
+
+    def decide(self, force: bool = False) -> FoldDecision:
+        """The run folder's rules, in one place:
+        - FORCE=1 trains from epoch 1; a folder with anything in it stays whole until the new run has a checkpoint;
+        - a fold whose run finished (metrics.json) is never retrained or deleted: skipped when the config matches,
+          extended from last.pt when `epochs` was raised (refused when last.pt is gone, e.g. a fold brought back
+          from Kaggle), refused naming the keys when the config differs;
+        - an interrupted fold resumes from last.pt (refused under another config);
+        - otherwise a fresh start, which deletes only what an unfinished first epoch leaves: any other file in the
+          folder is refused, not deleted."""
+        status = self.status()
+        if force:
+            return FoldDecision("fresh", status, replaces=self.final_dir.is_dir() and any(self.final_dir.iterdir()))
+        comparison = self.compare(status)
+        if status.metrics is not None:
+            if status.recorded is None:
+                raise KitError(f"{self.label} has results ({METRICS}) but no {CONFIG} saying what trained them: it "
+                               f"cannot be checked against this config; restore the file, or retrain it with FORCE=1")
+            if comparison.differences:
+                raise self.mismatch_error(comparison)
+            if status.run_finished and status.missing_outputs:
+                raise KitError(f"{self.label} finished but lacks {', '.join(status.missing_outputs)} (in "
+                               f"{self.final_dir}): it is kept as it is; restore the file(s), or retrain it with "
+                               f"FORCE=1")
+            if status.run_finished and (comparison.extension is None or status.metrics.get("stopped_early")):
+                return FoldDecision("skip", status)
+            if not status.has_checkpoint:
+                old, new = comparison.extension or (status.recorded.epochs, self.cfg.epochs)
+                raise KitError(f"{self.label} finished {status.epochs_trained} epochs but has no {LAST} (resume "
+                               f"state; folds brought back from Kaggle have none) to continue to {new}: it is kept "
+                               f"as it is; use it with epochs={old}, or retrain it with FORCE=1")
+            return FoldDecision("resume", status, extension=comparison.extension)
+        if status.has_checkpoint:
+            if comparison.differences:
+                raise self.mismatch_error(comparison)
+            return FoldDecision("resume", status, extension=comparison.extension)
+        foreign = self.foreign_files()
+        if foreign:
+            raise KitError(f"{self.final_dir} holds {', '.join(foreign[:4])}{' …' if len(foreign) > 4 else ''}, which "
+                           f"no unfinished run of the kit leaves: nothing was deleted; move them elsewhere, or pass "
+                           f"FORCE=1 to replace the folder")
+        return FoldDecision("fresh", status)
+
+    def foreign_files(self) -> list[str]:
+        """Entries of fold<k>/ a fresh start must not delete: all but an unfinished first epoch's files."""
+        if not self.final_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.final_dir.iterdir()
+                      if p.name not in FIRST_EPOCH_LEFTOVERS or not p.is_file() or p.is_symlink())
 
     def mismatch_error(self, comparison: Comparison) -> KitError:
         keys = describe_differences(comparison.differences)
@@ -409,10 +479,11 @@ def folds_to_train(cfg: Config, force: bool = False) -> list[int]:
     finished under another config is included: training it says why it is refused)."""
     pending = []
     for fold in range(cfg.folds.n_splits):
-        run = FoldRun(cfg, fold)
-        status = run.status()
-        comparison = run.compare(status)
-        if force or not is_finished(status, comparison) or comparison.differences:
+        try:
+            skip = FoldRun(cfg, fold).decide(force).action == "skip"
+        except KitError:
+            skip = False          # refused: the fold's own run says why, in its log
+        if not skip:
             pending.append(fold)
     return pending
 
@@ -420,19 +491,22 @@ def folds_to_train(cfg: Config, force: bool = False) -> list[int]:
 def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[FinishedFold], dict[int, str]]:
     """The experiment's finished folds (trained with this config) and, for the others, why they are not counted.
 
-    A finished fold trained with another config is refused, naming the keys: its numbers would describe a model
+    A fold counts when the run it was started for finished, whatever `epochs` says now (`epochs_note` tells the
+    user); a fold trained with another config is refused, naming the keys: its numbers would describe a model
     other than the one asked for. (`check_split` then tells whether their split still fits the labels.)
     """
     found, missing = [], {}
     for fold in range(cfg.folds.n_splits):
         run = FoldRun(cfg, fold)
         status = run.status()
-        comparison = run.compare(status, neutral)
-        if not is_finished(status, comparison):
-            if status.recorded is None and not status.has_checkpoint:
+        comparison = run.compare(status, neutral | {"epochs"})
+        if not status.complete:
+            if status.run_finished:
+                missing[fold] = f"finished but lacks {', '.join(status.missing_outputs)}"
+            elif status.recorded is None and not status.has_checkpoint:
                 missing[fold] = "not trained"
             else:
-                target = comparison.extension[1] if comparison.extension else cfg.epochs
+                target = status.recorded.epochs if status.recorded is not None else cfg.epochs
                 missing[fold] = f"unfinished, {status.epochs_trained} of {target} epochs"
             continue
         if comparison.differences:
@@ -441,3 +515,78 @@ def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[Fini
         found.append(FinishedFold(fold, status.directory, status.metrics, read_oof(status.directory / OOF),
                                   pd.read_csv(history) if history.is_file() else None))
     return found, missing
+
+
+def epochs_note(cfg: Config, folds: list[FinishedFold]) -> str | None:
+    """One line when finished folds ran for another number of epochs than the config now says (and did not stop
+    early): they are used as they are, and `make train-all` would extend them."""
+    other = {}
+    for fold in folds:
+        trained = int(fold.metrics.get("epochs_trained", cfg.epochs))
+        if trained != cfg.epochs and not fold.metrics.get("stopped_early"):
+            other.setdefault(trained, []).append(str(fold.fold))
+    if not other:
+        return None
+    parts = "; ".join(f"fold{'s' if len(f) > 1 else ''} {', '.join(f)} for {n}" for n, f in sorted(other.items()))
+    shorter = any(n < cfg.epochs for n in other)
+    hint = (f"; `make train-all` would extend the shorter ones to {cfg.epochs} epochs"
+            if shorter and cfg.schedule.name in EXTENSIBLE_SCHEDULES else "")
+    return (f"note: `{cfg.name}` uses its finished folds as trained, not for the config's {cfg.epochs} epochs "
+            f"({parts}){hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folds trained elsewhere (a Kaggle kernel's outputs)
+# ----------------------------------------------------------------------------------------------------------------
+
+def same_files(first: Path, second: Path) -> bool:
+    """Two folders with the same files, byte for byte."""
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p for p in root.rglob("*") if p.is_file()}
+    ours, theirs = files(first), files(second)
+    return ours.keys() == theirs.keys() and all(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours)
+
+
+def bring_in_folds(cfg: Config, source: Path, elsewhere: str, log=print) -> Config:
+    """Move the fold folders under `source` (another machine's runs/<experiment>/, e.g. a Kaggle kernel's outputs,
+    on the same disk as out_dir) into this experiment, never over a local fold: when a local fold<k>/ holds other
+    files than the incoming one, everything goes to the experiment `elsewhere` instead (one name per source, so it
+    never meets a conflict of its own). A fold already here byte for byte is left as it is. Returns the config of
+    the experiment that received them (cfg, or cfg with name=elsewhere): its folds predict, report and blend like
+    local ones (they have no last.pt, so they cannot be extended)."""
+    incoming = sorted(p for p in source.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
+
+    def conflicts(target: Config) -> list[int]:
+        clashing = []
+        for fold_source in incoming:
+            local = fold_dir(target, int(fold_source.name[4:]))
+            if local.is_dir() and any(local.iterdir()) and not same_files(fold_source, local):
+                clashing.append(int(fold_source.name[4:]))
+        return clashing
+
+    target = cfg
+    clashing = conflicts(cfg)
+    if clashing:
+        target = from_dict(dict(to_dict(cfg), name=elsewhere), source="kaggle-run")
+        if conflicts(target):
+            raise KitError(f"{experiment_dir(target)} already holds other folds {conflicts(target)}: nothing was "
+                           f"replaced; move it away and run `make kaggle-run` again")
+        log(f"local fold(s) {', '.join(map(str, clashing))} of `{cfg.name}` differ from the kernel's: kept as they "
+            f"are; the kernel's folds go to `{target.name}` (predict them with ARGS='name={target.name}')")
+    destination = experiment_dir(target)
+    destination.mkdir(parents=True, exist_ok=True)
+    for fold_source in incoming:
+        final = fold_dir(target, int(fold_source.name[4:]))
+        if final.exists() and any(final.iterdir()):
+            continue                                   # the same files, from an earlier download
+        staged = destination / f".{fold_source.name}.incoming"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(fold_source, staged)
+        if final.exists():
+            final.rmdir()                              # empty
+        staged.rename(final)
+    for path in source.iterdir():                      # the experiment's report and figures, where there are none
+        if path.is_file() and not (destination / path.name).exists():
+            with atomic_path(destination / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+    return target

@@ -18,7 +18,7 @@ import pandas as pd
 from .competition import COMPETITION, ID_LENGTH, TEST_IMAGES
 from .data import check_ids_unpadded, first_line_of
 from .errors import KitError
-from .io import atomic_write_csv, atomic_write_json
+from .io import atomic_write_csv, atomic_write_json, path_inside
 
 CREDENTIALS_HINT = ("no Kaggle credentials found: download kaggle.json from https://www.kaggle.com/settings "
                     "(API → Create New Token) into ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and "
@@ -87,8 +87,9 @@ def build_submission(ids, probabilities, sample: pd.DataFrame) -> pd.DataFrame:
 
 
 def submission_path(submissions_dir: str | Path, experiment: str, now: datetime | None = None) -> Path:
+    """submissions/<experiment>-<time>.csv, refused unless it is inside `submissions_dir`."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return Path(submissions_dir) / f"{experiment}-{stamp}.csv"
+    return path_inside(submissions_dir, f"{experiment}-{stamp}.csv")
 
 
 def write_submission(submission: pd.DataFrame, path: str | Path, sample: pd.DataFrame, details: dict) -> Path:
@@ -102,15 +103,31 @@ def write_submission(submission: pd.DataFrame, path: str | Path, sample: pd.Data
 
 
 def read_submission_details(path: str | Path) -> dict:
+    """The `<name>.json` beside a CSV, {} when there is none; a damaged one is named in one line."""
     details_path = Path(path).with_suffix(".json")
-    return json.loads(details_path.read_text()) if details_path.exists() else {}
+    if not details_path.exists():
+        return {}
+    try:
+        details = json.loads(details_path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise KitError(f"{details_path} is not readable JSON: delete it (the CSV is still submittable; pass "
+                       f"DATA_DIR= so it is checked against that sample_submission.csv)") from None
+    if not isinstance(details, dict):
+        raise KitError(f"{details_path} should hold a JSON object; delete it and pass DATA_DIR= to submit the CSV")
+    return details
 
 
 def default_message(details: dict, path: str | Path) -> str:
-    if not details:
-        return f"{Path(path).stem} (kit submission)"
-    return (f"{details['experiment']} | CV AUC {details['cv_auc']:.4f} | folds {details['folds']} | "
-            f"TTA {details['tta']}")
+    """"experiment | CV AUC … | folds … | TTA …" from whatever the details hold (a notebook a user edited may have
+    written only some of it); the file's name when they say nothing."""
+    experiment = details.get("experiment") or Path(path).stem
+    parts = [str(experiment)]
+    if isinstance(details.get("cv_auc"), (int, float)):
+        parts.append(f"CV AUC {details['cv_auc']:.4f}")
+    for key, label in (("folds", "folds"), ("tta", "TTA")):
+        if details.get(key) not in (None, ""):
+            parts.append(f"{label} {details[key]}")
+    return " | ".join(parts) if len(parts) > 1 else f"{experiment} (kit submission)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
