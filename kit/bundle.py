@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .competition import KAGGLE_CREDENTIAL_FILES
 from .errors import KitError
 from .io import atomic_path
 
@@ -25,13 +26,38 @@ WHEELS_DIR = "wheels"
 
 
 def bundle_files(repo: Path = REPO) -> list[Path]:
+    """What the bundle ships: the files git tracks under BUNDLED (in a git checkout), never a dotfile or anything
+    in a dot-folder, so a stray configs/kaggle.json or notebooks/.env (untracked) never reaches Kaggle. Outside a
+    git checkout (a kit unpacked from a bundle) the same folders without dotfiles, caches or notebook checkpoints."""
+    tracked = git_tracked_files(repo)
     files = []
     for name in BUNDLED:
         path = repo / name
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
-        files += [f for f in candidates if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"
-                  and ".ipynb_checkpoints" not in f.parts]
+        for candidate in candidates:
+            relative = candidate.relative_to(repo)
+            if not candidate.is_file() or candidate.is_symlink():
+                continue
+            if any(part.startswith(".") for part in relative.parts) or candidate.name in KAGGLE_CREDENTIAL_FILES:
+                continue
+            if tracked is not None and relative.as_posix() not in tracked:
+                continue
+            if "__pycache__" in relative.parts or candidate.suffix == ".pyc" or \
+                    "ipynb_checkpoints" in candidate.as_posix():
+                continue
+            files.append(candidate)
     return files
+
+
+def git_tracked_files(repo: Path) -> set[str] | None:
+    """Paths git tracks in `repo` (relative, POSIX), or None when `repo` is not a git checkout (or git is absent)."""
+    if not (repo / ".git").exists():
+        return None
+    try:
+        listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {name for name in listed.stdout.decode().split("\0") if name}
 
 
 def pinned(package: str, requirements: Path) -> str:

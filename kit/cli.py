@@ -198,7 +198,26 @@ def current_rank() -> int | None:
     return ranks.rank if ranks.active else None
 
 
+def stop_when_parent_dies() -> None:
+    """A fold-parallel worker (KIT_PARENT_PID) stops as Ctrl-C would once its parent is gone. On Linux the kernel
+    does it (PR_SET_PDEATHSIG, kit/parallel.py); elsewhere this watchdog thread."""
+    parent = os.environ.get("KIT_PARENT_PID", "")
+    if not parent.isdigit() or sys.platform.startswith("linux"):
+        return
+    import _thread
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_when_parent_dies()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may sit between options: argparse leaves the later ones over
@@ -206,21 +225,44 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    say, under_torchrun = print, "WORLD_SIZE" in os.environ      # (kit.distributed imports torch: only then)
-    if under_torchrun:
+    if "WORLD_SIZE" in os.environ:       # (kit.distributed imports torch: only then)
         from .distributed import launched_rank, launched_world
-    if under_torchrun and launched_world() > 1:       # NPROC > 1: rank 0 speaks for what every rank shares
-        if args.command not in ("train", "train-all") or getattr(args, "parallel", "1") != "1":
+
+        if launched_world() > 1 and (args.command not in ("train", "train-all")
+                                     or getattr(args, "parallel", "1") != "1"):
             if launched_rank() == 0:
                 print(f"error: only `train` and `train-all` (without PARALLEL) run under torchrun (NPROC); run "
                       f"`{args.command}` as one process", file=sys.stderr)
             return 2
+    return run_reporting_errors(lambda: run(args))
 
-        def say(*values, **options):
-            if launched_rank() == 0:
-                print(*values, **options)
+
+def lost_peer(err: BaseException) -> bool:
+    """An error of a collective whose other side is gone (a rank killed, a machine lost): gloo's "Connection closed
+    by peer", NCCL's errors, the store's."""
+    import torch.distributed
+
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(word in text for word in (
+        "gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "ProcessGroup"))
+
+
+def run_reporting_errors(work) -> int:
+    """Run `work()`; what stops it becomes one line on stderr and an exit status: 2 for an error (a KitError, an
+    OS error put in words, the loss of the other ranks under torchrun), 130 for Ctrl-C, 0 when it ends. Under
+    torchrun (NPROC > 1) rank 0 speaks for what every rank shares."""
+    say, under_torchrun = print, "WORLD_SIZE" in os.environ
+    if under_torchrun:
+        from .distributed import launched_rank, launched_world
+
+        if launched_world() > 1:
+            def say(*values, **options):
+                if launched_rank() == 0:
+                    print(*values, **options)
     try:
-        run(args)
+        work()
     except KitError as err:
         # a SharedError, or one raised before the ranks joined (a bad config), is the same on every rank
         rank = current_rank() if under_torchrun else None
@@ -241,4 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         say("\ninterrupted: files written before are intact (every write is atomic); rerun the same command",
             file=sys.stderr)
         return 130
+    except Exception as err:
+        if not (under_torchrun and lost_peer(err)):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        print(f"error (rank {current_rank()}): lost the other processes of the run ({first}); the launcher names "
+              f"the rank that stopped first", file=sys.stderr)
+        return 2
     return 0

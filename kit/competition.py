@@ -14,3 +14,6 @@ SAMPLE_SUBMISSION_CSV = "sample_submission.csv"
 TRAIN_DIR = "train"
 TEST_DIR = "test"
 IMAGE_SUFFIX = ".tif"
+
+# The names the kaggle client reads credentials from (never shipped in the bundle, never written by the kit)
+KAGGLE_CREDENTIAL_FILES = ("kaggle.json", "access_token", "access_token.txt", "credentials.json")

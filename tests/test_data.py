@@ -196,3 +196,19 @@ def test_cache_build_after_opencv_used_its_threads_does_not_hang(demo_data, tmp_
     result = subprocess.run([sys.executable, "-c", code, str(demo_data), str(tmp_path / "cache")], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "(48, 96, 96, 3)", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad_id", ["../outside/secret", "sub/dir", "..", "a\\b"])
+def test_ids_are_plain_file_names_so_no_row_reads_outside_the_data_folder(data_copy, bad_id):
+    outside = data_copy.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    first = pd.read_csv(data_copy / "train_labels.csv", dtype={"id": str})["id"].iloc[0]
+    (outside / "secret.tif").write_bytes((data_copy / "train" / f"{first}.tif").read_bytes())
+    for csv, reader in (("train_labels.csv", read_train_labels), ("sample_submission.csv", read_sample_submission)):
+        frame = pd.read_csv(data_copy / csv, dtype={"id": str})
+        original = frame.copy()
+        frame.loc[3, "id"] = bad_id
+        frame.to_csv(data_copy / csv, index=False)
+        with pytest.raises(KitError, match=rf"{csv}: row 5 has id .*, which is not a plain file name"):
+            reader(data_copy)
+        original.to_csv(data_copy / csv, index=False)

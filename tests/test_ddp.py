@@ -35,10 +35,12 @@ def overrides(demo_data, out_dir, **more) -> dict:
     return values
 
 
-def launch(launcher_args: list[str], values: dict, record, kill_after: int = 0, timeout: int = 240):
+def launch(launcher_args: list[str], values: dict, record, kill_after: int = 0, kill_rank: int = 0,
+           timeout: int = 240):
     """`python -m kit.launch <launcher_args> tests/ddp_worker.py …`: the Makefile's NPROC path with the worker."""
     command = [sys.executable, "-m", "kit.launch", *launcher_args, str(WORKER), "--overrides", json.dumps(values),
-               "--record", str(record)] + (["--kill-after", str(kill_after)] if kill_after else [])
+               "--record", str(record)] + (["--kill-after", str(kill_after), "--kill-rank", str(kill_rank)]
+                                           if kill_after else [])
     # one thread per process in every launch form: sums split over another thread count round differently
     env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -60,9 +62,11 @@ def test_two_ranks_train_one_fold_resume_after_kill_and_match_a_two_machine_run(
     values = overrides(demo_data, out, cache_dir=str(tmp_path / "local-disk"))     # runs shared, cache local
     one_machine = ["--nproc_per_node", "2"]
 
-    # killed (-9) on rank 0 once epoch 1 is saved: torchrun stops rank 1 too
+    # killed (-9) on rank 0 once epoch 1 is saved: torchrun stops rank 1 too, and says so in one line
     code, output = finished(launch(one_machine, values, record / "killed", kill_after=1))
-    assert code != 0, output
+    assert code == 2 and "Traceback" not in output, output
+    assert ("error: the run stopped: rank 0 was killed by SIGKILL (the out-of-memory killer, or kill -9); every "
+            "epoch saved before is kept: rerun the same command to resume") in output
     last = load_checkpoint(fold_dir_of(values) / "last.pt")
     assert last["epoch"] == 1 and last["world_size"] == 2
 
@@ -190,3 +194,26 @@ def test_each_rank_takes_an_equal_disjoint_share_of_every_batch(monkeypatch, pat
         assert sorted(a + b) == whole[step]
     if path == "albumentations":
         assert seeds0 == whole_seeds and not seeds0 & seeds1
+
+
+def test_a_killed_rank_a_bad_nproc_and_a_lonely_machine_are_each_one_line(demo_data, tmp_path):
+    values = overrides(demo_data, tmp_path / "runs", epochs=2, max_train_images=64, **{"tta.views": "none"})
+    code, output = finished(launch(["--nproc_per_node", "2"], values, tmp_path / "record", kill_after=1, kill_rank=1))
+    assert code == 2 and "Traceback" not in output, output
+    assert "rank 1 was killed by SIGKILL (the out-of-memory killer, or kill -9)" in output
+    assert "the reason is above" not in output
+
+    for bad in ("0", "-1", "abc"):
+        code, output = finished(launch(["--nproc_per_node", bad], values, tmp_path / "record"))
+        assert code == 2 and output.strip() == (f"error: NPROC={bad}: the processes per machine must be a whole "
+                                                f"number of at least 1 (e.g. NPROC=2, one per GPU)"), output
+
+    endpoint = f"127.0.0.1:{free_port()}"           # NNODES=2 and nobody else comes
+    code, output = finished(launch(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                                    "--rdzv-endpoint", endpoint, "--rdzv-id", "alone", "--rdzv-conf",
+                                    "join_timeout=3"], values, tmp_path / "record"), timeout=120)
+    lines = output.strip().splitlines()
+    assert code == 2 and "Traceback" not in output, output
+    assert lines[0].startswith(f"waiting for 2 machines to meet at {endpoint}")
+    assert lines[-1].startswith(f"error: the 2 machines did not meet at {endpoint} (RendezvousTimeoutError") and \
+        lines[-1].endswith("within the join timeout"), output

@@ -260,3 +260,14 @@ def test_demo_data_into_a_file_is_one_line(tmp_path, capsys):
     assert main(["demo-data", "--out", str(tmp_path / "taken" / "demo")]) == 2
     assert f"DATA_DIR={tmp_path / 'taken' / 'demo'} cannot be a folder: {tmp_path / 'taken'} is a file" \
         in one_line_error(capsys)
+
+
+def test_a_missing_test_image_stops_training_before_it_starts(quick_config, data_copy):
+    cfg = quick_config(epochs=1, data_dir=str(data_copy))
+    first = pd.read_csv(data_copy / "sample_submission.csv", dtype={"id": str})["id"].iloc[0]
+    (data_copy / "test" / f"{first}.tif").unlink()
+    with pytest.raises(KitError, match=rf"1 of 48 images in {data_copy} cannot be used: test/{first}.tif \(missing\); "
+                                       r"the test set is needed to predict, so nothing was trained; run `make data"):
+        train_fold(cfg, 0, log=lambda *_: None)
+    from kit.runs import fold_dir
+    assert not (fold_dir(cfg, 0) / "last.pt").exists()

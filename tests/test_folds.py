@@ -38,8 +38,8 @@ def test_folds_file_is_written_once_and_reused(labels, tmp_path):
 
 
 def test_too_few_images_per_class_is_refused(labels):
-    tiny = labels.head(6).assign(label=[0, 0, 0, 0, 0, 1])
-    with pytest.raises(KitError, match="n_splits"):
+    tiny = labels.head(6).assign(label=[0, 0, 0, 0, 1, 1])
+    with pytest.raises(KitError, match="label 1 has only 2 patches, one per fold is needed; set folds.n_splits=2"):
         assign_folds(tiny, n_splits=5, seed=0)
 
 
@@ -69,3 +69,15 @@ def test_bad_groups_csv_is_named(labels, tmp_path):
         load_or_make_folds(labels, 5, 42, tmp_path, groups_csv=str(tmp_path / "g.csv"))
     with pytest.raises(KitError, match="not found"):
         load_or_make_folds(labels, 5, 42, tmp_path, groups_csv=str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.parametrize("positives, advice", [
+    (0, r"0 positive patches: training needs at least 2 of each label .* check that the labels are the competition's"),
+    (1, r"1 positive patches: training needs at least 2 of each label"),
+    (3, r"label 1 has only 3 patches, one per fold is needed; set folds.n_splits=3 or fewer"),
+])
+def test_labels_that_no_fold_count_can_split_say_what_would_help(labels, positives, advice):
+    skewed = labels.head(100).assign(label=[1] * positives + [0] * (100 - positives))
+    with pytest.raises(KitError, match=advice) as caught:
+        assign_folds(skewed, n_splits=5, seed=0)
+    assert "lower folds.n_splits" not in str(caught.value)

@@ -212,3 +212,24 @@ def test_data_without_credentials_says_where_to_put_them(no_kaggle_credentials, 
     assert main(["data", "--data-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "~/.kaggle/kaggle.json" in err and "KAGGLE_USERNAME" in err and "KAGGLE_KEY" in err
+
+
+@pytest.mark.parametrize("details, message", [
+    ({"cv_auc": 0.9}, "demo-20261125-101500 | CV AUC 0.9000"),          # a sidecar without `experiment`
+    ({"experiment": "mine"}, "mine (kit submission)"),
+    ({}, "demo-20261125-101500 (kit submission)"),
+])
+def test_a_sidecar_holding_only_some_details_still_submits_with_a_message(fake_kaggle, predicted, details, message):
+    sample = predicted.parent.parent / "data"
+    predicted.with_suffix(".json").write_text(json.dumps(details))
+    assert main(["submit", "--file", str(predicted), "--dry-run", "--data-dir", str(sample)]) == 0
+    api.submit(predicted, data_dir=sample)
+    assert fake_kaggle.submissions[-1]["submissionDescription"] == message
+
+
+def test_a_damaged_sidecar_is_one_line(predicted, capsys):
+    predicted.with_suffix(".json").write_text("{not json")
+    assert main(["submit", "--file", str(predicted), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {predicted.with_suffix('.json')} is not readable JSON: delete it") and \
+        "Traceback" not in err

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,3 +140,80 @@ def test_missing_credentials_and_a_p100_are_refused_before_anything_is_sent(no_k
         kaggle_run(experiment, poll_seconds=0, log=lambda *_: None)
     with pytest.raises(KitError, match="no kernels for the P100; pick a T4"):
         kaggle_run(experiment, accelerator="NvidiaTeslaP100", poll_seconds=0, log=lambda *_: None)
+
+
+# ---- nothing lost, nothing mixed up ---------------------------------------------------------------------------------
+
+def test_kernel_slugs_are_one_per_experiment_name():
+    from kit.kaggle_run import kernel_slug
+
+    slugs = {name: kernel_slug(name) for name in ("demo", "demo_a", "demo-a", "Demo-a", "x" * 100)}
+    assert slugs["demo"] == "hcd-kit-demo" and slugs["demo-a"] == "hcd-kit-demo-a"
+    assert len(set(slugs.values())) == len(slugs), slugs
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", s) and len(s) <= 50 for s in slugs.values()), slugs
+
+
+def test_accelerators_are_checked_before_anything_is_sent(no_kaggle_credentials, experiment):
+    from kit.kaggle_run import check_accelerator
+
+    assert check_accelerator("nvidial4") == "NvidiaL4" and check_accelerator("NvidiaTeslaT4") == "NvidiaTeslaT4"
+    for bogus, why in (("NvidiaT4", "not a Kaggle GPU"), ("TpuV5E8", "TPUs run no CUDA, which the kit trains on")):
+        with pytest.raises(KitError, match=rf"ACCELERATOR={bogus}: {why}; pick one of NvidiaTeslaT4, "):
+            kaggle_run(experiment, accelerator=bogus, poll_seconds=0, log=lambda *_: None)
+
+
+def test_outputs_of_another_experiment_are_refused(finished_kernel, experiment):
+    outputs = finished_kernel.kernel_outputs
+    outputs["submissions/demo-20261128-101010.json"] = json.dumps({"experiment": "other"}).encode()
+    with pytest.raises(KitError, match=r"holds the outputs of `other`, not of `demo`: nothing was downloaded"):
+        kaggle_run(experiment, poll_seconds=0, log=lambda *_: None)
+    assert not list(Path(experiment.submissions_dir).glob("*.csv"))
+
+
+def test_local_folds_are_never_overwritten_by_a_kernels(finished_kernel, experiment):
+    local = Path(experiment.out_dir) / "demo" / "fold0"
+    local.mkdir(parents=True)
+    (local / "best.pt").write_bytes(b"trained here")
+    finished_kernel.kernel_outputs["runs/demo/fold1/best.pt"] = b"kernel fold 1"
+    lines = []
+    kaggle_run(experiment, poll_seconds=0, log=lines.append)
+    assert (local / "best.pt").read_bytes() == b"trained here"
+    elsewhere = Path(experiment.out_dir) / "demo-kaggle-v1"
+    assert (elsewhere / "fold0" / "best.pt").read_bytes() == b"weights"
+    assert (elsewhere / "fold1" / "best.pt").read_bytes() == b"kernel fold 1"
+    assert not (local.parent / "fold1").exists(), "a kernel's folds stay together"
+    assert any("local fold(s) 0 of `demo` differ from the kernel's: kept as they are; the kernel's folds go to "
+               "`demo-kaggle-v1` (predict them with ARGS='name=demo-kaggle-v1')" in line for line in lines)
+    kaggle_run(experiment, poll_seconds=0, log=lambda *_: None)        # the same download again: nothing moves
+    assert sorted(p.name for p in Path(experiment.out_dir).iterdir()) == ["demo", "demo-kaggle-v1"]
+
+
+def test_folds_trained_on_kaggle_predict_here_and_are_never_retrained(fake_kaggle, quick_config, tmp_path):
+    from kit import api
+    from kit.engine import train_fold
+    from kit.runs import fold_dir
+
+    on_kaggle = quick_config(epochs=1, out_dir=str(tmp_path / "kaggle-side"))
+    api.train_all(on_kaggle, log=lambda *_: None)
+    outputs = {"submission.csv": csv_bytes(competition_sample()), "sample_submission.csv":
+               csv_bytes(competition_sample())}          # a notebook the user edited: no details JSON
+    for fold in (0, 1):                                   # what keep_outputs copies: no last.pt
+        for path in fold_dir(on_kaggle, fold).iterdir():
+            if path.name != "last.pt":
+                outputs[f"runs/demo/fold{fold}/{path.name}"] = path.read_bytes()
+    fake_kaggle.kernel_outputs = outputs
+    fake_kaggle.kernel_statuses = [("COMPLETE", "")]
+    fake_kaggle.dataset_statuses = ["READY"]
+    here = quick_config(epochs=1)
+    with pytest.raises(KitError, match=r"row 2 has id 0{40}, which is not in sample_submission.csv"):   # DATA_DIR=
+        kaggle_run(here, submit=True, data_dir=here.data_dir, poll_seconds=0, log=lambda *_: None)
+    assert not fake_kaggle.submissions
+    kaggle_run(here, submit=True, poll_seconds=0, log=lambda *_: None)      # the kernel's sample_submission.csv
+    (submission,) = fake_kaggle.submissions
+    assert submission["submissionDescription"].startswith("demo-kaggle-") and \
+        submission["submissionDescription"].endswith("(kit submission)")
+
+    lines = []
+    assert train_fold(here, 0, log=lines.append)["epochs_trained"] == 1 and "already trained" in lines[0]
+    assert api.predict(here, log=lambda *_: None).is_file()
+    assert not (fold_dir(here, 0) / "last.pt").exists()

@@ -10,8 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from kit.bundle import write_bundle
+from kit.errors import KitError
 
 RUN_NOTEBOOK = r"""
 import json, sys
@@ -121,6 +123,7 @@ def test_on_kaggle_runs_and_cache_default_to_scratch_unless_set(tmp_path, monkey
     competition = tmp_path / "kaggle" / "input" / "histopathologic-cancer-detection"
     competition.mkdir(parents=True)
     (competition / "sample_submission.csv").write_text("id,label\n")
+    (tmp_path / "kaggle" / "working").mkdir()
     monkeypatch.setenv("KIT_KAGGLE_ROOT", str(tmp_path / "kaggle"))
     monkeypatch.chdir(tmp_path)
 
@@ -134,3 +137,65 @@ def test_on_kaggle_runs_and_cache_default_to_scratch_unless_set(tmp_path, monkey
                 tmp_path / "worker.yaml")
     worker = api.load_config(str(tmp_path / "worker.yaml"))
     assert (worker.out_dir, worker.cache_dir) == ("/elsewhere/runs", "/local/cache")
+
+
+def test_in_a_notebook_cache_and_resume_state_stay_in_scratch_whatever_data_dir_says(tmp_path, monkeypatch):
+    from kit import api
+    from kit.data import check_data_dir
+
+    kaggle = tmp_path / "kaggle"
+    copy = kaggle / "input" / "my-copy-of-the-competition"       # attached under another name
+    copy.mkdir(parents=True)
+    (kaggle / "working").mkdir()
+    monkeypatch.setenv("KIT_KAGGLE_ROOT", str(kaggle))
+    monkeypatch.chdir(kaggle / "working")
+    cfg = api.load_config("demo", {"data_dir": str(copy)})
+    scratch = kaggle / "temp"
+    assert cfg.data_dir == str(copy)
+    assert (cfg.out_dir, cfg.cache_dir) == (str(scratch / "runs"), str(scratch / "cache"))
+
+    # advice a notebook user can follow: attach an input, not `make data` on a read-only folder
+    with pytest.raises(KitError) as caught:
+        check_data_dir(copy)
+    assert "Add Input" in str(caught.value) and "make data" not in str(caught.value)
+    monkeypatch.setenv("KIT_KAGGLE_ROOT", str(tmp_path / "not-kaggle"))
+    with pytest.raises(KitError, match="run `make data`"):
+        check_data_dir(copy)
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=kit", "-c", "user.email=kit@localhost", *args],
+                   check=True, capture_output=True)
+
+
+def test_the_bundle_ships_tracked_files_only_never_a_dotfile_or_credentials(tmp_path):
+    from kit.bundle import BUNDLED, bundle_files
+
+    repo = tmp_path / "repo"
+    for name in BUNDLED:
+        path = repo / name
+        if "." in name:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name)
+        else:
+            path.mkdir(parents=True)
+            (path / "shipped.txt").write_text("yes")
+    (repo / "configs" / ".tracked-dotfile.yaml").write_text("x")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "kit")
+    (repo / "configs" / "kaggle.json").write_text('{"username": "me", "key": "secret"}')   # untracked strays
+    (repo / "notebooks" / ".env").write_text("KAGGLE_KEY=secret")
+    (repo / "configs" / "my_experiment.yaml").write_text("epochs: 1")
+
+    def shipped() -> set[str]:
+        return {path.relative_to(repo).as_posix() for path in bundle_files(repo)}
+
+    names = shipped()
+    assert {"kit/shipped.txt", "configs/shipped.txt", "notebooks/shipped.txt", "README.md"} <= names
+    assert not names & {"configs/kaggle.json", "notebooks/.env", "configs/.tracked-dotfile.yaml",
+                        "configs/my_experiment.yaml"}
+    shutil.rmtree(repo / ".git")                   # a kit unpacked from a bundle: no git to ask
+    names = shipped()
+    assert "configs/my_experiment.yaml" in names
+    assert not names & {"configs/kaggle.json", "notebooks/.env", "configs/.tracked-dotfile.yaml"}

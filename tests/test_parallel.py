@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,7 +16,7 @@ from kit import api
 from kit.data import cache_dir_for
 from kit.errors import KitError
 from kit.parallel import prepare_shared, resolve_parallel
-from kit.runs import experiment_dir, fold_dir
+from kit.runs import experiment_dir, fold_dir, fold_lock
 
 from conftest import REPO, as_from_a_terminal, lock_held_elsewhere
 
@@ -88,3 +89,76 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_resumes_each_fold(quick_config)
     assert all((fold_dir(cfg, fold) / "metrics.json").is_file() for fold in (0, 1))
     for fold in saved:
         assert "resuming after epoch" in (experiment_dir(cfg) / f"fold{fold}.log").read_text()
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes `pid` started (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def start_parallel_run(cfg, name: str) -> tuple[subprocess.Popen, dict[int, int]]:
+    """`train-all PARALLEL=2` of experiment `name` in the background, once both folds are in their first epoch;
+    returns the parent and its workers by fold."""
+    command = [sys.executable, "-m", "kit", "train-all", "--parallel", "2", "--config", "configs/demo.yaml",
+               "--data-dir", cfg.data_dir, "--out", cfg.out_dir, f"name={name}", "folds.n_splits=2", "epochs=6",
+               "max_train_images=64", "batch_size=32", "tta.views=none"]
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [Path(cfg.out_dir) / name / f"fold{fold}.log" for fold in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all(log.is_file() and "epoch 1/6: train_loss" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline and run.poll() is None, "both folds should have started"
+        time.sleep(0.2)
+    workers = {}
+    for child in children_of(run.pid):
+        arguments = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        workers[int(arguments[arguments.index(b"--fold") + 1])] = child
+    return run, workers
+
+
+def test_a_killed_worker_is_named_and_a_killed_parent_takes_its_workers_with_it(quick_config):
+    cfg = quick_config()
+
+    # a worker killed (as the out-of-memory killer would): its fold is named with how it ended
+    run, workers = start_parallel_run(cfg, "oom")
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2 and "Traceback" not in err, err
+    assert "fold 1 failed" in err and "the worker was killed by SIGKILL (the out-of-memory killer, or kill -9)" in err
+
+    # the parent killed: its workers stop with it (each keeps its saved epochs), so nothing is left "being trained"
+    run, workers = start_parallel_run(cfg, "orphans")
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in workers.values()):
+        assert time.monotonic() < deadline, "workers outlived their parent"
+        time.sleep(0.2)
+    for fold in (0, 1):
+        with fold_lock(cfg_named(cfg, "orphans"), fold):      # free at once: no live holder
+            pass
+
+
+def cfg_named(cfg, name: str):
+    from kit.config import apply_overrides
+
+    return apply_overrides(cfg, {"name": name})
+
+
+def test_two_parallel_runs_of_one_experiment_are_refused(quick_config):
+    cfg = quick_config(epochs=1)
+    with lock_held_elsewhere(experiment_dir(cfg) / "train-all.lock") as holder:
+        with pytest.raises(KitError, match=rf"`make train-all PARALLEL=…` of `demo` is already running \(PID "
+                                           rf"{holder.pid} .*wait for it to end or stop it, then rerun"):
+            api.train_all(cfg, parallel=2, log=lambda *_: None)
+    assert not (experiment_dir(cfg) / "fold0.log").exists(), "no worker started"

@@ -5,6 +5,8 @@ import torch
 
 from kit.cli import main
 from kit.config import ModelConfig
+from kit.engine import train_fold
+from kit.errors import KitError
 from kit.models import build_model
 from kit.predict import predict_probabilities
 
@@ -66,3 +68,20 @@ def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo
 
     code, out, err = run_cli(capsys, "submit", "--file", path, "--dry-run")   # sample found via the .json sidecar
     assert code == 0 and "valid" in out and "nothing sent" in out
+
+
+def test_a_blend_of_experiments_with_other_folds_is_refused_before_predicting(quick_config, monkeypatch):
+    from kit import predict
+
+    first = quick_config(epochs=1, name="two_folds")
+    second = quick_config(epochs=1, name="three_folds", **{"folds.n_splits": 3})
+    for cfg in (first, second):
+        for fold in range(cfg.folds.n_splits):
+            train_fold(cfg, fold, log=lambda *_: None)
+    predicted = []
+    monkeypatch.setattr(predict, "predict_test", lambda cfg, **_: predicted.append(cfg.name))
+    with pytest.raises(KitError, match=r"blend members must hold out the same rows, but `two_folds` folds 0, 1 of "
+                                       r"2 \(folds-.*-k2-seed42.csv\); `three_folds` folds 0, 1, 2 of 3 "
+                                       r"\(folds-.*-k3-seed42.csv\).*\(nothing was predicted\)"):
+        predict.predict_blend([first, second], log=lambda *_: None)
+    assert predicted == []

@@ -18,7 +18,8 @@ from kit.config import load_config
 from kit.engine import StepEma, build_optimizer, predict_probabilities, train_fold
 from kit.errors import KitError
 from kit.models import build_model
-from kit.runs import BEST, LAST, METRICS, OOF, RECORD, RUN_FILES, experiment_dir, fold_dir, fold_lock, load_checkpoint
+from kit.runs import (BEST, LAST, METRICS, OOF, RECORD, RUN_FILES, experiment_dir, fold_dir, fold_lock, folds_to_train,
+                      load_checkpoint)
 
 from conftest import REPO, lock_held_elsewhere
 
@@ -260,3 +261,104 @@ def test_oof_is_best_pt_with_the_configured_tta_views(quick_config, demo_data):
     assert metrics["best_val_auc"] == pytest.approx(history["val_auc"].max())          # per epoch, view-free
     assert metrics["oof_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["pred"]))
     assert metrics["tta"] == "hflip" and metrics["tta_views"] == 2
+
+
+# ---- nothing lost: a finished fold is never deleted or retrained without FORCE ---------------------------------------
+
+def test_a_finished_fold_without_last_pt_is_kept_skipped_and_never_extended(quick_config):
+    cfg = quick_config(epochs=1)
+    train_fold(cfg, 0, **QUIET)
+    folder = fold_dir(cfg, 0)
+    (folder / LAST).unlink()                      # as a fold brought back from Kaggle has no resume state
+    (folder / "notes.txt").write_text("mine")
+    before = snapshot(folder)
+
+    messages = []
+    train_fold(cfg, 0, log=messages.append)
+    assert "already trained" in messages[0]
+    assert folds_to_train(cfg) == [1], "train-all (sequential and parallel) skips it too"
+    with pytest.raises(KitError, match=r"fold 0 of `demo` finished 1 epochs but has no last.pt .* to continue to "
+                                       r"2: it is kept as it is; use it with epochs=1, or retrain it with FORCE=1"):
+        train_fold(quick_config(epochs=2), 0, **QUIET)
+    (folder / BEST).rename(folder / "best.pt.moved")
+    with pytest.raises(KitError, match=r"fold 0 of `demo` finished but lacks best.pt .*restore the file\(s\), or "
+                                       r"retrain it with FORCE=1"):
+        train_fold(cfg, 0, **QUIET)
+    (folder / "best.pt.moved").rename(folder / BEST)
+    assert snapshot(folder) == before, "nothing of the fold was touched"
+
+    train_fold(cfg, 0, force=True, **QUIET)       # FORCE=1 replaces it (staged, swapped at the first checkpoint)
+    assert (folder / LAST).is_file() and not (folder / "notes.txt").exists()
+
+
+def test_a_fresh_start_deletes_only_what_an_unfinished_first_epoch_leaves(quick_config):
+    cfg = quick_config(epochs=1)
+    folder = fold_dir(cfg, 0)
+    folder.mkdir(parents=True)
+    (folder / "important.txt").write_text("keep me")
+    with pytest.raises(KitError, match=r"holds important.txt, which no unfinished run of the kit leaves: nothing "
+                                       r"was deleted; move them elsewhere, or pass FORCE=1"):
+        train_fold(cfg, 0, **QUIET)
+    assert (folder / "important.txt").read_text() == "keep me"
+    (folder / "important.txt").unlink()
+    (folder / "history.csv").write_text("epoch\n")      # a first epoch killed before last.pt: cleared, trained
+    assert train_fold(cfg, 0, **QUIET)["epochs_trained"] == 1
+
+
+def test_folds_finished_for_fewer_epochs_than_the_config_says_are_predicted_and_reported(quick_config):
+    api.train_all(quick_config(epochs=1), **QUIET)          # make train-all EPOCHS=1 …
+    cfg = quick_config(epochs=3)                           # … with a config that says 3
+    lines = []
+    assert api.predict(cfg, log=lines.append).is_file()
+    (note,) = [line for line in lines if line.startswith("note:")]
+    assert note == ("note: `demo` uses its finished folds as trained, not for the config's 3 epochs (folds 0, 1 "
+                    "for 1); `make train-all` would extend the shorter ones to 3 epochs")
+    report = api.report(cfg).read_text()
+    assert "not for the config's 3 epochs" in report
+    assert "resuming after epoch 1" in "".join(capture(lambda log: train_fold(cfg, 0, log=log))), "the advice works"
+
+
+def capture(work) -> list[str]:
+    lines = []
+    work(lines.append)
+    return lines
+
+
+# ---- names and links stay inside their folders ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../victim", "/tmp/victim", "a/b", "..", ".hidden", "with space"])
+def test_an_experiment_name_is_one_folder_name(quick_config, tmp_path, name):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    with pytest.raises(KitError, match=r"experiment name .* must be one folder name \(letters, digits"):
+        quick_config(name=name)
+    assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_a_config_file_stem_is_checked_like_a_name_and_paths_cannot_leave_their_folder(tmp_path):
+    from kit.io import path_inside
+    from kit.submission import submission_path
+
+    odd = tmp_path / "my exp.yaml"
+    odd.write_text("epochs: 1\n")
+    with pytest.raises(KitError, match=r"experiment name 'my exp' must be one folder name .*e.g. name=my_exp"):
+        load_config(odd)
+    assert load_config(odd, {"name": "my_exp"}).name == "my_exp"
+    for escaping in ("../x", "/etc/x", "."):
+        with pytest.raises(KitError, match="would lead outside"):
+            path_inside(tmp_path / "runs", escaping)
+    with pytest.raises(KitError, match="would lead outside"):
+        submission_path(tmp_path / "submissions", "../elsewhere")
+
+
+def test_a_fold_lock_that_is_a_symbolic_link_is_not_followed(quick_config, tmp_path):
+    cfg = quick_config(epochs=1)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep")
+    experiment_dir(cfg).mkdir(parents=True)
+    (experiment_dir(cfg) / "fold0.lock").symlink_to(target)
+    with pytest.raises(KitError, match=r"fold0.lock is a symbolic link, not a lock file: the kit does not follow "
+                                       r"it; remove the link and rerun"):
+        train_fold(cfg, 0, **QUIET)
+    assert target.read_text() == "keep"
