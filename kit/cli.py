@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .errors import Interrupted, KitError, SharedError
@@ -253,14 +254,15 @@ def run_reporting_errors(work) -> int:
     """Run `work()`; what stops it becomes one line on stderr and an exit status: 2 for an error (a KitError, an
     OS error put in words, the loss of the other ranks under torchrun), 130 for Ctrl-C, 0 when it ends. Under
     torchrun (NPROC > 1) rank 0 speaks for what every rank shares."""
-    say, under_torchrun = print, "WORLD_SIZE" in os.environ
-    if under_torchrun:
-        from .distributed import launched_rank, launched_world
+    under_torchrun = "WORLD_SIZE" in os.environ
 
-        if launched_world() > 1:
-            def say(*values, **options):
-                if launched_rank() == 0:
-                    print(*values, **options)
+    def say(*values, **options):
+        if under_torchrun:
+            from .distributed import launched_rank, launched_world
+
+            if launched_world() > 1 and launched_rank() != 0:
+                return
+        print(*values, **options)
     try:
         work()
     except KitError as err:
@@ -286,7 +288,8 @@ def run_reporting_errors(work) -> int:
     except Exception as err:
         if not (under_torchrun and lost_peer(err)):
             raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:120]        # gloo's "[…/pair.cc:561] " source location
         print(f"error (rank {current_rank()}): lost the other processes of the run ({first}); the launcher names "
               f"the rank that stopped first", file=sys.stderr)
         return 2

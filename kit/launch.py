@@ -34,23 +34,28 @@ def machines_wanted(args) -> int:
 
 
 def describe_failures(err) -> str:
-    """Each failed rank in words: killed by a signal, or exited (a rank that exits 2 said why above)."""
+    """Each failed rank in words, the first to fail first: killed by a signal, stopped by torchrun because another
+    rank had failed (SIGTERM), or exited (a rank that exits 2 said why above)."""
     import signal
 
+    first, _ = err.get_first_failure()
     parts, killed = [], False
-    for rank, failure in sorted(err.failures.items()):
-        if failure.exitcode < 0:
+    for rank in [first] + sorted(r for r in err.failures if r != first):
+        code = err.failures[rank].exitcode
+        if code == -signal.SIGTERM and rank != first:
+            parts.append(f"rank {rank} was stopped with it")
+        elif code < 0:
             killed = True
             try:
-                name = signal.Signals(-failure.exitcode).name
+                name = signal.Signals(-code).name
             except ValueError:
-                name = f"signal {-failure.exitcode}"
+                name = f"signal {-code}"
             cause = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
             parts.append(f"rank {rank} was killed by {name}{cause}")
-        elif failure.exitcode == 2:
+        elif code == 2:
             parts.append(f"rank {rank} stopped with the error above")
         else:
-            parts.append(f"rank {rank} exited with {failure.exitcode}")
+            parts.append(f"rank {rank} exited with {code}")
     kept = "; every epoch saved before is kept: rerun the same command to resume" if killed else ""
     return f"error: the run stopped: {'; '.join(parts)}{kept}"
 
