@@ -11,3 +11,17 @@ class Interrupted(KeyboardInterrupt):
 
 class SharedError(KitError):
     """A KitError that every rank of a multi-process (torchrun) run raises together: rank 0 alone prints it."""
+
+
+def killed_by(returncode: int) -> str | None:
+    """A child process's end in words when a signal ended it (a negative return code): "killed by SIGKILL (the
+    out-of-memory killer, or kill -9)"; None when it exited by itself."""
+    if returncode >= 0:
+        return None
+    import signal
+
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}" + (" (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else "")

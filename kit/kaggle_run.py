@@ -5,7 +5,9 @@
    GPU on (ACCELERATOR), internet off, the effective config injected into its parameters cell;
 3. its status followed with one progress line; on failure, one line with the end of its log;
 4. its outputs downloaded: submission.csv into submissions/<experiment>-kaggle-<time>.csv, each fold's results into
-   runs/<experiment>/ (what the notebook keeps: best.pt, metrics, OOF, history; not the cache);
+   runs/<experiment>/ (what the notebook keeps: best.pt, metrics, OOF, history; not the cache), or into
+   runs/<experiment>-kaggle-v<n>/ when a local fold there differs: local work is never overwritten
+   (`runs.bring_in_folds`); outputs of another experiment are refused;
 5. with SUBMIT=1, that CSV submitted as `make submit` does.
 
 What was pushed is recorded in runs/<experiment>/kaggle-run.json: run again after an interruption and it follows the

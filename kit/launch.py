@@ -38,6 +38,8 @@ def describe_failures(err) -> str:
     rank had failed (SIGTERM), or exited (a rank that exits 2 said why above)."""
     import signal
 
+    from .errors import killed_by
+
     first, _ = err.get_first_failure()
     parts, killed = [], False
     for rank in [first] + sorted(r for r in err.failures if r != first):
@@ -46,12 +48,7 @@ def describe_failures(err) -> str:
             parts.append(f"rank {rank} was stopped with it")
         elif code < 0:
             killed = True
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            cause = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
-            parts.append(f"rank {rank} was killed by {name}{cause}")
+            parts.append(f"rank {rank} was {killed_by(code)}")
         elif code == 2:
             parts.append(f"rank {rank} stopped with the error above")
         else:

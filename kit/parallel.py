@@ -23,7 +23,7 @@ import torch
 
 from .config import Config, save_config
 from .engine import prepare_shared
-from .errors import Interrupted, KitError
+from .errors import Interrupted, KitError, killed_by
 from .io import process_lock
 from .runs import experiment_dir, fold_log_path, folds_to_train, parallel_config_path
 
@@ -129,16 +129,9 @@ def run_workers(cfg: Config, pending: list[int], workers_wanted: int, force: boo
 
 
 def exit_reason(returncode: int) -> str:
-    """How a worker ended, in words: killed by a signal (SIGKILL: the out-of-memory killer, or `kill -9`), or its
-    exit status."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        cause = " (the out-of-memory killer, or kill -9)" if -returncode == signal.SIGKILL else ""
-        return f"the worker was killed by {name}{cause}"
-    return f"exit status {returncode}"
+    """How a worker ended, in words: killed by a signal, or its exit status."""
+    killed = killed_by(returncode)
+    return f"the worker was {killed}" if killed else f"exit status {returncode}"
 
 
 def die_with_parent() -> None:

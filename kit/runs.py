@@ -504,6 +504,8 @@ def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[Fini
         if not status.complete:
             if status.run_finished:
                 missing[fold] = f"finished but lacks {', '.join(status.missing_outputs)}"
+            elif status.metrics is not None and status.recorded is None:
+                missing[fold] = f"has {METRICS} but no {CONFIG} saying what trained it"
             elif status.recorded is None and not status.has_checkpoint:
                 missing[fold] = "not trained"
             else:
@@ -582,7 +584,7 @@ def bring_in_folds(cfg: Config, source: Path, elsewhere: str, log=print) -> Conf
             continue                                   # the same files, from an earlier download
         staged = destination / f".{fold_source.name}.incoming"
         shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(fold_source, staged)
+        shutil.move(fold_source, staged)              # a rename on one disk; a copy across disks
         if final.exists():
             final.rmdir()                              # empty
         staged.rename(final)

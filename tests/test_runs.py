@@ -306,8 +306,9 @@ def test_a_fresh_start_deletes_only_what_an_unfinished_first_epoch_leaves(quick_
 
 
 def test_folds_finished_for_fewer_epochs_than_the_config_says_are_predicted_and_reported(quick_config):
-    api.train_all(quick_config(epochs=1), **QUIET)          # make train-all EPOCHS=1 …
-    cfg = quick_config(epochs=3)                           # … with a config that says 3
+    quick = {"max_train_images": 64, "tta.views": "none"}
+    api.train_all(quick_config(epochs=1, **quick), **QUIET)      # make train-all EPOCHS=1 …
+    cfg = quick_config(epochs=3, **quick)                        # … with a config that says 3
     lines = []
     assert api.predict(cfg, log=lines.append).is_file()
     (note,) = [line for line in lines if line.startswith("note:")]
