@@ -62,11 +62,21 @@ def kit_process_environment() -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", PYTHONPATH=python_path)
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices, or GPU-/MIG- UUIDs): the parent's
+    own list when it has one (`CUDA_VISIBLE_DEVICES=2,3 make train-all PARALLEL=2` → GPUs 2 and 3), else 0..N-1."""
+    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    count = torch.cuda.device_count()
+    return listed[:count] if listed else [str(index) for index in range(count)]
+
+
 def slot_environment(slot: int, workers: int) -> dict:
-    """A GPU of its own, or on the CPU an equal share of the cores (torch sizes its thread pool from these)."""
+    """A GPU of its own (one of the parent's visible GPUs), or on the CPU an equal share of the cores (torch sizes
+    its thread pool from these)."""
     env = dict(kit_process_environment(), KIT_PARENT_PID=str(os.getpid()))
     if torch.cuda.is_available():
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+        gpus = visible_gpus()
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     else:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)

@@ -162,3 +162,16 @@ def test_two_parallel_runs_of_one_experiment_are_refused(quick_config):
                                            rf"{holder.pid} .*wait for it to end or stop it, then rerun"):
             api.train_all(cfg, parallel=2, log=lambda *_: None)
     assert not (experiment_dir(cfg) / "fold0.log").exists(), "no worker started"
+
+
+def test_workers_get_the_parents_own_gpus(monkeypatch):
+    from kit import parallel
+
+    monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(parallel.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [parallel.slot_environment(slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["2", "3", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa, GPU-bbbb")
+    assert [parallel.slot_environment(slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["GPU-aaaa", "GPU-bbbb"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [parallel.slot_environment(slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["0", "1"]
