@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from .errors import Interrupted, KitError, SharedError
 
@@ -88,7 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "under sync-debug, both precisions, compile, TTA")
     gpu_check.add_argument("--out", default="runs/gpu-check", help="folder for gpu-check-<time>.json "
                                                                   "(default %(default)s)")
-    gpu_check.add_argument("--images", type=int, default=50_000, help="generated patches (default %(default)s)")
+    gpu_check.add_argument("--images", type=int, default=None, help="generated patches (default 50000; --quick 2000)")
+    gpu_check.add_argument("--minutes", type=float, default=7.0,
+                           help="time budget: rows that would not fit are skipped, in order of least value "
+                                "(default %(default)s)")
+    gpu_check.add_argument("--configs", default="", help="shipped configs to run (space- or comma-separated; "
+                                                          "default all)")
+    gpu_check.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    gpu_check.add_argument("--quick", action="store_true", help="small sizes (2,000 patches, baseline_bn only unless "
+                                                                "--configs): the same steps in a minute or two")
+    gpu_check.add_argument("--rows", default="", help="only print the table of a check's gpu-check-<time>.jsonl "
+                                                      "(one cut off before its end included)")
+    gpu_check.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                           help="cpu runs the same steps on the CPU (default %(default)s)")
 
     results = commands.add_parser("results", help="configs × seeds on the hard generated set → docs/RESULTS.md")
     results.add_argument("--configs", default="baseline baseline_bn effnet_b0 resnet34 convnext_nano",
@@ -143,9 +156,24 @@ def run(args) -> None:
         print(api.bench(args.out, images=args.images, device=args.device, batch_size=args.batch_size,
                         timm_model=args.timm_model, min_seconds=args.seconds))     # the JSON's path, last
     elif args.command == "gpu-check":
-        from .gpu_check import run_gpu_check
+        from .gpu_check import COMPILED, QUICK, SHIPPED, format_report, read_rows, run_gpu_check, summary
 
-        path, passed = run_gpu_check(args.out, images=args.images)
+        if args.rows:
+            if not Path(args.rows).is_file():
+                raise KitError(f"gpu-check --rows: {args.rows} not found")
+            print(format_report(summary(read_rows(Path(args.rows)))))
+            return
+        options = dict(QUICK) if args.quick else {}
+        if args.images:
+            options["images"] = args.images
+        names = args.configs.replace(",", " ").split()
+        unknown = [name for name in names if name not in SHIPPED]
+        if unknown:
+            raise KitError(f"gpu-check --configs: {', '.join(unknown)} not shipped (configs: {', '.join(SHIPPED)})")
+        configs = tuple(names) or (("baseline_bn",) if args.quick else SHIPPED)
+        path, passed = run_gpu_check(args.out, configs=configs, compiled=() if args.no_compile or args.quick
+                                     else COMPILED, device=args.device, minutes=args.minutes,
+                                     log=lambda line: print(line, flush=True), **options)
         print(path)
         if not passed:
             raise KitError(f"gpu-check: some runs failed (marked FAILED above; details in {path})")

@@ -14,6 +14,7 @@ all passed. No GPU: one line, exit 2.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -75,8 +76,10 @@ def check_config(config: str, data_dir: Path, out_dir: Path, device: str, amp_dt
                  compiled: bool = False):
     """`config` as the check runs it: one epoch of 5 folds on the generated data, random weights (no download)."""
     name = f"{config}-{amp_dtype}{'-compiled' if compiled else ''}"
+    # the backbone trains in the timed epoch: a frozen one would time the head alone (224 px recipes freeze epoch 1)
     return load_config(config, {"name": name, "data_dir": str(data_dir), "out_dir": str(out_dir), "epochs": 1,
                                 "folds.n_splits": 5, "amp_dtype": amp_dtype, "train.compile": compiled,
+                                "train.freeze_backbone_epochs": 0,
                                 "model.pretrained": False, "model.pretrained_file": "", "train.swa_epochs": 0,
                                 "device": device, "submissions_dir": str(out_dir / "submissions")})
 
@@ -165,60 +168,151 @@ def scale_row(config: str, mode: str, cfg, folds, code: int, error: str, seconds
             "epoch_seconds": float(max(h["seconds"] for h in histories))}
 
 
+DEFAULT_CONFIG = "baseline_bn"      # the kit's default: its rows come first
+QUICK = {"images": 2000, "test_images": 200, "bench_images": 512, "bench_seconds": 0.2}
+COMPILE_SECONDS = 90.0              # what a cold torch.compile adds to a row, for the time budget
+
+
+class RowLog:
+    """Each finished row printed at once (flushed) and appended to gpu-check-<time>.jsonl (flushed and fsync'd),
+    so a check cut off at any point leaves every row it finished; the summary is rebuilt from that file."""
+
+    def __init__(self, path: Path, log):
+        self.path, self.log, self.rows = path, log, []
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, kind: str, row: dict, line: str | None = None) -> dict:
+        row = {"kind": kind, **row}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows.append(row)
+        if line:
+            self.log(line)
+        return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows a check wrote, finished or cut off (a half-written last line is left out)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def planned_epochs(configs, precisions: list[str], compiled) -> list[tuple[str, str, bool]]:
+    """(config, precision, compiled) in the order of their value: the kit's default config in its precision, then
+    forced fp16 (what a T4 runs), then the 224 px recipes, then the other configs, then compiled runs."""
+    configs = list(configs)
+    first = [c for c in configs if c == DEFAULT_CONFIG]
+    recipes = [c for c in configs if c.startswith(ONE_PRECISION)]
+    others = [c for c in configs if c not in first and c not in recipes]
+    plan = [(c, p, False) for c in first for p in precisions]
+    plan += [(c, precisions[0], False) for c in recipes]
+    plan += [(c, p, False) for c in others for p in precisions]
+    plan += [(c, precisions[0], True) for c in configs if c in compiled]
+    return plan
+
+
+def estimate_seconds(plan_row: tuple[str, str, bool], finished: list[dict]) -> float:
+    """What a row will take, from the rows already done (0 before the first: the first row always runs)."""
+    done = [r["fold_seconds"] for r in finished if r.get("kind") == "epoch" and r.get("status") == "ok"]
+    if not done:
+        return 0.0
+    config, _, compiled = plan_row
+    base = min(done)
+    return base * (5.0 if config.startswith(ONE_PRECISION) else 1.0) + (COMPILE_SECONDS if compiled else 0.0)
+
+
 def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, test_images: int = 2000,
                   configs=SHIPPED, compiled=COMPILED, device: str = "cuda", bench_images: int = 8192,
-                  bench_seconds: float = 1.0, scale_out_processes: int | None = None,
+                  bench_seconds: float = 1.0, scale_out_processes: int | None = None, minutes: float = 7.0,
                   log=print) -> tuple[Path, bool]:
-    """Every step of the module docstring; returns the JSON's path and whether every run passed. `device="cpu"`
-    runs the same steps on the CPU (the tests use it, small). `scale_out_processes`: the processes of step 4
-    (default: the GPU count; skipped below 2)."""
+    """Every step of the module docstring within `minutes`; returns the summary JSON's path and whether every run
+    that ran passed. Rows run in the order of their value (`planned_epochs`, then bench, TTA, scale-out); one that
+    would not fit in the time left is recorded as skipped. `device="cpu"` runs the same steps on the CPU (the
+    tests use it, small). `scale_out_processes`: the processes of step 4 (default: the GPU count; skipped below
+    2)."""
     from .bench import run_bench
 
     if device == "cuda" and not torch.cuda.is_available():
         raise KitError("make gpu-check needs a GPU, and PyTorch sees none here (torch.cuda.is_available() is False); "
-                       "run it on a GPU machine, e.g. a Kaggle notebook with a T4 or L4")
+                       "run it on a GPU machine, e.g. a Kaggle notebook with a T4 or L4, or pass --device cpu")
     torch_device = select_device(device)          # refuses a card this torch has no kernels for
     card = card_name(torch_device) if torch_device.type == "cuda" else "cpu"
     auto = autocast_dtype(torch_device, amp=True)
     precisions = ["auto"] + (["fp16"] if auto == torch.bfloat16 else [])     # a bf16 card also runs a T4's fp16
-    log(f"gpu-check on {card}, torch {torch.__version__}; the kit's precision: {precision_name(auto)}")
-    report = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "kit_precision": precision_name(auto), "images": images}
-    started = time.perf_counter()
-    log("1/4 make bench …")
-    report["bench"] = run_bench(images=bench_images, device=device, batch_size=min(256, bench_images),
-                                min_seconds=bench_seconds, log=log)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows = RowLog(Path(out_dir) / f"gpu-check-{stamp}.jsonl", log)
+    header = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "kit_precision": precision_name(auto), "images": images, "minutes": minutes}
+    rows.add("header", header, f"gpu-check on {card}, torch {torch.__version__}; the kit's precision: "
+                               f"{precision_name(auto)}; {minutes:g} min budget; rows in {rows.path}")
+    started = time.monotonic()
+    deadline = started + minutes * 60
+
+    def fits(estimate: float) -> bool:
+        return time.monotonic() + estimate <= deadline
+
+    def first_epoch_pending() -> bool:       # the first epoch row always runs: the check proves something
+        return not any(r["kind"] == "epoch" and r["status"] != "skipped" for r in rows.rows)
+
     with tempfile.TemporaryDirectory(prefix="kit-gpu-check-") as tmp:
-        log(f"2/4 one epoch per config on {images:,} generated patches (sync debug: error) …")
         data_dir = timing_data(Path(tmp), images, test=test_images)
-        runs = []
-        for config in configs:
-            for precision in precisions[:1] if config.startswith(ONE_PRECISION) else precisions:
-                runs.append(one_epoch(config, data_dir, Path(tmp) / "runs", precision, False, device))
-                log(format_run(runs[-1]))
-            if config in compiled:
-                runs.append(one_epoch(config, data_dir, Path(tmp) / "runs", "auto", True, device))
-                log(format_run(runs[-1]))
-        report["epochs"] = runs
+        log(f"1/4 one epoch per config on {images:,} generated patches (sync debug: error), backbones unfrozen …")
+        for plan_row in planned_epochs(configs, precisions, compiled):
+            config, precision, is_compiled = plan_row
+            if not first_epoch_pending() and not fits(estimate_seconds(plan_row, rows.rows)):
+                rows.add("epoch", {"config": config, "precision": precision, "compiled": is_compiled,
+                                   "status": "skipped", "error": "time budget"},
+                         f"  {config:<14} {precision:<5} skipped: would not fit in the time left")
+                continue
+            row = one_epoch(config, data_dir, Path(tmp) / "runs", precision, is_compiled, device)
+            rows.add("epoch", row, format_run(row))
+        log("2/4 make bench …")
+        if fits(30.0):
+            rows.add("bench", {"status": "ok", **run_bench(images=bench_images, device=device,
+                                                           batch_size=min(256, bench_images),
+                                                           min_seconds=bench_seconds, log=log)})
         log("3/4 TTA prediction of the test set …")
-        report["tta"] = tta_prediction(configs[0] if "baseline_bn" not in configs else "baseline_bn", data_dir,
-                                       Path(tmp) / "runs", device)
+        tta_config = DEFAULT_CONFIG if DEFAULT_CONFIG in configs else list(configs)[0]
+        if fits(10.0):
+            rows.add("tta", tta_prediction(tta_config, data_dir, Path(tmp) / "runs", device))
         processes = torch.cuda.device_count() if scale_out_processes is None else scale_out_processes
-        report["scale_out"] = []
-        if processes >= 2:
+        if processes >= 2 and fits(60.0):
             log(f"4/4 scale-out: {SCALE_OUT_CONFIG} on {processes} processes, DDP and fold-parallel …")
-            report["scale_out"] = scale_out(SCALE_OUT_CONFIG, data_dir, Path(tmp) / "runs", processes, device)
-    report["seconds"] = time.perf_counter() - started
-    passed = all(r["status"] == "ok" for r in runs + report["scale_out"]) and report["tta"]["status"] == "ok"
-    report["passed"] = passed
-    path = Path(out_dir) / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            for row in scale_out(SCALE_OUT_CONFIG, data_dir, Path(tmp) / "runs", processes, device):
+                rows.add("scale_out", row)
+    report = summary(read_rows(rows.path))
+    report["seconds"] = time.monotonic() - started
+    path = rows.path.with_suffix(".json")
     atomic_write_json(path, report)
     log("\n" + format_report(report))
-    return path, passed
+    return path, report["passed"]
+
+
+def summary(rows: list[dict]) -> dict:
+    """The report (card, epochs, bench, TTA, scale-out, passed) rebuilt from a check's rows, finished or cut off."""
+    header = next((r for r in rows if r["kind"] == "header"), {})
+    report = {key: value for key, value in header.items() if key != "kind"}
+    report["epochs"] = [r for r in rows if r["kind"] == "epoch"]
+    report["bench"] = next((r for r in rows if r["kind"] == "bench"), None)
+    report["tta"] = next((r for r in rows if r["kind"] == "tta"), None)
+    report["scale_out"] = [r for r in rows if r["kind"] == "scale_out"]
+    ran = report["epochs"] + report["scale_out"] + [r for r in (report["tta"],) if r]
+    report["passed"] = all(r["status"] in ("ok", "skipped") for r in ran) and \
+        any(r["status"] == "ok" for r in report["epochs"])
+    return report
 
 
 def format_run(row: dict) -> str:
     what = f"{row['config']:<14} {row['precision']:<5} {'compiled' if row['compiled'] else 'eager':<9}"
+    if row["status"] == "skipped":
+        return f"  {what} skipped ({row['error']})"
     if row["status"] != "ok":
         return f"  {what} FAILED: {row['error']}"
     peak = row.get("peak_memory_mb")
@@ -230,16 +324,17 @@ def format_run(row: dict) -> str:
 def format_report(report: dict) -> str:
     from .bench import format_table
 
+    took = f"{report['seconds'] / 60:.1f} min" if "seconds" in report else "cut off before its end"
     lines = [f"{report['card']}; torch {report['torch']} (CUDA {report['cuda']}); kit precision "
-             f"{report['kit_precision']}; {report['images']:,} patches; {report['seconds'] / 60:.1f} min", "",
-             format_table(report["bench"]), "",
+             f"{report['kit_precision']}; {report['images']:,} patches; {took}", "",
+             format_table(report["bench"]) if report.get("bench") else "  bench: not run (time budget)", "",
              f"  {'config':<14} {'prec.':<5} {'mode':<9} {'train img/s':>10} {'epoch s':>8} {'peak MB':>9} "
              f"{'val AUC':>8}", "  " + "-" * 70]
     lines += [format_run(row) for row in report["epochs"]]
-    tta = report["tta"]
+    tta = report.get("tta")
     lines += ["", f"  TTA prediction ({tta['config']}): " + (
         f"{tta['images_per_s']:,.0f} test images/s × {tta['views']} views" if tta["status"] == "ok"
-        else f"FAILED: {tta['error']}")]
+        else f"FAILED: {tta['error']}") if tta else "  TTA prediction: not run (time budget)"]
     single = next((r for r in report["epochs"] if r["config"] == SCALE_OUT_CONFIG and r["precision"] == "auto"
                    and not r["compiled"] and r["status"] == "ok"), None)
     for row in report.get("scale_out", []):

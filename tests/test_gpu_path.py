@@ -2,6 +2,9 @@
 refused, bf16 and fp16 (with loss scaling) through training and TTA, resume across precisions, the memory fit
 check counting PyTorch's cache, freezing by a zero learning rate, and no blocking copy in the training loop."""
 
+import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from kit.engine import (TrainingParts, build_loss, build_optimizer, build_schedu
 from kit.errors import KitError
 from kit.models import build_model, head_parameter_names
 from kit.runs import LAST, fold_dir, load_checkpoint
+
+from conftest import REPO
 
 CPU = torch.device("cpu")
 KAGGLE_TORCH_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
@@ -211,11 +216,15 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
 
     from kit.gpu_check import run_gpu_check
 
+    from kit.gpu_check import read_rows
+
     lines = []
     path, passed = run_gpu_check(tmp_path / "check", images=600, test_images=48, configs=("baseline_bn",), compiled=(),
                                  device="cpu", bench_images=64, bench_seconds=0.0, scale_out_processes=2,
                                  log=lines.append)
     report = json.loads(path.read_text())
+    rows = read_rows(path.with_suffix(".jsonl"))           # every row, as it finished
+    assert [row["kind"] for row in rows] == ["header", "epoch", "bench", "tta", "scale_out", "scale_out"]
     assert passed and report["passed"] and report["card"] == "cpu"
     (run,) = report["epochs"]
     assert run["status"] == "ok" and run["precision"] == "auto" and run["train_images_per_s"] > 0
@@ -225,3 +234,44 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     assert [row["mode"] for row in report["scale_out"]] == ["DDP × 2", "2 folds at once"]
     assert all(row["status"] == "ok" and row["train_images_per_s"] > 0 for row in report["scale_out"])
     assert lines[-1].endswith("passed") and "train img/s" in lines[-1] and "× one process" in lines[-1]
+
+
+def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps_its_rows(tmp_path):
+    import json
+    import signal
+    import time
+
+    from kit.gpu_check import planned_epochs, read_rows, run_gpu_check
+
+    plan = planned_epochs(("baseline", "baseline_bn", "compete_effnet_b0", "effnet_b0"), ["auto", "fp16"],
+                          ("baseline_bn", "effnet_b0"))
+    assert plan == [("baseline_bn", "auto", False), ("baseline_bn", "fp16", False), ("compete_effnet_b0", "auto", False),
+                    ("baseline", "auto", False), ("baseline", "fp16", False), ("effnet_b0", "auto", False),
+                    ("effnet_b0", "fp16", False), ("baseline_bn", "auto", True), ("effnet_b0", "auto", True)]
+
+    # a budget that the first row already spends: the first row runs, every later one is recorded as skipped
+    path, passed = run_gpu_check(tmp_path / "budget", images=300, test_images=20, configs=("baseline_bn", "baseline"),
+                                 compiled=(), device="cpu", bench_images=64, bench_seconds=0.0, minutes=0.001,
+                                 log=lambda *_: None)
+    report = json.loads(path.read_text())
+    assert [row["status"] for row in report["epochs"]] == ["ok", "skipped"] and passed
+    assert report["bench"] is None and report["tta"] is None
+
+    # killed mid-way (as a time limit would): the rows it finished are on disk, and --rows prints their table
+    out = tmp_path / "killed"
+    check = subprocess.Popen([sys.executable, "-m", "kit", "gpu-check", "--device", "cpu", "--quick", "--images",
+                              "300", "--configs", "baseline_bn baseline", "--out", str(out)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, TQDM_DISABLE="1"))
+    deadline = time.monotonic() + 240
+    while not any(row["kind"] == "epoch" for rows in map(read_rows, out.glob("*.jsonl")) for row in rows):
+        assert time.monotonic() < deadline and check.poll() is None, check.stdout.read() if check.poll() else ""
+        time.sleep(0.2)
+    check.send_signal(signal.SIGKILL)
+    check.wait()
+    (rows_file,) = out.glob("*.jsonl")
+    kinds = [row["kind"] for row in read_rows(rows_file)]
+    assert kinds[:2] == ["header", "epoch"] and not list(out.glob("*.json"))
+    table = subprocess.run([sys.executable, "-m", "kit", "gpu-check", "--rows", str(rows_file)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "cut off before its end" in table.stdout and "baseline_bn" in table.stdout
