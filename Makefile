@@ -3,7 +3,8 @@
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
 #            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench),
 #            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results), PARALLEL=N|auto (train-all: folds at once),
-#            NPROC=N (train: one fold on N processes, DDP), NNODES=M RDZV=host:port (train: on M machines).
+#            NPROC=N (train: one fold on N processes, DDP), NNODES=M RDZV=host:port (train: on M machines),
+#            MINUTES, QUICK=1 (gpu-check), PY=python3 (gpu-check on the machine's own torch, without .venv).
 
 CONFIG ?= configs/baseline_bn.yaml
 FOLD ?= 0
@@ -103,10 +104,13 @@ kaggle-bundle: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m kit bench $(if $(OUT),--out $(OUT)/bench) $(if $(DEVICE),--device $(DEVICE))
 
-# the GPU path proved on this card (kit/gpu_check.py): bench, one epoch per config under sync-debug "error" in each
-# precision, compile, TTA → runs/gpu-check/gpu-check-<time>.json and a table; no GPU: one line, exit 2
-gpu-check: $(STAMP)
-	$(PY) -m kit gpu-check $(if $(OUT),--out $(OUT)/gpu-check)
+# the GPU path proved on this card (kit/gpu_check.py) within MINUTES (default 7): one epoch per config under
+# sync-debug "error" in each precision, compile, bench, TTA, rows appended to runs/gpu-check/gpu-check-<time>.jsonl
+# as they finish; QUICK=1 small; DEVICE=cpu the same steps on the CPU; no GPU: one line, exit 2.
+# PY=python3: the machine's own Python and torch, no .venv (an offline GPU box with the bundle's wheels, README).
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	$(PY) -m kit gpu-check $(if $(OUT),--out $(OUT)/gpu-check) $(if $(MINUTES),--minutes $(MINUTES)) \
+	    $(if $(filter 1 true yes,$(QUICK)),--quick) $(if $(DEVICE),--device $(DEVICE)) $(if $(CONFIGS),--configs "$(CONFIGS)")
 
 # configs × seeds on the hard generated set → docs/RESULTS.md (hours on CPU; resumes). CONFIGS, SEEDS, FOLDS, ARGS.
 results: $(STAMP)

@@ -1,13 +1,20 @@
-"""A zip of the kit to upload as a Kaggle dataset, so a notebook can attach it read-only and import it, offline.
+"""A zip of the kit that runs offline on any machine with its own torch: a Kaggle notebook (attached read-only as a
+dataset) or a bare GPU box.
 
 Kaggle's image has torch, torchvision, timm, albumentations, OpenCV, numpy, pandas, scikit-learn, PyYAML, tqdm,
-matplotlib and the kaggle client; it lacks ttach. Notebooks pushed through the API run with the internet off, so the
-bundle carries a wheel of every runtime dependency the image lacks (`KAGGLE_MISSING`, pinned as requirements.txt
-pins them) under wheels/, and the notebook installs them with `pip install --no-index --find-links`.
+matplotlib and the kaggle client; it lacks ttach. A typical CUDA image (Python 3.12, its own torch, timm, OpenCV,
+pandas, scikit-learn) lacks albumentations and its dependencies too. Neither has internet, so the bundle carries under
+wheels/ a wheel of each (`OFFLINE_PACKAGES`, at the versions the kit is tested with; never torch), for CPython 3.11
+and 3.12 on manylinux x86-64, and wheels/requirements-offline.txt naming them. The notebook installs what its image
+lacks with `pip install --no-index --find-links`; on another machine:
+
+    python3 -m pip install --no-index --no-deps --find-links wheels --target /tmp/site -r wheels/requirements-offline.txt
+    PYTHONPATH=/tmp/site:$PWD python3 -m kit gpu-check
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -21,8 +28,14 @@ from .io import atomic_path
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = ("kit", "configs", "notebooks", "requirements.txt", "requirements-kaggle.txt", "README.md", "Makefile")
-KAGGLE_MISSING = ("ttach",)          # runtime dependencies that Kaggle's image does not install
+# Runtime dependencies an image with its own torch may lack: ttach (Kaggle's lacks it), albumentations and what it
+# needs beyond numpy/scipy/OpenCV/PyYAML (which such images have). Never torch, torchvision or timm.
+OFFLINE_PACKAGES = ("ttach", "albumentations", "albucore", "pydantic", "pydantic-core", "annotated-types",
+                    "typing-inspection", "typing-extensions", "stringzilla", "simsimd")
+TARGET_PYTHONS = ("3.11", "3.12")
+TARGET_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 WHEELS_DIR = "wheels"
+OFFLINE_REQUIREMENTS = "requirements-offline.txt"      # under wheels/
 
 
 def bundle_files(repo: Path = REPO) -> list[Path]:
@@ -60,33 +73,56 @@ def git_tracked_files(repo: Path) -> set[str] | None:
     return {name for name in listed.stdout.decode().split("\0") if name}
 
 
-def pinned(package: str, requirements: Path) -> str:
-    """`package==version` as requirements.txt pins it."""
-    pattern = re.compile(rf"^{re.escape(package)}==\S+", re.IGNORECASE | re.MULTILINE)
+def tested_version(package: str, requirements: Path) -> str:
+    """`package==version`: requirements.txt's pin, else the version installed here (what the tests ran with)."""
+    pattern = re.compile(rf"^{re.escape(package)}==(\S+)", re.IGNORECASE | re.MULTILINE)
     found = pattern.search(requirements.read_text())
-    if not found:
-        raise KitError(f"{requirements} does not pin {package} (package==version): the bundle's wheel needs a pin")
-    return found.group(0)
+    if found:
+        return f"{package}=={found.group(1)}"
+    try:
+        return f"{package}=={importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        raise KitError(f"{package} is neither pinned in {requirements} nor installed here: the bundle needs its "
+                       f"tested version (run `make kaggle-bundle` from the kit's .venv)") from None
+
+
+def wheel_fits(wheel: Path, python: str) -> bool:
+    """A wheel for any Python 3 (py3-none-any), or built for CPython `python` (cp312, or the abi3 of an older one)."""
+    tags = wheel.name[:-len(".whl")].split("-")[-3:]
+    wanted = "cp" + python.replace(".", "")
+    return tags[0].startswith("py3") or wanted in tags[0].split(".") or tags[1] == "abi3"
 
 
 def download_wheels(packages, folder: Path, requirements: Path) -> list[Path]:
-    """Wheels of `packages` at their pinned versions, pure Python (any platform), from pip's configured index."""
-    specs = [pinned(package, requirements) for package in packages]
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                           "--dest", str(folder), *specs], capture_output=True, text=True)
+    """Wheels of `packages` at their tested versions for every TARGET_PYTHONS on manylinux x86-64, from pip's
+    configured index (no source builds); refused in one line when one is missing."""
+    specs = [tested_version(package, requirements) for package in packages]
+    for python in TARGET_PYTHONS:
+        platforms = [option for platform in TARGET_PLATFORMS for option in ("--platform", platform)]
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                               *platforms, "--python-version", python, "--implementation", "cp", "--dest",
+                               str(folder), *specs], capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise KitError(f"could not fetch the wheels the offline bundle needs for Python {python} "
+                           f"({', '.join(specs)}): {reason}; run `make kaggle-bundle` where pip can reach its "
+                           f"package index")
     wheels = sorted(folder.glob("*.whl"))
-    if done.returncode != 0 or len(wheels) < len(specs):
-        reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise KitError(f"could not fetch the wheels the Kaggle bundle needs ({', '.join(specs)}): {reason}; run "
-                       f"`make kaggle-bundle` where pip can reach its package index")
-    return wheels
+    for spec in specs:
+        name = spec.split("==")[0].replace("-", "_").lower()
+        for python in TARGET_PYTHONS:
+            if not any(w.name.lower().startswith(name + "-") and wheel_fits(w, python) for w in wheels):
+                raise KitError(f"no wheel of {spec} for Python {python} on manylinux x86-64 among those pip "
+                               f"fetched: the offline bundle cannot install it there")
+    (folder / OFFLINE_REQUIREMENTS).write_text("".join(f"{spec}\n" for spec in specs))
+    return wheels + [folder / OFFLINE_REQUIREMENTS]
 
 
 def write_bundle(out: str | Path, repo: Path = REPO) -> Path:
     """Write the zip atomically; its top level holds kit/, configs/, notebooks/, wheels/ and the project files."""
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="kit-wheels-") as tmp:
-        wheels = download_wheels(KAGGLE_MISSING, Path(tmp), repo / "requirements.txt")
+        wheels = download_wheels(OFFLINE_PACKAGES, Path(tmp), repo / "requirements.txt")
         with atomic_path(out) as target, zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for path in bundle_files(repo):
                 archive.write(path, path.relative_to(repo).as_posix())

@@ -36,16 +36,21 @@ def make_read_only(root: Path) -> None:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
-def python_without(package: str, folder: Path) -> Path:
-    """A virtual environment that sees this one's packages (torch, timm, albumentations, …) but not `package`, as
-    Kaggle's image lacks ttach: its site-packages lists a folder linking every entry of ours except that package's.
-    It has its own pip, to install into."""
+# What a CUDA image with its own torch lacks (the GPU boxes the kit is checked on): albumentations and its own
+# dependencies, ttach, the kaggle client. (Kaggle's image lacks only ttach: a superset of its case.)
+BARE_IMAGE_LACKS = ("albumentations", "albucore", "pydantic", "annotated_types", "typing_inspection", "stringzilla",
+                    "simsimd", "ttach", "kaggle")
+
+
+def python_without(packages: tuple[str, ...], folder: Path) -> Path:
+    """A virtual environment that sees this one's packages (torch, timm, OpenCV, …) but not `packages`: its
+    site-packages lists a folder linking every entry of ours except theirs. It has its own pip, to install into."""
     subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True)
     ours = Path(pd.__file__).resolve().parent.parent
     shadow = folder / "shared-site-packages"
     shadow.mkdir()
     for entry in ours.iterdir():
-        if not entry.name.lower().startswith(package):
+        if not entry.name.lower().startswith(packages):
             (shadow / entry.name).symlink_to(entry)
     (site,) = (folder / "venv" / "lib").glob("python*/site-packages")
     (site / "kit-test-shared.pth").write_text(f"{shadow}\n")
@@ -64,9 +69,10 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
     kit_input = kaggle / "input" / "hcd-kit"
     competition_input = kaggle / "input" / "histopathologic-cancer-detection"
     working = kaggle / "working"
-    python = python_without("ttach", tmp_path / "kaggle-image")
-    no_ttach = subprocess.run([str(python), "-c", "import ttach"], capture_output=True)
-    assert no_ttach.returncode != 0, "the test environment must lack ttach, as Kaggle's image does"
+    python = python_without(BARE_IMAGE_LACKS, tmp_path / "kaggle-image")
+    for package in ("ttach", "albumentations", "kaggle"):
+        lacking = subprocess.run([str(python), "-c", f"import {package}"], capture_output=True)
+        assert lacking.returncode != 0, f"the test environment must lack {package}"
     with zipfile.ZipFile(write_bundle(tmp_path / "dist" / "hcd-kit.zip")) as bundle:   # what users upload
         bundle.extractall(kit_input)
     shutil.copytree(demo_data, competition_input)
@@ -91,8 +97,9 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
     sample = pd.read_csv(competition_input / "sample_submission.csv", dtype={"id": str})
     assert submission["id"].tolist() == sample["id"].tolist() and submission["label"].between(0, 1).all()
     assert "device: CPU" in result.stdout and "train images/s: fold 0" in result.stdout
-    assert list((tmp_path / "kaggle-image" / "venv" / "lib").glob("python*/site-packages/ttach/__init__.py")), \
-        "ttach comes from the bundle's wheel"
+    for package in ("ttach", "albumentations", "pydantic_core"):
+        assert list((tmp_path / "kaggle-image" / "venv" / "lib").glob(f"python*/site-packages/{package}/__init__.py")), \
+            f"{package} comes from the bundle's wheel"
 
     # the output keeps what a user wants back; the cache and the resume state stay in scratch space
     assert list((working / "submissions").glob("demo-*.csv"))
@@ -105,6 +112,35 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
     assert list(scratch.glob("cache/*/train-*.npy")) and list(scratch.glob("runs/demo/fold*/last.pt"))
     for root, files in before.items():
         assert snapshot(root) == files, f"something was written under {root}"
+
+
+def test_a_bare_torch_machine_runs_the_gpu_check_from_the_bundle_offline(tmp_path):
+    """The README's three lines on a machine with its own torch and no internet: the bundle's wheels installed into
+    a folder on PYTHONPATH (never torch), then `python3 -m kit gpu-check`."""
+    python = python_without(BARE_IMAGE_LACKS, tmp_path / "gpu-box")
+    with zipfile.ZipFile(write_bundle(tmp_path / "dist" / "hcd-kit.zip")) as bundle:
+        bundle.extractall(tmp_path / "hcd-kit")
+    kit_home, site = tmp_path / "hcd-kit", tmp_path / "site"
+    env = dict(offline_pip_environment(), PYTHONPATH="", TQDM_DISABLE="1")
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--find-links",
+                                "wheels", "--target", str(site), "-r", "wheels/requirements-offline.txt"],
+                               cwd=kit_home, env=env, capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    assert not list(site.glob("torch*")), "never torch"
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{kit_home}"
+
+    no_gpu = subprocess.run([str(python), "-m", "kit", "gpu-check"], cwd=kit_home, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert no_gpu.returncode == 2 and no_gpu.stderr.strip().splitlines() == [no_gpu.stderr.strip()], no_gpu.stderr
+    assert "needs a GPU" in no_gpu.stderr and "--device cpu" in no_gpu.stderr
+    check = subprocess.run([str(python), "-m", "kit", "gpu-check", "--device", "cpu", "--quick", "--images", "300",
+                            "--minutes", "0.2", "--out", str(tmp_path / "check")], cwd=kit_home, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, (check.stdout + check.stderr)[-3000:]
+    assert "baseline_bn    auto  eager" in check.stdout and check.stdout.strip().endswith(".json")
+    where = subprocess.run([str(python), "-c", "import albumentations, ttach; print(albumentations.__file__)"],
+                           env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(site)), "albumentations from the bundle's wheels"
 
 
 def test_bundle_holds_the_kit_configs_and_notebook(tmp_path):
