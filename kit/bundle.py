@@ -14,6 +14,7 @@ lacks with `pip install --no-index --find-links`; on another machine:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 import subprocess
@@ -118,14 +119,23 @@ def download_wheels(packages, folder: Path, requirements: Path) -> list[Path]:
     return wheels + [folder / OFFLINE_REQUIREMENTS]
 
 
+@functools.lru_cache(maxsize=4)
+def offline_wheels(requirements_text: str, requirements: Path) -> tuple[tuple[str, bytes], ...]:
+    """(file name, bytes) of every wheel the bundle carries, fetched once per process for a given requirements.txt
+    (a kaggle-run writes one bundle; the tests write several)."""
+    with tempfile.TemporaryDirectory(prefix="kit-wheels-") as tmp:
+        return tuple((path.name, path.read_bytes())
+                     for path in download_wheels(OFFLINE_PACKAGES, Path(tmp), requirements))
+
+
 def write_bundle(out: str | Path, repo: Path = REPO) -> Path:
     """Write the zip atomically; its top level holds kit/, configs/, notebooks/, wheels/ and the project files."""
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="kit-wheels-") as tmp:
-        wheels = download_wheels(OFFLINE_PACKAGES, Path(tmp), repo / "requirements.txt")
-        with atomic_path(out) as target, zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in bundle_files(repo):
-                archive.write(path, path.relative_to(repo).as_posix())
-            for wheel in wheels:
-                archive.write(wheel, f"{WHEELS_DIR}/{wheel.name}")
+    requirements = repo / "requirements.txt"
+    wheels = offline_wheels(requirements.read_text(), requirements)
+    with atomic_path(out) as target, zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in bundle_files(repo):
+            archive.write(path, path.relative_to(repo).as_posix())
+        for name, data in wheels:
+            archive.writestr(f"{WHEELS_DIR}/{name}", data)
     return out

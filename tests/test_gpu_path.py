@@ -236,7 +236,7 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     assert lines[-1].endswith("passed") and "train img/s" in lines[-1] and "× one process" in lines[-1]
 
 
-def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps_its_rows(tmp_path):
+def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps_its_rows(tmp_path, capsys):
     import json
     import signal
     import time
@@ -272,6 +272,8 @@ def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps
     (rows_file,) = out.glob("*.jsonl")
     kinds = [row["kind"] for row in read_rows(rows_file)]
     assert kinds[:2] == ["header", "epoch"] and not list(out.glob("*.json"))
-    table = subprocess.run([sys.executable, "-m", "kit", "gpu-check", "--rows", str(rows_file)], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
-    assert table.returncode == 0 and "cut off before its end" in table.stdout and "baseline_bn" in table.stdout
+    from kit.cli import main
+
+    assert main(["gpu-check", "--rows", str(rows_file)]) == 0
+    table = capsys.readouterr().out
+    assert "cut off before its end" in table and "baseline_bn" in table
