@@ -5,8 +5,11 @@ several GPUs (Kaggle's T4 ×2) or many cores is running them side by side. The p
 fold file and the train cache) once, before any worker starts; then it hands out folds from a queue of unfinished
 ones, one worker process per slot: a GPU each (`CUDA_VISIBLE_DEVICES`), or on the CPU an equal share of the cores.
 Each worker is the ordinary `python -m kit train --fold k`, logging to runs/<exp>/fold<k>.log; the parent prints
-their epoch lines prefixed with the fold. A failed fold is named with the end of its log while the others finish;
-Ctrl-C stops every worker, and each fold resumes later from its last saved epoch.
+their epoch lines prefixed with the fold. A failed fold is named with the end of its log (and the signal, when one
+killed it) while the others finish; Ctrl-C stops every worker, and each fold resumes later from its last saved
+epoch. Workers die with their parent, however it dies (PR_SET_PDEATHSIG on Linux, a watchdog elsewhere), and one
+parent runs per experiment at a time (train-all.lock). On GPUs each worker gets one of the parent's own visible
+GPUs (its CUDA_VISIBLE_DEVICES, when set).
 """
 
 from __future__ import annotations

@@ -277,3 +277,43 @@ def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps
     assert main(["gpu-check", "--rows", str(rows_file)]) == 0
     table = capsys.readouterr().out
     assert "cut off before its end" in table and "baseline_bn" in table
+
+
+def test_a_compiled_fold_trains_with_ema_and_a_partial_batch_and_the_unfreeze_compiles_nothing(quick_config,
+                                                                                                 monkeypatch):
+    """train.compile on the CPU: a frozen first epoch held by a zero learning rate, then the unfreeze; EMA; 40
+    training images in batches of 32, so every epoch ends on a partial batch of 8. torch.compile runs as it does on
+    a GPU (dynamo's graph capture and guards, AOT autograd) with eager kernels in place of inductor's generated code
+    (which costs 48 s more on 2 cores): whether a change recompiles is decided before that backend."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiled_in_epoch, epoch_now = [], [1]
+
+    def counting_compiler(graph, example_inputs):
+        compiled_in_epoch.append(epoch_now[0])
+        return make_boxed_func(graph.forward)
+
+    real_compile = torch.compile
+    backend = aot_autograd(fw_compiler=counting_compiler)
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(model, backend=backend))
+    torch._dynamo.reset()
+    cfg = quick_config(epochs=2, max_train_images=40, batch_size=32, **{
+        "train.compile": True, "train.freeze_backbone_epochs": 1, "train.ema_decay": 0.9, "tta.views": "none"})
+    frozen = {}
+
+    def after_epoch(epoch, row):
+        if epoch == 1:
+            frozen.update({k: v.clone() for k, v in load_checkpoint(fold_dir(cfg, 0) / LAST)["model"].items()})
+        epoch_now[0] = epoch + 1
+
+    metrics = train_fold(cfg, 0, on_epoch_end=after_epoch, log=lambda *_: None)
+    assert metrics["epochs_trained"] == 2 and 0 <= metrics["best_val_auc"] <= 1
+    assert compiled_in_epoch and set(compiled_in_epoch) == {1}, \
+        f"graphs compiled in epochs {compiled_in_epoch}: the unfreeze (epoch 2) must compile nothing"
+    head = head_parameter_names(build_model(cfg.model))
+    torch.manual_seed(cfg.seed * 1000)                       # fold 0's initial weights
+    initial = build_model(cfg.model).state_dict()
+    moved = {name for name, value in frozen.items() if name in initial and value.dtype.is_floating_point
+             and not torch.equal(value, initial[name]) and not name.endswith(("running_mean", "running_var"))}
+    assert moved and moved <= head, f"only the head moves in the frozen epoch, not {sorted(moved - head)[:3]}"
