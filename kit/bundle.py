@@ -56,8 +56,7 @@ def bundle_files(repo: Path = REPO) -> list[Path]:
                 continue
             if tracked is not None and relative.as_posix() not in tracked:
                 continue
-            if "__pycache__" in relative.parts or candidate.suffix == ".pyc" or \
-                    "ipynb_checkpoints" in candidate.as_posix():
+            if "__pycache__" in relative.parts or candidate.suffix == ".pyc":    # (checkpoints: a dot-folder)
                 continue
             files.append(candidate)
     return files

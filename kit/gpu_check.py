@@ -32,7 +32,7 @@ from .config import CONFIGS_DIR, load_config
 from .demo_data import make_demo_data
 from .device import SYNC_DEBUG_VARIABLE, autocast_dtype, card_name, precision_name, select_device
 from .errors import KitError
-from .io import atomic_write_csv, atomic_write_json
+from .io import atomic_write_csv, atomic_write_json, read_json_lines
 from .runs import HISTORY, fold_dir
 
 SHIPPED = tuple(sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml") if path.stem != "demo"))
@@ -194,14 +194,8 @@ class RowLog:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows a check wrote, finished or cut off (a half-written last line is left out)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    """The rows a check wrote, finished or cut off."""
+    return read_json_lines(path)
 
 
 def planned_epochs(configs, precisions: list[str], compiled) -> list[tuple[str, str, bool]]:

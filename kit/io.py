@@ -146,6 +146,21 @@ def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def read_json_lines(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] when there is none); a half-written last line (a writer killed while
+    appending) is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def atomic_write_csv(path: str | Path, frame) -> None:
     """Write a pandas DataFrame without its index."""
     with atomic_path(path) as tmp:

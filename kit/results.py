@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from .config import Config, load_config
 from .demo_data import SLIDES_CSV, TEST_LABELS_CSV
 from .errors import KitError
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json_lines
 
 HARD_DATA = "data/hard"
 RESULTS_DIR = "runs/results"
@@ -85,7 +85,7 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_json_lines(path)
 
 
 def run_study(entries: list[str], seeds: int, folds: int = 0, overrides: dict | None = None, data_dir: str = HARD_DATA,
