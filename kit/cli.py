@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu_check.add_argument("--configs", default="", help="shipped configs to run (space- or comma-separated; "
                                                           "default all)")
     gpu_check.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    gpu_check.add_argument("--no-checks", action="store_true", help="leave out the correctness checks "
+                           "(kit/gpu_correctness.py; they run on a GPU only)")
     gpu_check.add_argument("--quick", action="store_true", help="small sizes (2,000 patches, baseline_bn only unless "
                                                                 "--configs): the same steps in a minute or two")
     gpu_check.add_argument("--rows", default="", help="only print the table of a check's gpu-check-<time>.jsonl "
@@ -173,6 +175,7 @@ def run(args) -> None:
         configs = tuple(names) or (("baseline_bn",) if args.quick else SHIPPED)
         path, passed = run_gpu_check(args.out, configs=configs, compiled=() if args.no_compile or args.quick
                                      else COMPILED, device=args.device, minutes=args.minutes,
+                                     checks=() if args.no_checks else None,
                                      log=lambda line: print(line, flush=True), **options)
         print(path)
         if not passed:

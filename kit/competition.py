@@ -1,6 +1,7 @@
 """Facts about the Kaggle competition, defined once for the whole kit."""
 
 COMPETITION = "histopathologic-cancer-detection"
+TRAIN_IMAGES = 220_025   # the rows of train_labels.csv
 TEST_IMAGES = 57_458     # the rows of sample_submission.csv: a submission answers exactly these ids
 ID_LENGTH = 40           # every Kaggle id is 40 hexadecimal digits
 IMAGE_SIZE = 96          # every patch is 96×96 RGB

@@ -366,7 +366,7 @@ def resident_images(images, device: torch.device):
         return held[1]
     _RESIDENT.pop(str(device), None)           # the other split's memory goes back to PyTorch's cache first
     del held
-    if images.nbytes > RESIDENT_SHARE * spare_memory(device):
+    if not fits_resident(images.nbytes, device):
         return images
     resident = torch.empty(images.shape, dtype=torch.uint8, device=device)
     chunk = 8192                               # bounded host memory: the cache is read a slice at a time
@@ -375,6 +375,18 @@ def resident_images(images, device: torch.device):
                                             non_blocking=True)
     _RESIDENT[str(device)] = (key, resident)
     return resident
+
+
+def fits_resident(nbytes: int, device: torch.device) -> bool:
+    """Whether a split of `nbytes` is held in GPU memory: at most RESIDENT_SHARE of the spare memory, leaving the
+    rest to the model's activations."""
+    return device.type == "cuda" and nbytes <= RESIDENT_SHARE * spare_memory(device)
+
+
+def resident_bytes(device: torch.device) -> int:
+    """The bytes of the split this process holds in `device`'s memory (0 when none)."""
+    held = _RESIDENT.get(str(device))
+    return int(held[1].nbytes) if held is not None else 0
 
 
 def gather_batch(images, rows: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -124,6 +124,20 @@ def sync_debug(device: torch.device):
 
 
 @contextmanager
+def sync_debug_error():
+    """Every training loop inside runs under sync debug "error" (what `make gpu-check` proves the loop with)."""
+    previous = os.environ.get(SYNC_DEBUG_VARIABLE)
+    os.environ[SYNC_DEBUG_VARIABLE] = "error"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SYNC_DEBUG_VARIABLE, None)
+        else:
+            os.environ[SYNC_DEBUG_VARIABLE] = previous
+
+
+@contextmanager
 def intended_sync():
     """A read the loop means to make (the loss every `check_every` steps), allowed under `sync_debug`."""
     mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0

@@ -689,15 +689,21 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
 SWA_BN_SEED = 7_777_777     # the training batches that recompute the averaged model's BatchNorm statistics
 
 
-def finish_swa(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, log) -> float | None:
-    """Recompute the averaged weights' BatchNorm statistics on the training images, validate them, and keep them as
-    best.pt (the SWA recipe's final model). Returns their val AUC; None when no epoch was averaged."""
+def finish_swa(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, log) -> dict:
+    """Recompute the averaged weights' BatchNorm statistics on the training images (in the training precision),
+    validate them, and keep them as best.pt (the SWA recipe's final model). Returns metrics.json's SWA entries:
+    their val AUC, and the seconds and peak memory of the BatchNorm pass; empty when no epoch was averaged."""
     if int(setup.swa.n_averaged) == 0:
         log(f"fold {fold}: stopped before the last {cfg.train.swa_epochs} epochs: no SWA average; best.pt is the best "
             f"epoch")
-        return None
+        return {}
     setup.batches.set_seed(SWA_BN_SEED)
-    update_bn(setup.batches, setup.swa)
+    reset_peak_memory(setup.device)
+    started = time.perf_counter()
+    # in the training precision: a full forward pass over the training split, fp32 would double it at 224 px
+    with torch.autocast(setup.device.type, dtype=setup.amp_dtype, enabled=setup.amp_dtype is not None):
+        update_bn(setup.batches, setup.swa)
+    bn_pass = {"swa_bn_seconds": time.perf_counter() - started, "swa_bn_peak_memory_mb": peak_memory_mb(setup.device)}
     averaged = setup.swa.module
     distributed.average_across_ranks(averaged.buffers())     # DDP: each rank saw its share of every batch
     logits = predict_held_out(cfg, setup, averaged)
@@ -705,7 +711,7 @@ def finish_swa(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, log) -> f
     run.save_checkpoint(BEST, {"model": averaged.state_dict(), "config": to_dict(cfg), "epoch": cfg.epochs,
                                "val_auc": auc, "fold": fold, "swa_epochs": int(setup.swa.n_averaged)})
     log(f"fold {fold}: SWA over {int(setup.swa.n_averaged)} epochs: val AUC {auc:.4f} (kept as best.pt)")
-    return auc
+    return {"swa_val_auc": auc, **bn_pass}
 
 
 def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress: dict, stopped_early: bool,
@@ -713,10 +719,12 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
     """Predict the held-out rows with best.pt and the configured TTA views (as the submission will), write
     oof.csv, then metrics.json: the fold is finished."""
     data = setup.data
-    swa_auc = finish_swa(cfg, fold, run, setup, log) if setup.swa is not None else None
+    swa = finish_swa(cfg, fold, run, setup, log) if setup.swa is not None else {}
     best_model = copy.deepcopy(setup.parts.ema.module if setup.parts.ema is not None else setup.model)
     best_model.load_state_dict(distributed.from_main(lambda: run.load_checkpoint(BEST)["model"]))
+    reset_peak_memory(setup.device)             # the TTA pass (views stacked into one forward) has its own peak
     probabilities = predict_held_out(cfg, setup, best_model, views=cfg.tta.views)
+    tta_peak = peak_memory_mb(setup.device)
     valid_labels = data.labels[data.valid_rows]
     oof_auc = float(roc_auc_score(valid_labels, probabilities))
     run.write_oof(pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels, "pred": probabilities}))
@@ -727,7 +735,9 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
                "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
                "parameters": count_parameters(setup.model), "device": str(setup.device),
                "processes": distributed.current().world,
-               "ema": bool(cfg.train.ema_decay), "swa_val_auc": swa_auc, "plateau_loss": setup.plateau_loss,
+               "ema": bool(cfg.train.ema_decay), "swa_val_auc": swa.get("swa_val_auc"),
+               "swa_bn_seconds": swa.get("swa_bn_seconds"), "swa_bn_peak_memory_mb": swa.get("swa_bn_peak_memory_mb"),
+               "tta_peak_memory_mb": tta_peak, "plateau_loss": setup.plateau_loss,
                "stalled": is_stalled(progress["history"][-1]["train_loss"], setup.plateau_loss)}
     run.write_metrics(metrics)
     log(f"{cfg.name} fold {fold}: done, best val AUC {progress['best_auc']:.4f} at epoch {progress['best_epoch']}; "

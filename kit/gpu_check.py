@@ -1,15 +1,23 @@
-"""`make gpu-check`: the GPU path proved on the card at hand, in one script (a few minutes on one GPU).
+"""`make gpu-check`: the GPU path proved on the card at hand, in one script sized to a time budget (`--minutes`,
+default 7), its rows in the order of their value:
 
-  1. `make bench DEVICE=cuda`: input pipelines, step, epoch (input + step + EMA), TTA, in each precision the card has
-  2. one epoch of every shipped config on ~50k generated patches (fold 0 of 5: 40k train / 10k valid) with
-     torch.cuda.set_sync_debug_mode("error") over the training loop (any GPU→CPU wait there raises), in the precision
-     the kit picks and in forced fp16 (what a T4 runs), compile off; and compiled for a few configs
-  3. a TTA prediction of the test set with the trained fold
-  4. with several GPUs: the same epoch of baseline_bn as DDP over every GPU (`make train NPROC=N`) and as N folds at
-     once (`train-all PARALLEL=N`), in images/s against the one-process row
-It writes one JSON (runs/gpu-check/gpu-check-<time>.json) and prints a table: card, torch, images/s, peak memory,
-epoch seconds. Runs that fail are marked FAILED with their error, the others go on; the exit status says whether
-all passed. No GPU: one line, exit 2.
+  1. the competition's train split (220,025 patches, 6.1 GB): would the kit hold it in this card's memory, against
+     the memory free now; if so, allocated and filled
+  2. one epoch of the default config (baseline_bn) on ~50k generated patches (fold 0 of 5) with
+     torch.cuda.set_sync_debug_mode("error") over the training loop (any implicit GPU→CPU wait there raises), in
+     the precision the kit picks and in forced fp16 (what a T4 runs)
+  3. correctness on the card (kit/gpu_correctness.py): train and resume under sync debug, fp16 with loss scaling,
+     TTA against the CPU, DDP over NCCL with 2 GPUs
+  4. the same epoch of the 224 px recipes and the other configs, backbones unfrozen; compiled runs (two epochs:
+     compile seconds and steady-state images/s apart)
+  5. SWA: one averaged epoch of a 224 px recipe and its BatchNorm pass in the training precision
+  6. a TTA prediction of the test set; `make bench`; with several GPUs, baseline_bn's epoch as DDP over every GPU and
+     as N folds at once, in images/s against the one-process row
+Each epoch row has its peak memory in training and in the fold's TTA pass; from them, one line per config says
+whether it fits a 16 GB T4 at its batch with the competition's split held on the GPU. Every row is printed and
+appended to runs/gpu-check/gpu-check-<time>.jsonl as it finishes (a run cut off keeps them; `--rows` prints their
+table); the summary JSON and table come at the end. Runs that fail are marked FAILED with their error, the others
+go on; the exit status says whether all passed. No GPU: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -20,17 +28,16 @@ import shutil
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .competition import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR, TRAIN_LABELS_CSV
+from .competition import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR, TRAIN_IMAGES, TRAIN_LABELS_CSV
 from .config import CONFIGS_DIR, load_config
 from .demo_data import make_demo_data
-from .device import SYNC_DEBUG_VARIABLE, autocast_dtype, card_name, precision_name, select_device
+from .device import autocast_dtype, card_name, precision_name, select_device, spare_memory, sync_debug_error
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json, read_json_lines
 from .runs import HISTORY, fold_dir
@@ -59,50 +66,129 @@ def timing_data(folder: Path, images: int, unique: int = 5000, test: int = 2000)
     return data
 
 
-@contextmanager
-def sync_debug_error():
-    previous = os.environ.get(SYNC_DEBUG_VARIABLE)
-    os.environ[SYNC_DEBUG_VARIABLE] = "error"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(SYNC_DEBUG_VARIABLE, None)
-        else:
-            os.environ[SYNC_DEBUG_VARIABLE] = previous
-
-
 def check_config(config: str, data_dir: Path, out_dir: Path, device: str, amp_dtype: str = "auto",
-                 compiled: bool = False):
-    """`config` as the check runs it: one epoch of 5 folds on the generated data, random weights (no download)."""
-    name = f"{config}-{amp_dtype}{'-compiled' if compiled else ''}"
+                 compiled: bool = False, swa: bool = False):
+    """`config` as the check runs it: fold 0 of 5 on the generated data, random weights (no download). One epoch;
+    two when compiled (the first compiles, the second is the steady state); with `swa` one averaged epoch and the
+    BatchNorm pass over the training split that SWA ends with."""
+    name = f"{config}-{amp_dtype}{'-compiled' if compiled else ''}{'-swa' if swa else ''}"
     # the backbone trains in the timed epoch: a frozen one would time the head alone (224 px recipes freeze epoch 1)
-    return load_config(config, {"name": name, "data_dir": str(data_dir), "out_dir": str(out_dir), "epochs": 1,
-                                "folds.n_splits": 5, "amp_dtype": amp_dtype, "train.compile": compiled,
-                                "train.freeze_backbone_epochs": 0,
-                                "model.pretrained": False, "model.pretrained_file": "", "train.swa_epochs": 0,
+    return load_config(config, {"name": name, "data_dir": str(data_dir), "out_dir": str(out_dir),
+                                "epochs": 2 if compiled else 1, "folds.n_splits": 5, "amp_dtype": amp_dtype,
+                                "train.compile": compiled, "train.freeze_backbone_epochs": 0,
+                                "model.pretrained": False, "model.pretrained_file": "",
+                                "train.swa_epochs": 1 if swa else 0, "train.early_stopping": 0,
                                 "device": device, "submissions_dir": str(out_dir / "submissions")})
 
 
-def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compiled: bool, device: str) -> dict:
-    """Fold 0 of `config` for one epoch, under sync-debug "error": its history row, or the error."""
+def optional_float(value) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compiled: bool, device: str,
+              swa: bool = False) -> dict:
+    """Fold 0 of `config` (`check_config`) under sync-debug "error": its numbers, or the error. A compiled row's
+    images/s and epoch seconds are the second epoch's; compile_seconds is how much longer the first one took."""
+    from .data import resident_bytes
     from .engine import train_fold
 
-    cfg = check_config(config, data_dir, out_dir, device, amp_dtype, compiled)
-    row = {"config": config, "precision": amp_dtype, "compiled": compiled}
+    cfg = check_config(config, data_dir, out_dir, device, amp_dtype, compiled, swa)
+    row = {"config": config, "precision": amp_dtype, "compiled": compiled, "swa": swa, "batch_size": cfg.batch_size}
     started = time.perf_counter()
     try:
         with sync_debug_error():
             metrics = train_fold(cfg, 0, log=lambda *_: None)
-        history = pd.read_csv(fold_dir(cfg, 0) / HISTORY).iloc[-1]
-        peak = history.get("peak_memory_mb")
-        row.update(status="ok", train_images_per_s=float(history["images_per_s"]),
-                   epoch_seconds=float(history["seconds"]), peak_memory_mb=None if pd.isna(peak) else float(peak),
+        history = pd.read_csv(fold_dir(cfg, 0) / HISTORY)
+        last = history.iloc[-1]
+        row.update(status="ok", train_images_per_s=float(last["images_per_s"]), epoch_seconds=float(last["seconds"]),
+                   peak_memory_mb=optional_float(history["peak_memory_mb"].max()),
+                   tta_peak_memory_mb=optional_float(metrics.get("tta_peak_memory_mb")),
+                   resident_split_mb=resident_bytes(select_device(device)) / 2**20,
                    val_auc=float(metrics["best_val_auc"]), fold_seconds=time.perf_counter() - started)
+        if compiled:
+            first = float(history.iloc[0]["seconds"])
+            row.update(first_epoch_seconds=first, compile_seconds=max(0.0, first - float(last["seconds"])))
+        if swa:
+            row.update(swa_bn_seconds=optional_float(metrics.get("swa_bn_seconds")),
+                       swa_bn_peak_memory_mb=optional_float(metrics.get("swa_bn_peak_memory_mb")))
     except Exception as err:     # a failed run is reported, and the check goes on with the others
         row.update(status="FAILED", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                    where=traceback.format_exc(limit=-3))
     return row
+
+
+def competition_split(device: str) -> dict:
+    """Whether the kit would hold the competition's train split (220,025 patches, 6.1 GB as uint8) in this card's
+    memory, against the memory free now; when it would, the allocation is made and filled to prove it."""
+    from .data import ROW_BYTES, RESIDENT_SHARE, fits_resident
+
+    needed = TRAIN_IMAGES * ROW_BYTES
+    row = {"images": TRAIN_IMAGES, "split_mb": needed / 2**20}
+    torch_device = select_device(device)
+    if torch_device.type != "cuda":
+        return {**row, "status": "skipped", "error": "on the CPU the split stays memory-mapped"}
+    spare = spare_memory(torch_device)
+    row.update(spare_mb=spare / 2**20, total_mb=torch.cuda.get_device_properties(torch_device).total_memory / 2**20,
+               share=RESIDENT_SHARE, resident=fits_resident(needed, torch_device))
+    if row["resident"]:
+        try:
+            started = time.perf_counter()
+            torch.empty(needed, dtype=torch.uint8, device=torch_device).fill_(1)   # freed once filled
+            torch.cuda.synchronize(torch_device)
+            row["fill_seconds"] = time.perf_counter() - started
+            torch.cuda.empty_cache()
+        except torch.cuda.OutOfMemoryError as err:
+            return {**row, "status": "FAILED", "error": f"the fit check said yes, the allocation failed: {err}"}
+    return {**row, "status": "ok"}
+
+
+def correctness(name: str, data_dir: Path, out_dir: Path, device: str) -> dict:
+    """One check of kit/gpu_correctness.py: its numbers, or the assertion that failed."""
+    from .gpu_correctness import CHECKS
+
+    started = time.perf_counter()
+    try:
+        found = CHECKS[name](data_dir, out_dir / name.replace(" ", "-"), device)
+        return {"check": name, "status": "ok", "seconds": time.perf_counter() - started, **found}
+    except Exception as err:
+        return {"check": name, "status": "FAILED", "seconds": time.perf_counter() - started,
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                "where": traceback.format_exc(limit=-3)}
+
+
+# A 16 GB T4 as nvidia-smi shows it (15,360 MiB), less what tensors never hold: the CUDA context, cuBLAS/cuDNN
+# workspaces (~600 MiB together) and the caching allocator's fragmentation (~10% over the tensors' peak). An
+# estimate for planning, not a measurement on a T4.
+T4_MEMORY_MB, T4_CONTEXT_MB, ALLOCATOR_OVERHEAD = 15_360, 600, 1.10
+
+
+def t4_fit(row: dict) -> dict | None:
+    """From an epoch row's measured peaks: the peak a T4 would see at the same batch with the competition's split
+    held on the GPU (as the kit holds it there: 6.1 GB is under half a T4's spare memory), and whether it fits."""
+    peaks = [row.get(key) for key in ("peak_memory_mb", "tta_peak_memory_mb", "swa_bn_peak_memory_mb")]
+    peaks = [peak for peak in peaks if peak is not None]
+    if row.get("status") != "ok" or not peaks:
+        return None
+    from .data import ROW_BYTES
+
+    model_mb = max(peaks) - (row.get("resident_split_mb") or 0.0)
+    split_mb = TRAIN_IMAGES * ROW_BYTES / 2**20
+    peak_mb = model_mb + split_mb
+    return {"config": row["config"], "batch_size": row.get("batch_size"), "peak_mb": peak_mb, "split_mb": split_mb,
+            "fits": peak_mb * ALLOCATOR_OVERHEAD + T4_CONTEXT_MB <= T4_MEMORY_MB}
+
+
+def t4_fits(epochs: list[dict]) -> list[dict]:
+    """One `t4_fit` per config, from its fp16 eager row (a T4's precision) where there is one, else its first ok
+    eager row."""
+    fits = {}
+    for row in sorted(epochs, key=lambda r: r.get("precision") != "fp16"):
+        if row.get("compiled") or row.get("swa") or row["config"] in fits:
+            continue
+        fit = t4_fit(row)
+        if fit is not None:
+            fits[row["config"]] = fit
+    return list(fits.values())
 
 
 def tta_prediction(config: str, data_dir: Path, out_dir: Path, device: str) -> dict:
@@ -164,8 +250,12 @@ def scale_row(config: str, mode: str, cfg, folds, code: int, error: str, seconds
         return {**row, "status": "FAILED", "error": next((line for line in lines if line.startswith("error:")),
                                                          lines[-1])}
     histories = [pd.read_csv(fold_dir(cfg, fold) / HISTORY).iloc[-1] for fold in folds]
-    return {**row, "status": "ok", "train_images_per_s": float(sum(h["images_per_s"] for h in histories)),
-            "epoch_seconds": float(max(h["seconds"] for h in histories))}
+    row = {**row, "status": "ok", "train_images_per_s": float(sum(h["images_per_s"] for h in histories)),
+           "epoch_seconds": float(max(h["seconds"] for h in histories))}
+    if mode.startswith("DDP"):        # waits DDP makes by design, which sync debug does not see (it runs them itself)
+        row["syncs"] = ("DDP waits by design: a gradient all-reduce per step, the bucket rebuild after the first "
+                        "step" + (", SyncBatchNorm's all-gather per BatchNorm layer" if cfg.train.sync_bn else ""))
+    return row
 
 
 DEFAULT_CONFIG = "baseline_bn"      # the kit's default: its rows come first
@@ -212,26 +302,42 @@ def planned_epochs(configs, precisions: list[str], compiled) -> list[tuple[str, 
     return plan
 
 
-def estimate_seconds(plan_row: tuple[str, str, bool], finished: list[dict]) -> float:
+def estimate_seconds(plan_row: tuple[str, str, bool], finished: list[dict], swa: bool = False) -> float:
     """What a row will take, from the rows already done (0 before the first: the first row always runs)."""
     done = [r["fold_seconds"] for r in finished if r.get("kind") == "epoch" and r.get("status") == "ok"]
     if not done:
         return 0.0
     config, _, compiled = plan_row
-    base = min(done)
-    return base * (5.0 if config.startswith(ONE_PRECISION) else 1.0) + (COMPILE_SECONDS if compiled else 0.0)
+    one = min(done) * (5.0 if config.startswith(ONE_PRECISION) else 1.0)
+    return one * (2.0 if compiled else 1.5 if swa else 1.0) + (COMPILE_SECONDS if compiled else 0.0)
+
+
+CORRECTNESS_SECONDS = 20.0          # a kit/gpu_correctness.py check on the 600-patch set, for the time budget
+SWA_CONFIG = "compete_effnet_b0"    # SWA's BatchNorm pass costs most at 224 px: the row runs a 224 px recipe
+
+
+def default_checks(device: str) -> tuple[str, ...]:
+    """Every correctness check on a GPU (DDP where there are 2 GPUs); none on the CPU, where `make test` proves
+    the same paths."""
+    from .gpu_correctness import CHECKS, NEEDS_TWO_GPUS
+
+    if device != "cuda":
+        return ()
+    return tuple(name for name in CHECKS if name not in NEEDS_TWO_GPUS or torch.cuda.device_count() >= 2)
 
 
 def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, test_images: int = 2000,
                   configs=SHIPPED, compiled=COMPILED, device: str = "cuda", bench_images: int = 8192,
                   bench_seconds: float = 1.0, scale_out_processes: int | None = None, minutes: float = 7.0,
-                  log=print) -> tuple[Path, bool]:
+                  checks=None, swa: bool = True, log=print) -> tuple[Path, bool]:
     """Every step of the module docstring within `minutes`; returns the summary JSON's path and whether every run
-    that ran passed. Rows run in the order of their value (`planned_epochs`, then bench, TTA, scale-out); one that
-    would not fit in the time left is recorded as skipped. `device="cpu"` runs the same steps on the CPU (the
-    tests use it, small). `scale_out_processes`: the processes of step 4 (default: the GPU count; skipped below
-    2)."""
+    that ran passed. Rows run in the order of their value: the competition split's fit check (instant), the
+    default config's epochs, the correctness checks, the other epochs (`planned_epochs`), SWA, TTA, bench,
+    scale-out; one that would not fit in the time left is recorded as skipped. `device="cpu"` runs the same steps
+    on the CPU (the tests use it, small). `checks`: names from kit/gpu_correctness.py (default: `default_checks`).
+    `scale_out_processes`: the processes of scale-out (default: the GPU count; skipped below 2)."""
     from .bench import run_bench
+    from .gpu_correctness import CHECK_IMAGES, CHECK_TEST_IMAGES
 
     if device == "cuda" and not torch.cuda.is_available():
         raise KitError("make gpu-check needs a GPU, and PyTorch sees none here (torch.cuda.is_available() is False); "
@@ -240,6 +346,7 @@ def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, 
     card = card_name(torch_device) if torch_device.type == "cuda" else "cpu"
     auto = autocast_dtype(torch_device, amp=True)
     precisions = ["auto"] + (["fp16"] if auto == torch.bfloat16 else [])     # a bf16 card also runs a T4's fp16
+    checks = default_checks(device) if checks is None else tuple(checks)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = RowLog(Path(out_dir) / f"gpu-check-{stamp}.jsonl", log)
     header = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -255,31 +362,50 @@ def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, 
     def first_epoch_pending() -> bool:       # the first epoch row always runs: the check proves something
         return not any(r["kind"] == "epoch" and r["status"] != "skipped" for r in rows.rows)
 
-    with tempfile.TemporaryDirectory(prefix="kit-gpu-check-") as tmp:
-        data_dir = timing_data(Path(tmp), images, test=test_images)
-        log(f"1/4 one epoch per config on {images:,} generated patches (sync debug: error), backbones unfrozen …")
-        for plan_row in planned_epochs(configs, precisions, compiled):
+    def run_epochs(plan: list[tuple[str, str, bool]], data_dir: Path, runs: Path, with_swa: bool = False) -> None:
+        for plan_row in plan:
             config, precision, is_compiled = plan_row
-            if not first_epoch_pending() and not fits(estimate_seconds(plan_row, rows.rows)):
-                rows.add("epoch", {"config": config, "precision": precision, "compiled": is_compiled,
-                                   "status": "skipped", "error": "time budget"},
-                         f"  {config:<14} {precision:<5} skipped: would not fit in the time left")
-                continue
-            row = one_epoch(config, data_dir, Path(tmp) / "runs", precision, is_compiled, device)
+            if not first_epoch_pending() and not fits(estimate_seconds(plan_row, rows.rows, with_swa)):
+                row = {"config": config, "precision": precision, "compiled": is_compiled, "swa": with_swa,
+                       "status": "skipped", "error": "time budget"}
+            else:
+                row = one_epoch(config, data_dir, runs, precision, is_compiled, device, swa=with_swa)
             rows.add("epoch", row, format_run(row))
-        log("2/4 make bench …")
+
+    row = competition_split(device)
+    rows.add("resident", row, format_resident(row))
+    with tempfile.TemporaryDirectory(prefix="kit-gpu-check-") as tmp:
+        data_dir, runs = timing_data(Path(tmp), images, test=test_images), Path(tmp) / "runs"
+        plan = planned_epochs(configs, precisions, compiled)
+        first = [r for r in plan if r[0] == DEFAULT_CONFIG and not r[2]]
+        log(f"one epoch per config on {images:,} generated patches (sync debug: error), backbones unfrozen …")
+        run_epochs(first, data_dir, runs)
+        if checks:
+            log(f"correctness on the card ({len(checks)} checks, {CHECK_IMAGES} generated patches) …")
+            check_data = make_demo_data(Path(tmp) / "check-data", n_train=CHECK_IMAGES, n_test=CHECK_TEST_IMAGES,
+                                        seed=1)
+            for name in checks:
+                row = correctness(name, check_data, Path(tmp) / "checks", device) if fits(CORRECTNESS_SECONDS) \
+                    else {"check": name, "status": "skipped", "error": "time budget"}
+                rows.add("correctness", row, format_check(row))
+        run_epochs([r for r in plan if r not in first], data_dir, runs)
+        if swa:
+            swa_config = next((c for c in (SWA_CONFIG, DEFAULT_CONFIG) if c in configs), list(configs)[0])
+            log(f"SWA: {swa_config}, one averaged epoch and its BatchNorm pass in the training precision …")
+            run_epochs([(swa_config, "auto", False)], data_dir, runs, with_swa=True)
+        tta_config = DEFAULT_CONFIG if DEFAULT_CONFIG in configs else list(configs)[0]
+        if fits(10.0):
+            log("TTA prediction of the test set …")
+            rows.add("tta", tta_prediction(tta_config, data_dir, runs, device))
         if fits(30.0):
+            log("make bench …")
             rows.add("bench", {"status": "ok", **run_bench(images=bench_images, device=device,
                                                            batch_size=min(256, bench_images),
                                                            min_seconds=bench_seconds, log=log)})
-        log("3/4 TTA prediction of the test set …")
-        tta_config = DEFAULT_CONFIG if DEFAULT_CONFIG in configs else list(configs)[0]
-        if fits(10.0):
-            rows.add("tta", tta_prediction(tta_config, data_dir, Path(tmp) / "runs", device))
         processes = torch.cuda.device_count() if scale_out_processes is None else scale_out_processes
         if processes >= 2 and fits(60.0):
-            log(f"4/4 scale-out: {SCALE_OUT_CONFIG} on {processes} processes, DDP and fold-parallel …")
-            for row in scale_out(SCALE_OUT_CONFIG, data_dir, Path(tmp) / "runs", processes, device):
+            log(f"scale-out: {SCALE_OUT_CONFIG} on {processes} processes, DDP and fold-parallel …")
+            for row in scale_out(SCALE_OUT_CONFIG, data_dir, runs, processes, device):
                 rows.add("scale_out", row)
     report = summary(read_rows(rows.path))
     report["seconds"] = time.monotonic() - started
@@ -290,29 +416,70 @@ def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, 
 
 
 def summary(rows: list[dict]) -> dict:
-    """The report (card, epochs, bench, TTA, scale-out, passed) rebuilt from a check's rows, finished or cut off."""
+    """The report (card, the competition split's fit, epochs, correctness, T4 fits, bench, TTA, scale-out, passed)
+    rebuilt from a check's rows, finished or cut off."""
     header = next((r for r in rows if r["kind"] == "header"), {})
     report = {key: value for key, value in header.items() if key != "kind"}
+    report["resident"] = next((r for r in rows if r["kind"] == "resident"), None)
     report["epochs"] = [r for r in rows if r["kind"] == "epoch"]
+    report["correctness"] = [r for r in rows if r["kind"] == "correctness"]
+    report["t4"] = t4_fits(report["epochs"])
     report["bench"] = next((r for r in rows if r["kind"] == "bench"), None)
     report["tta"] = next((r for r in rows if r["kind"] == "tta"), None)
     report["scale_out"] = [r for r in rows if r["kind"] == "scale_out"]
-    ran = report["epochs"] + report["scale_out"] + [r for r in (report["tta"],) if r]
+    ran = report["epochs"] + report["correctness"] + report["scale_out"] + \
+        [r for r in (report["tta"], report["resident"]) if r]
     report["passed"] = all(r["status"] in ("ok", "skipped") for r in ran) and \
         any(r["status"] == "ok" for r in report["epochs"])
     return report
 
 
+def megabytes(value) -> str:
+    return f"{value:>9,.0f}" if value is not None else f"{'-':>9}"
+
+
 def format_run(row: dict) -> str:
-    what = f"{row['config']:<14} {row['precision']:<5} {'compiled' if row['compiled'] else 'eager':<9}"
+    mode = "compiled" if row["compiled"] else "SWA" if row.get("swa") else "eager"
+    what = f"{row['config']:<18} {row['precision']:<5} {mode:<9}"
     if row["status"] == "skipped":
         return f"  {what} skipped ({row['error']})"
     if row["status"] != "ok":
         return f"  {what} FAILED: {row['error']}"
-    peak = row.get("peak_memory_mb")
-    peak = f"{peak:>9,.0f}" if peak is not None else f"{'-':>9}"
-    return (f"  {what} {row['train_images_per_s']:>10,.0f} {row['epoch_seconds']:>8.1f} {peak} "
-            f"{row['val_auc']:>8.4f}")
+    line = (f"  {what} {row['train_images_per_s']:>10,.0f} {row['epoch_seconds']:>8.1f} "
+            f"{megabytes(row.get('peak_memory_mb'))} {megabytes(row.get('tta_peak_memory_mb'))} {row['val_auc']:>8.4f}")
+    if row.get("compile_seconds") is not None:
+        line += f"  compile {row['compile_seconds']:.0f} s (first epoch {row['first_epoch_seconds']:.1f} s)"
+    if row.get("swa_bn_seconds") is not None:
+        line += f"  BatchNorm pass {row['swa_bn_seconds']:.1f} s, peak {megabytes(row.get('swa_bn_peak_memory_mb')).strip()} MB"
+    return line
+
+
+def format_resident(row: dict) -> str:
+    what = f"the competition's train split ({row['images']:,} patches, {row['split_mb']:,.0f} MB)"
+    if row["status"] == "skipped":
+        return f"  {what}: {row['error']}"
+    if row["status"] != "ok":
+        return f"  {what}: FAILED: {row['error']}"
+    verdict = (f"held on the GPU (allocated and filled in {row['fill_seconds']:.2f} s)" if row["resident"] else
+               f"not held on the GPU (over {row['share']:.0%} of the spare memory): batches come from the "
+               f"memory-mapped cache through pinned memory")
+    return (f"  {what}: {verdict}; {row['spare_mb']:,.0f} MB spare of {row['total_mb']:,.0f} MB")
+
+
+def format_check(row: dict) -> str:
+    if row["status"] == "skipped":
+        return f"  {row['check']}: skipped ({row['error']})"
+    if row["status"] != "ok":
+        return f"  {row['check']}: FAILED: {row['error']}"
+    found = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                      for key, value in row.items() if key not in ("kind", "check", "status", "seconds", "where"))
+    return f"  {row['check']}: ok in {row['seconds']:.1f} s ({found})"
+
+
+def format_t4(fit: dict) -> str:
+    return (f"  {fit['config']}: fits a 16 GB T4 at batch {fit['batch_size']}: {'yes' if fit['fits'] else 'NO'} "
+            f"(peak {fit['peak_mb']:,.0f} MB with the {fit['split_mb']:,.0f} MB split held on the GPU; "
+            f"{T4_MEMORY_MB - T4_CONTEXT_MB:,} MB usable, {ALLOCATOR_OVERHEAD - 1:.0%} allocator margin)")
 
 
 def format_report(report: dict) -> str:
@@ -320,23 +487,30 @@ def format_report(report: dict) -> str:
 
     took = f"{report['seconds'] / 60:.1f} min" if "seconds" in report else "cut off before its end"
     lines = [f"{report['card']}; torch {report['torch']} (CUDA {report['cuda']}); kit precision "
-             f"{report['kit_precision']}; {report['images']:,} patches; {took}", "",
-             format_table(report["bench"]) if report.get("bench") else "  bench: not run (time budget)", "",
-             f"  {'config':<14} {'prec.':<5} {'mode':<9} {'train img/s':>10} {'epoch s':>8} {'peak MB':>9} "
-             f"{'val AUC':>8}", "  " + "-" * 70]
+             f"{report['kit_precision']}; {report['images']:,} patches; {took}", ""]
+    if report.get("resident"):
+        lines += [format_resident(report["resident"]), ""]
+    lines += [f"  {'config':<18} {'prec.':<5} {'mode':<9} {'train img/s':>10} {'epoch s':>8} {'peak MB':>9} "
+              f"{'TTA MB':>9} {'val AUC':>8}", "  " + "-" * 84]
     lines += [format_run(row) for row in report["epochs"]]
+    if report.get("t4"):
+        lines += ["", "  a 16 GB T4 (an estimate from the peaks above, at the competition's size):"]
+        lines += [format_t4(fit) for fit in report["t4"]]
+    if report.get("correctness"):
+        lines += ["", "  correctness on this card:"] + [format_check(row) for row in report["correctness"]]
     tta = report.get("tta")
     lines += ["", f"  TTA prediction ({tta['config']}): " + (
         f"{tta['images_per_s']:,.0f} test images/s × {tta['views']} views" if tta["status"] == "ok"
         else f"FAILED: {tta['error']}") if tta else "  TTA prediction: not run (time budget)"]
+    lines += ["", format_table(report["bench"]) if report.get("bench") else "  bench: not run (time budget)"]
     single = next((r for r in report["epochs"] if r["config"] == SCALE_OUT_CONFIG and r["precision"] == "auto"
-                   and not r["compiled"] and r["status"] == "ok"), None)
+                   and not r["compiled"] and not r.get("swa") and r["status"] == "ok"), None)
     for row in report.get("scale_out", []):
         if row["status"] != "ok":
             lines.append(f"  {row['config']} {row['mode']}: FAILED: {row['error']}")
             continue
         versus = f" ({row['train_images_per_s'] / single['train_images_per_s']:.2f}× one process)" if single else ""
         lines.append(f"  {row['config']} {row['mode']}: {row['train_images_per_s']:,.0f} train images/s{versus}, "
-                     f"epoch {row['epoch_seconds']:.1f} s")
+                     f"epoch {row['epoch_seconds']:.1f} s" + (f"; {row['syncs']}" if row.get("syncs") else ""))
     lines += ["", "passed" if report["passed"] else "FAILED: see the rows above"]
     return "\n".join(lines)

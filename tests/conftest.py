@@ -22,6 +22,11 @@ from kit.demo_data import make_demo_data  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/test_gpu.py); skipped with its reason "
+                                       "where there is none")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """600 train / 48 test generated patches; read-only for tests (copy it to modify)."""

@@ -90,6 +90,73 @@ def test_the_fit_check_counts_memory_pytorch_has_cached(monkeypatch):
     assert spare_memory(torch.device("cuda")) == 7 * gib      # 1 free + 6 cached but unused
 
 
+def test_the_competition_split_is_held_on_a_card_only_with_half_its_spare_memory_left(monkeypatch):
+    from kit.competition import TRAIN_IMAGES
+    from kit.data import ROW_BYTES, fits_resident
+
+    split, gib = TRAIN_IMAGES * ROW_BYTES, 2**30       # 6.1 GB
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    for spare, held in [(14.5 * gib, True), (11 * gib, False)]:       # a T4's spare memory; a 12 GB card's
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, spare=spare: (int(spare), 16 * gib))
+        assert fits_resident(split, torch.device("cuda")) is held
+    assert not fits_resident(1, CPU)
+
+
+def test_the_t4_line_comes_from_the_measured_peaks_with_the_competition_split_in_place_of_the_checks():
+    from kit.gpu_check import format_report, summary
+
+    def epoch(config, precision, peak, tta_peak, **extra):
+        return {"kind": "epoch", "config": config, "precision": precision, "compiled": False, "status": "ok",
+                "batch_size": 128, "train_images_per_s": 1000.0, "epoch_seconds": 40.0, "peak_memory_mb": peak,
+                "tta_peak_memory_mb": tta_peak, "resident_split_mb": 1318.0, "val_auc": 0.9, **extra}
+
+    rows = [{"kind": "header", "card": "NVIDIA H200", "torch": "2.11", "cuda": "12.8", "kit_precision": "bf16",
+             "images": 50_000, "minutes": 7},
+            epoch("baseline_bn", "auto", 3000.0, 2000.0), epoch("baseline_bn", "fp16", 2500.0, 2200.0),
+            epoch("compete_effnet_b0", "auto", 9000.0, 4000.0),          # 9000 - 1318 + 5801 = 13,483 MB: too much
+            epoch("compete_effnet_b0", "auto", 12000.0, 4000.0, swa=True, swa_bn_peak_memory_mb=3000.0)]
+    fits = {fit["config"]: fit for fit in summary(rows)["t4"]}
+    assert fits["baseline_bn"]["peak_mb"] == pytest.approx(2500.0 - 1318.0 + 5801.0, abs=1)    # its fp16 row
+    assert fits["baseline_bn"]["fits"] and not fits["compete_effnet_b0"]["fits"]
+    assert fits["compete_effnet_b0"]["peak_mb"] == pytest.approx(9000.0 - 1318.0 + 5801.0, abs=1), "not the SWA row"
+    table = format_report(summary(rows))
+    assert "compete_effnet_b0: fits a 16 GB T4 at batch 128: NO (peak 13,483 MB" in table
+    assert "baseline_bn: fits a 16 GB T4 at batch 128: yes" in table
+
+
+def test_a_failed_correctness_check_is_its_row_and_fails_the_check(monkeypatch, tmp_path):
+    import kit.gpu_correctness
+    from kit.gpu_check import correctness, format_check, summary
+
+    def resumes_elsewhere(data_dir, out_dir, device):
+        raise AssertionError("resumed val AUC 0.61 vs straight-through 0.93: 0.32 apart (more than rounding)")
+
+    monkeypatch.setattr(kit.gpu_correctness, "CHECKS", {"trains and resumes under sync debug": resumes_elsewhere})
+    row = correctness("trains and resumes under sync debug", tmp_path, tmp_path, "cpu")
+    assert row["status"] == "FAILED" and "0.32 apart" in row["error"] and "0.32 apart" in format_check(row)
+    epoch = {"kind": "epoch", "config": "baseline_bn", "precision": "auto", "compiled": False, "status": "ok"}
+    assert summary([epoch, {"kind": "correctness", **row}])["passed"] is False
+    assert summary([epoch])["passed"] is True
+
+
+def test_swa_recomputes_batchnorm_in_the_training_precision_and_times_it(quick_config, monkeypatch):
+    seen = []
+    real_update_bn = kit.engine.update_bn
+
+    def recording_update_bn(loader, model, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_update_bn(loader, model, *args, **kwargs)
+
+    monkeypatch.setattr(kit.engine, "update_bn", recording_update_bn)
+    monkeypatch.setattr(kit.engine, "autocast_dtype", lambda *args: torch.bfloat16)     # as on an A100 or later
+    cfg = quick_config(epochs=1, **{"train.swa_epochs": 1, "tta.views": "none"})
+    metrics = train_fold(cfg, 0, log=lambda *_: None)
+    assert seen == [(True, torch.bfloat16)], "update_bn runs under the training's autocast"
+    assert metrics["swa_bn_seconds"] > 0 and metrics["swa_val_auc"] is not None
+    assert metrics["swa_bn_peak_memory_mb"] is None and metrics["tta_peak_memory_mb"] is None     # a GPU's only
+
+
 def small_training(amp_dtype, scaler_enabled, steps=4, seed=0):
     torch.manual_seed(seed)
     cfg = Config(model=ModelConfig(name="baseline_bn"))
@@ -224,11 +291,15 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
                                  log=lines.append)
     report = json.loads(path.read_text())
     rows = read_rows(path.with_suffix(".jsonl"))           # every row, as it finished
-    assert [row["kind"] for row in rows] == ["header", "epoch", "bench", "tta", "scale_out", "scale_out"]
+    assert [row["kind"] for row in rows] == ["header", "resident", "epoch", "epoch", "tta", "bench", "scale_out",
+                                             "scale_out"]
     assert passed and report["passed"] and report["card"] == "cpu"
-    (run,) = report["epochs"]
+    assert report["resident"]["status"] == "skipped" and report["resident"]["images"] == 220_025
+    run, swa = report["epochs"]
     assert run["status"] == "ok" and run["precision"] == "auto" and run["train_images_per_s"] > 0
-    assert run["peak_memory_mb"] is None and 0 <= run["val_auc"] <= 1
+    assert run["peak_memory_mb"] is None and 0 <= run["val_auc"] <= 1 and run["batch_size"] == 32
+    assert swa["status"] == "ok" and swa["swa"] and swa["swa_bn_seconds"] > 0, "SWA's BatchNorm pass is timed"
+    assert report["correctness"] == [], "the correctness checks are a GPU's (make test proves the CPU path)"
     assert report["tta"]["status"] == "ok" and report["tta"]["views"] == "d4"
     assert "epoch (input + step + EMA) baseline" in report["bench"]["results"]
     assert [row["mode"] for row in report["scale_out"]] == ["DDP × 2", "2 folds at once"]
@@ -254,7 +325,8 @@ def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps
                                  compiled=(), device="cpu", bench_images=64, bench_seconds=0.0, minutes=0.001,
                                  log=lambda *_: None)
     report = json.loads(path.read_text())
-    assert [row["status"] for row in report["epochs"]] == ["ok", "skipped"] and passed
+    assert [row["status"] for row in report["epochs"]] == ["ok", "skipped", "skipped"] and passed
+    assert report["epochs"][-1]["swa"]
     assert report["bench"] is None and report["tta"] is None
 
     # killed mid-way (as a time limit would): the rows it finished are on disk, and --rows prints their table
@@ -271,7 +343,7 @@ def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps
     check.wait()
     (rows_file,) = out.glob("*.jsonl")
     kinds = [row["kind"] for row in read_rows(rows_file)]
-    assert kinds[:2] == ["header", "epoch"] and not list(out.glob("*.json"))
+    assert kinds[:3] == ["header", "resident", "epoch"] and not list(out.glob("*.json"))
     from kit.cli import main
 
     assert main(["gpu-check", "--rows", str(rows_file)]) == 0
