@@ -85,6 +85,18 @@ def optional_float(value) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
+def epoch_numbers(history: pd.DataFrame, compiled: bool) -> dict:
+    """images/s and seconds of the last epoch (a compiled run's second: the steady state), the peak memory over the
+    epochs, and for a compiled run how much longer its first epoch took (the compile)."""
+    last = history.iloc[-1]
+    numbers = {"train_images_per_s": float(last["images_per_s"]), "epoch_seconds": float(last["seconds"]),
+               "peak_memory_mb": optional_float(history["peak_memory_mb"].max())}
+    if compiled:
+        first = float(history.iloc[0]["seconds"])
+        numbers.update(first_epoch_seconds=first, compile_seconds=max(0.0, first - float(last["seconds"])))
+    return numbers
+
+
 def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compiled: bool, device: str,
               swa: bool = False) -> dict:
     """Fold 0 of `config` (`check_config`) under sync-debug "error": its numbers, or the error. A compiled row's
@@ -98,16 +110,10 @@ def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compil
     try:
         with sync_debug_error():
             metrics = train_fold(cfg, 0, log=lambda *_: None)
-        history = pd.read_csv(fold_dir(cfg, 0) / HISTORY)
-        last = history.iloc[-1]
-        row.update(status="ok", train_images_per_s=float(last["images_per_s"]), epoch_seconds=float(last["seconds"]),
-                   peak_memory_mb=optional_float(history["peak_memory_mb"].max()),
+        row.update(status="ok", **epoch_numbers(pd.read_csv(fold_dir(cfg, 0) / HISTORY), compiled),
                    tta_peak_memory_mb=optional_float(metrics.get("tta_peak_memory_mb")),
                    resident_split_mb=resident_bytes(select_device(device)) / 2**20,
                    val_auc=float(metrics["best_val_auc"]), fold_seconds=time.perf_counter() - started)
-        if compiled:
-            first = float(history.iloc[0]["seconds"])
-            row.update(first_epoch_seconds=first, compile_seconds=max(0.0, first - float(last["seconds"])))
         if swa:
             row.update(swa_bn_seconds=optional_float(metrics.get("swa_bn_seconds")),
                        swa_bn_peak_memory_mb=optional_float(metrics.get("swa_bn_peak_memory_mb")))

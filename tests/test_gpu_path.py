@@ -125,6 +125,22 @@ def test_the_t4_line_comes_from_the_measured_peaks_with_the_competition_split_in
     assert "baseline_bn: fits a 16 GB T4 at batch 128: yes" in table
 
 
+def test_a_compiled_row_times_its_second_epoch_and_reports_the_first_ones_extra_as_compile_seconds(tmp_path):
+    import pandas as pd
+
+    from kit.gpu_check import check_config, epoch_numbers, format_run
+
+    assert check_config("effnet_b0", tmp_path, tmp_path, "cpu", compiled=True).epochs == 2
+    assert check_config("effnet_b0", tmp_path, tmp_path, "cpu").epochs == 1
+    history = pd.DataFrame({"images_per_s": [900.0, 4000.0], "seconds": [70.0, 12.0],
+                            "peak_memory_mb": [5000.0, 5100.0]})
+    numbers = epoch_numbers(history, compiled=True)
+    assert numbers["train_images_per_s"] == 4000.0 and numbers["epoch_seconds"] == 12.0
+    assert numbers["compile_seconds"] == 58.0 and numbers["peak_memory_mb"] == 5100.0
+    row = {"config": "effnet_b0", "precision": "auto", "compiled": True, "status": "ok", "val_auc": 0.9, **numbers}
+    assert "compile 58 s (first epoch 70.0 s)" in format_run(row)
+
+
 def test_a_failed_correctness_check_is_its_row_and_fails_the_check(monkeypatch, tmp_path):
     import kit.gpu_correctness
     from kit.gpu_check import correctness, format_check, summary
