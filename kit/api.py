@@ -7,10 +7,12 @@
     api.submit(path)                                # validate, then upload through the Kaggle API
     api.report(cfg)                                 # runs/<experiment>/report.md with figures
 
-Inside a Kaggle notebook (kit/kaggle_notebook.py) the competition data is found at
+Inside a Kaggle notebook, `load_config` ends with the Kaggle notebook step (kit/kaggle_notebook.py's
+`kaggle_environment`, which prints one line of what it changed): the competition data is found at
 /kaggle/input/histopathologic-cancer-detection, and the image cache (7.7 GB for the competition) and the runs go to
-scratch space (/kaggle/temp, else /tmp) wherever the data is, not to /kaggle/working, which keeps at most 20 GB and is what the notebook's output saves: `keep_outputs` copies there what
-a user wants back (each fold's best.pt, metrics, OOF, history; the report), and submissions are written there.
+scratch space (/kaggle/temp, else /tmp) wherever the data is, not to /kaggle/working, which keeps at most 20 GB and
+is what the notebook's output saves: `keep_outputs` copies there what a user wants back (each fold's best.pt,
+metrics, OOF, history; the report), and submissions are written there.
 The kit itself can sit on a read-only input.
 """
 
@@ -25,7 +27,7 @@ from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import Interrupted, KitError
 from .io import require_writable_dir
-from .kaggle_notebook import competition_input, notebook_overrides
+from .kaggle_notebook import competition_input, kaggle_environment
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -34,18 +36,18 @@ from .kaggle_notebook import competition_input, notebook_overrides
 
 def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] | dict | None = None,
                 **keyword_overrides) -> Config:
-    """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides.
+    """Load a config (a shipped name such as "baseline", or a path) with `key=value` / keyword overrides, then
+    take the Kaggle notebook step (`kaggle_notebook.kaggle_environment`).
 
-    In a Kaggle notebook (kit/kaggle_notebook.py): the attached competition's data when the config's data folder does
-    not exist, and the runs and the image cache in scratch space wherever the data is, where `out_dir` and
-    `cache_dir` are still the defaults (a config or override that sets them, e.g. the one fold-parallel workers
-    get, is kept).
+    Outside a Kaggle notebook that step changes nothing: the config is `config.load_config`'s. In a notebook it
+    takes the attached competition's data when the config's data folder does not exist, and puts the runs and the
+    image cache in scratch space wherever the data is, where `out_dir` and `cache_dir` are still the defaults (a
+    config or override that sets them, e.g. the one fold-parallel workers get, is kept); one line says what changed.
     """
     merged = config_module.parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     merged.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
     cfg = config_module.load_config(name_or_path, merged)
-    on_kaggle = notebook_overrides(config_module.to_dict(cfg), merged, config_module.to_dict(Config()))
-    return config_module.apply_overrides(cfg, on_kaggle) if on_kaggle else cfg
+    return kaggle_environment(cfg, explicit=merged)
 
 
 def keep_outputs(cfg: Config, destination: str | Path = "runs", log=print) -> list[Path]:
@@ -117,7 +119,7 @@ def make_demo_data(out_dir: str | Path | None = None, n_train: int | None = None
 
 def download_data(data_dir: str | Path = "data", log=print) -> Path:
     """Download, unzip and verify the competition files; a complete folder is left alone."""
-    from .submission import download_competition_data
+    from .kaggle_api import download_competition_data
 
     return download_competition_data(Path(data_dir), log=log)
 
@@ -265,7 +267,8 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
     not the competition's 57,458 test ids (a prediction of the demo data) are uploaded only with `force`.
     """
     from .data import read_sample_submission
-    from .submission import default_message, read_submission_details, submit as upload
+    from .kaggle_api import submit as upload
+    from .submission import default_message, read_submission_details
 
     if not path or not str(path).strip():
         raise KitError("say which file to submit: make submit FILE=submissions/<experiment>-<time>.csv")
@@ -281,7 +284,7 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
 
 def list_submissions(log=print):
     """The competition's recent submissions (newest first) with status and public score, as a DataFrame."""
-    from .submission import recent_submissions
+    from .kaggle_api import recent_submissions
 
     table = recent_submissions()
     log(table.to_string(index=False) if len(table) else f"no submissions yet to {COMPETITION}")

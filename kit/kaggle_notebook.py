@@ -7,6 +7,9 @@ does differently there.
 - `/kaggle/temp` (else /tmp) is scratch space for the session: the image cache (7.7 GB for the competition) and the
   runs with their resume state go there whatever `data_dir` says, unless the config sets `out_dir`/`cache_dir`.
 
+`kaggle_environment(cfg)` is the one step that applies this to a config, and says so in one line; `api.load_config`
+takes it after `config.load_config` (outside a notebook the two give the same config).
+
 Advice for a notebook names what a notebook user can do (attach an input), not terminal commands.
 """
 
@@ -14,9 +17,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
+from .config import Config, apply_overrides
 from .errors import KitError
 
 KAGGLE_ROOT_VARIABLE = "KIT_KAGGLE_ROOT"     # where a Kaggle notebook's /kaggle tree is (tests point it elsewhere)
@@ -53,22 +58,33 @@ def scratch_space() -> Path:
                    f"out_dir=… and cache_dir=… to the config")
 
 
-def notebook_overrides(current: dict, explicit: dict, defaults: dict) -> dict:
-    """What a notebook changes in a config: the attached competition as data folder when the config's does not
-    exist, and scratch space for the runs and the cache wherever the data is, unless set (`explicit` overrides, or
-    a config file whose `out_dir`/`cache_dir` differ from the defaults, e.g. the one fold-parallel workers get)."""
+def kaggle_environment(cfg: Config, explicit: Collection[str] = (), log=print) -> Config:
+    """`cfg` as a Kaggle notebook runs it: the attached competition as data folder when the config's does not
+    exist, and the runs and the image cache in scratch space wherever the data is, unless set (`explicit`: keys the
+    caller set by override, kept whatever their value; a config file whose `out_dir`/`cache_dir` differ from the
+    defaults, e.g. the one fold-parallel workers get, keeps them too). One line says what changed; outside a
+    notebook `cfg` comes back as it is and nothing is said."""
     if not in_kaggle_notebook():
-        return {}
+        return cfg
+    defaults = Config()
     changes = {}
     competition = competition_input()
-    if competition is not None and "data_dir" not in explicit and not Path(current["data_dir"]).exists():
+    if competition is not None and "data_dir" not in explicit and not Path(cfg.data_dir).exists():
         changes["data_dir"] = str(competition)
     unset = [(key, folder) for key, folder in (("out_dir", "runs"), ("cache_dir", "cache"))
-             if key not in explicit and current[key] == defaults[key]]
+             if key not in explicit and getattr(cfg, key) == getattr(defaults, key)]
     if unset:
         scratch = scratch_space()
         changes.update({key: str(scratch / folder) for key, folder in unset})
-    return changes
+    if not changes:
+        log("Kaggle notebook environment: nothing changed (data_dir, out_dir and cache_dir as the config sets them)")
+        return cfg
+    said = [f"data_dir → {changes['data_dir']} (the attached competition)"] if "data_dir" in changes else []
+    scratch_keys = [f"{key} → {changes[key]}" for key in ("out_dir", "cache_dir") if key in changes]
+    if scratch_keys:
+        said.append(", ".join(scratch_keys) + " (scratch space: the notebook's output keeps only results)")
+    log(f"Kaggle notebook environment: {'; '.join(said)}")
+    return apply_overrides(cfg, changes)
 
 
 def get_data_hint() -> str:

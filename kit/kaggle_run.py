@@ -30,6 +30,8 @@ from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import KitError
 from .io import atomic_path, atomic_write_json, atomic_write_text, path_inside
+from .kaggle_api import (dataset_status, download_kernel_output, kaggle_api, kaggle_username, kernel_log_tail,
+                         kernel_status, upload_dataset, upload_kernel)
 from .runs import bring_in_folds, experiment_dir, flat_config
 from .submission import read_submission_details
 
@@ -51,21 +53,15 @@ def state_path(cfg: Config) -> Path:
     return experiment_dir(cfg) / "kaggle-run.json"
 
 
-def status_name(response) -> str:
-    """The kernel status (the client's KernelWorkerStatus) as a lower-case word: "queued", "running", "complete",
-    "error", "cancel_requested", …"""
-    status = getattr(response, "status", response)
-    return str(getattr(status, "name", status)).lower()
-
-
-def notebook_with_parameters(cfg: Config, folds, submit: bool = False) -> dict:
-    """notebooks/kaggle.ipynb with its parameters cell set to `cfg` (every key but the paths, which are Kaggle's)."""
+def notebook_with_parameters(cfg: Config, folds) -> dict:
+    """notebooks/kaggle.ipynb with its parameters cell set to `cfg` (every key but the paths, which are Kaggle's).
+    SUBMIT stays False: the kernel runs with internet off, and `make kaggle-run SUBMIT=1` submits from here."""
     notebook = json.loads(NOTEBOOK.read_text())
     overrides = dict(flat_config(cfg, neutral=PATH_KEYS), name=cfg.name)
     lines = ["# Parameters (written by `make kaggle-run`)\n",
              'CONFIG = "baseline_bn"  # every key below overrides it: the effective config of the run\n',
              f"OVERRIDES = {pprint.pformat(overrides, width=110, sort_dicts=False)}\n",
-             f"FOLDS = {folds!r}\n", 'PARALLEL = "auto"\n', f"SUBMIT = {submit!r}\n"]
+             f"FOLDS = {folds!r}\n", 'PARALLEL = "auto"\n', "SUBMIT = False\n"]
     cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     cells[0]["source"] = lines
     return notebook
@@ -109,41 +105,23 @@ def check_accelerator(accelerator: str) -> str:
 
 def push_dataset(api, user: str, work: Path, log) -> str:
     """The kit bundle as the private dataset <user>/hcd-kit: a new version when it exists, else created."""
-    from .submission import explain_api_error
-
     folder = work / "dataset"
     folder.mkdir()
     write_bundle(folder / f"{DATASET_SLUG}.zip")
     ref = f"{user}/{DATASET_SLUG}"
     atomic_write_json(folder / "dataset-metadata.json", {"title": DATASET_SLUG, "id": ref,
                                                           "licenses": [{"name": "CC0-1.0"}]})
-    try:
-        exists = dataset_exists(api, ref)
-        if exists:
-            response = api.dataset_create_version(str(folder), f"kit bundle {datetime.now():%Y-%m-%d %H:%M}",
-                                                  quiet=True, dir_mode="zip")
-        else:
-            response = api.dataset_create_new(str(folder), public=False, quiet=True, dir_mode="zip")
-    except Exception as err:
-        raise explain_api_error(err, f"upload the kit bundle as the dataset {ref}") from None
-    error = getattr(response, "error", "")
-    if error:
-        raise KitError(f"Kaggle did not accept the kit bundle as {ref}: {error}")
-    log(f"kit bundle {'versioned' if exists else 'created'} as the private dataset {ref}")
+    versioned = upload_dataset(api, folder, ref, f"kit bundle {datetime.now():%Y-%m-%d %H:%M}", "the kit bundle")
+    log(f"kit bundle {'versioned' if versioned else 'created'} as the private dataset {ref}")
     return ref
 
 
 def wait_until_ready(api, ref: str, poll_seconds: float, log, limit_seconds: float = 1800) -> None:
     """Kaggle processes a new dataset version before notebooks see it: a kernel pushed earlier would attach the old
     bundle."""
-    from .submission import explain_api_error
-
     started = time.monotonic()
     while True:
-        try:
-            status = str(api.dataset_status(ref)).lower()
-        except Exception as err:
-            raise explain_api_error(err, f"read the status of the dataset {ref}") from None
+        status = dataset_status(api, ref)
         if status == "ready":
             return
         if status in ("failed", "deleted") or time.monotonic() - started > limit_seconds:
@@ -153,38 +131,15 @@ def wait_until_ready(api, ref: str, poll_seconds: float, log, limit_seconds: flo
         time.sleep(poll_seconds)
 
 
-def dataset_exists(api, ref: str) -> bool:
-    try:
-        api.dataset_status(ref)
-        return True
-    except Exception as err:
-        if getattr(getattr(err, "response", None), "status_code", None) == 404:
-            return False
-        raise
-
-
 def push_kernel(api, user: str, cfg: Config, accelerator: str, folds, work: Path, log) -> dict:
     """The notebook, parameters injected, as a private GPU kernel; returns what was pushed (ref, version)."""
-    from .submission import explain_api_error
-
     folder = work / "kernel"
     folder.mkdir()
     atomic_write_text(folder / NOTEBOOK.name, json.dumps(notebook_with_parameters(cfg, folds), indent=1))
     metadata = kernel_metadata(user, cfg, accelerator)
     atomic_write_json(folder / "kernel-metadata.json", metadata)
-    try:
-        response = api.kernels_push(str(folder), acc=accelerator)
-    except Exception as err:
-        raise explain_api_error(err, f"push the kernel {metadata['id']}") from None
-    error = getattr(response, "error", "")
-    if error:
-        raise KitError(f"Kaggle did not accept the kernel {metadata['id']}: {error}")
-    pushed = {"kernel": getattr(response, "ref", "") or metadata["id"],
-              "version": getattr(response, "version_number", None), "url": getattr(response, "url", ""),
-              "accelerator": accelerator,
-              "pushed": datetime.now().isoformat(timespec="seconds"), "downloaded": False}
-    if pushed["kernel"].startswith("/code/"):          # the API answers with the kernel's URL path
-        pushed["kernel"] = pushed["kernel"][len("/code/"):]
+    pushed = dict(upload_kernel(api, folder, metadata["id"], accelerator), accelerator=accelerator,
+                  pushed=datetime.now().isoformat(timespec="seconds"))
     log(f"kernel {pushed['kernel']} pushed (version {pushed['version']}, {accelerator}, internet off): "
         f"{pushed['url']}")
     return pushed
@@ -192,52 +147,25 @@ def push_kernel(api, user: str, cfg: Config, accelerator: str, folds, work: Path
 
 def follow(api, kernel: str, poll_seconds: float, log) -> None:
     """Wait for the kernel to finish, one progress line a poll; a failed run raises with the end of its log."""
-    from .submission import explain_api_error
-
     started, last = time.monotonic(), None
     while True:
-        try:
-            response = api.kernels_status(kernel)
-        except Exception as err:
-            raise explain_api_error(err, f"read the status of {kernel}") from None
-        status = status_name(response)
+        status, message = kernel_status(api, kernel)
         if status != last:
             log(f"{kernel}: {status} ({(time.monotonic() - started) / 60:.0f} min)")
             last = status
         if status == DONE:
             return
         if status in FAILED:
-            message = getattr(response, "failure_message", "") or ""
+            log_end = " | ".join(kernel_log_tail(api, kernel, LOG_TAIL)) or "no log"
             raise KitError(f"the kernel {kernel} ended with {status}{f' ({message})' if message else ''}; its log "
-                           f"ends: {' | '.join(log_tail(api, kernel)) or 'no log'}; fix it and run `make kaggle-run` "
-                           f"again with FORCE=1")
+                           f"ends: {log_end}; fix it and run `make kaggle-run` again with FORCE=1")
         time.sleep(poll_seconds)
-
-
-def log_tail(api, kernel: str) -> list[str]:
-    """The last lines of the kernel's log (Kaggle's log is a JSON list of {stream_name, time, data})."""
-    with tempfile.TemporaryDirectory(prefix="kit-kaggle-log-") as tmp:
-        try:
-            api.kernels_output(kernel, tmp, force=True, quiet=True)
-        except Exception:
-            return []
-        logs = sorted(Path(tmp).glob("*.log"))
-        if not logs:
-            return []
-        text = logs[0].read_text(errors="replace")
-        try:
-            text = "".join(entry.get("data", "") for entry in json.loads(text))
-        except (ValueError, AttributeError, TypeError):
-            pass
-        return [line.strip() for line in text.splitlines() if line.strip()][-LOG_TAIL:]
 
 
 def download_outputs(api, cfg: Config, pushed: dict, log) -> Path:
     """The kernel's outputs: submission.csv → submissions/<experiment>-kaggle-<time>.csv (with its details JSON),
     runs/<experiment>/fold<k>/ → runs/<experiment>/ where no local fold differs (else runs/<experiment>-kaggle-v<n>/:
     `runs.bring_in_folds`); returns the CSV's path. Outputs of another experiment are refused."""
-    from .submission import explain_api_error
-
     kernel = pushed["kernel"]
     version = pushed.get("version")
     run_label = f"v{version}" if isinstance(version, int) else "".join(c for c in pushed["pushed"] if c.isdigit())
@@ -245,11 +173,7 @@ def download_outputs(api, cfg: Config, pushed: dict, log) -> Path:
     experiment.mkdir(parents=True, exist_ok=True)
     # downloaded beside the runs (the folders the user gave, and one disk: the folds move in by renaming)
     with tempfile.TemporaryDirectory(prefix=".kaggle-output-", dir=experiment) as tmp:
-        try:
-            api.kernels_output(kernel, tmp, force=True, quiet=True)
-        except Exception as err:
-            raise explain_api_error(err, f"download the outputs of {kernel}") from None
-        out = Path(tmp)
+        out = download_kernel_output(api, kernel, Path(tmp))
         csv = out / "submission.csv"
         if not csv.is_file():
             raise KitError(f"the kernel {kernel} finished without submission.csv among its outputs; open it on "
@@ -287,11 +211,9 @@ def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool
                log=print) -> Path:
     """Every step of the module docstring; returns the downloaded submission's path. `data_dir`: the
     sample_submission.csv to check the CSV against before submitting (else the one the kernel brought back)."""
-    from .submission import kaggle_api
-
     accelerator = check_accelerator(accelerator)
     api = kaggle_api()
-    user = api.get_config_value("username")
+    user = kaggle_username(api)
     if not user:
         raise KitError("the Kaggle credentials name no user (kaggle.json's `username`, or KAGGLE_USERNAME): "
                        "kaggle-run needs it to name the dataset and the kernel")
@@ -306,7 +228,7 @@ def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool
         log(f"following the kernel pushed at {state['pushed']}: {state['kernel']} (FORCE=1 pushes a new one)")
     follow(api, state["kernel"], poll_seconds, log)
     csv = download_outputs(api, cfg, state, log)
-    atomic_write_json(state_file, dict(state, downloaded=True, submission=str(csv)))
+    atomic_write_json(state_file, dict(state, submission=str(csv)))
     if submit:
         from . import api as kit_api
 

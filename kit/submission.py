@@ -1,29 +1,24 @@
-"""sample_submission-format CSVs: building, validating, writing, and uploading through the Kaggle API.
+"""The sample_submission CSV format: building, validating, writing and reading submissions and their details.
 
 A submission is refused before anything leaves the machine when its header, row count or ids differ from
 sample_submission.csv, or a label is missing, non-numeric or outside [0, 1]; the message names the first bad row.
-An upload whose rows are not the competition's 57,458 test ids (a prediction of the demo data) needs FORCE=1.
+Rows that are not the competition's 57,458 test ids (a prediction of the demo data) are named by `foreign_rows`:
+the upload (kit/kaggle_api.py) needs FORCE=1 for them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .competition import COMPETITION, ID_LENGTH, KAGGLE_CREDENTIAL_FILES, TEST_IMAGES
+from .competition import ID_LENGTH, TEST_IMAGES
 from .data import check_ids_unpadded, first_line_of
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json, path_inside
-
-CREDENTIALS_HINT = ("no Kaggle credentials found: download kaggle.json from https://www.kaggle.com/settings "
-                    "(API → Create New Token) into ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and "
-                    "KAGGLE_KEY (or KAGGLE_API_TOKEN); nothing was sent")
-RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,56 +126,8 @@ def default_message(details: dict, path: str | Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Kaggle API
+# Whether Kaggle can score it
 # ----------------------------------------------------------------------------------------------------------------
-
-def kaggle_config_dirs() -> list[Path]:
-    if os.environ.get("KAGGLE_CONFIG_DIR"):
-        return [Path(os.environ["KAGGLE_CONFIG_DIR"])]
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return [Path.home() / ".kaggle", xdg / "kaggle"]
-
-
-def has_kaggle_credentials() -> bool:
-    """Whether any of the kaggle client's credential sources is present (checked before importing it)."""
-    if os.environ.get("KAGGLE_API_TOKEN") or os.environ.get("KAGGLE_API_V1_TOKEN"):
-        return True
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return True
-    return any((directory / name).is_file() for directory in kaggle_config_dirs() for name in KAGGLE_CREDENTIAL_FILES)
-
-
-def kaggle_api():
-    """The authenticated kaggle client. Imported here, not at the top: `import kaggle` authenticates."""
-    if not has_kaggle_credentials():
-        raise KitError(CREDENTIALS_HINT)
-    try:
-        from kaggle.api.kaggle_api_extended import KaggleApi
-
-        api = KaggleApi()
-        api.authenticate()
-    except SystemExit:      # the client exits when the credentials it found do not authenticate
-        raise KitError(CREDENTIALS_HINT.replace("no Kaggle credentials found", "Kaggle credentials not accepted")) \
-            from None
-    return api
-
-
-def explain_api_error(err: Exception, action: str) -> KitError:
-    """Turn the client's HTTP and connection errors into one line that says what to do."""
-    response = getattr(err, "response", None)
-    status = getattr(response, "status_code", None)
-    if status == 403:
-        return KitError(f"Kaggle refused to {action} (HTTP 403): accept the competition rules at {RULES_URL}, "
-                        f"then retry")
-    if status == 401:
-        return KitError(f"Kaggle refused to {action} (HTTP 401): the credentials are not valid; "
-                        f"create a new token at https://www.kaggle.com/settings")
-    if status is not None:
-        return KitError(f"Kaggle could not {action} (HTTP {status}); retry later")
-    if isinstance(err, ValueError) and "denied" in str(err):    # the client's own words for a 401/403 on kernels
-        return KitError(f"Kaggle refused to {action}: {str(err).splitlines()[0]}")
-    return KitError(f"could not reach Kaggle to {action} ({type(err).__name__}); check the network and retry")
-
 
 def foreign_rows(sample: pd.DataFrame) -> str | None:
     """Why rows answering `sample` cannot be a submission to the competition (None when they can be): Kaggle scores
@@ -192,130 +139,3 @@ def foreign_rows(sample: pd.DataFrame) -> str | None:
         return (f"ids such as {sample['id'][malformed].iloc[0]!r}, not the competition's ({ID_LENGTH} hexadecimal "
                 f"digits)")
     return None
-
-
-def submit(path: str | Path, sample: pd.DataFrame, message: str, competition: str = COMPETITION,
-           dry_run: bool = False, force: bool = False, log=print) -> None:
-    """Validate the file, then upload it (unless `dry_run`). Rows that are not the competition's test ids are
-    refused unless `force`: such a file can only fail on Kaggle."""
-    validate_submission_file(path, sample)
-    log(f"{path}: valid ({len(sample):,} rows, ids match sample_submission.csv)")
-    foreign = foreign_rows(sample)
-    if dry_run:
-        log("dry run: nothing sent" + (f" (an upload would need FORCE=1: the file has {foreign})" if foreign else ""))
-        return
-    if foreign and not force:
-        raise KitError(f"{path} has {foreign}: it looks like a prediction of other data (e.g. the demo), which "
-                       f"Kaggle can only reject; nothing was sent. Pass FORCE=1 to upload it anyway, or DRY_RUN=1 to "
-                       f"only validate")
-    api = kaggle_api()
-    try:
-        response = api.competition_submit(str(path), message, competition, quiet=True)
-    except Exception as err:  # requests' HTTPError / ConnectionError and the client's own
-        raise explain_api_error(err, f"accept the submission for {competition}") from None
-    result = getattr(response, "message", "") or ""
-    if result == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
-        raise KitError(f"Kaggle upload of {path} failed ({result}); retry `make submit`")
-    log(f"submitted {path} to {competition}: {message!r}" + (f" ({result})" if result else ""))
-
-
-def recent_submissions(competition: str = COMPETITION, limit: int = 20) -> pd.DataFrame:
-    """Date, description, status and public score of the latest submissions, newest first."""
-    api = kaggle_api()
-    try:
-        submissions = api.competition_submissions(competition, page_size=limit) or []
-    except Exception as err:
-        raise explain_api_error(err, f"list the submissions of {competition}") from None
-    rows = [{"date": s.date, "file": s.file_name, "description": s.description,
-             "status": getattr(s.status, "name", s.status), "public_score": s.public_score,
-             "private_score": s.private_score} for s in submissions if s is not None]
-    return pd.DataFrame(rows, columns=["date", "file", "description", "status", "public_score", "private_score"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Downloading the competition data
-# ----------------------------------------------------------------------------------------------------------------
-
-def find_data_problems(data_dir: Path) -> tuple[int, int, list[tuple[Path, str]]]:
-    """(train count, test count, bad images): every image both CSVs list, decoded in parallel; missing files and
-    files that do not decode as 96×96×3 uint8 come back with what is wrong. A missing CSV or folder raises."""
-    from .competition import TEST_DIR, TRAIN_DIR
-    from .data import check_data_dir, find_bad_images, image_paths, read_sample_submission, read_train_labels
-
-    check_data_dir(data_dir)
-    train_ids = read_train_labels(data_dir)["id"]
-    test_ids = read_sample_submission(data_dir)["id"]
-    paths = image_paths(data_dir / TRAIN_DIR, train_ids) + image_paths(data_dir / TEST_DIR, test_ids)
-    return len(train_ids), len(test_ids), find_bad_images(paths, desc="verify images")
-
-
-def extract_missing(zip_path: Path, data_dir: Path, bad: set[Path] = frozenset(), log=print) -> int:
-    """Unzip the members that are absent, of the wrong size (so an interrupted unzip resumes) or in `bad` (files
-    that do not decode), each atomically."""
-    import shutil
-    import zipfile
-
-    from .io import atomic_path
-
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile:
-        zip_path.unlink()
-        raise KitError(f"{zip_path} is not a complete zip and was removed; run `make data` again") from None
-    bad = {path.resolve() for path in bad}
-    extracted = 0
-    with archive:
-        root = data_dir.resolve()
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        todo = []
-        for member in members:
-            target = (data_dir / member.filename).resolve()
-            if root not in target.parents:
-                raise KitError(f"{zip_path}: member {member.filename} would land outside {data_dir}; not extracting")
-            if not target.is_file() or target.stat().st_size != member.file_size or target in bad:
-                todo.append((member, target))
-        from .progress import progress_bar
-
-        for member, target in progress_bar(todo, desc="unzip", unit="file", hidden=not todo):
-            with archive.open(member) as source, atomic_path(target) as tmp, open(tmp, "wb") as sink:
-                shutil.copyfileobj(source, sink, length=1 << 20)
-            extracted += 1
-    log(f"unzipped {extracted:,} of {len(members):,} files into {data_dir}")
-    return extracted
-
-
-def download_competition_data(data_dir: Path, competition: str = COMPETITION, log=print) -> Path:
-    """Verify that every image decodes; download (resuming where the client can) and unzip what is missing or bad;
-    verify again. A complete folder is left alone; files the zip cannot repair are named."""
-    from .data import bad_images_error
-
-    bad: list[tuple[Path, str]] = []
-    try:
-        train_count, test_count, bad = find_data_problems(data_dir)
-        if not bad:
-            log(f"{data_dir} is complete: {train_count:,} train / {test_count:,} test images, every one decodes as "
-                f"a 96×96×3 patch; nothing to download")
-            return data_dir
-        log(str(bad_images_error(bad, train_count + test_count, "re-extracting them from the competition zip")))
-    except KitError:
-        pass                    # no CSVs or image folders yet: everything comes from the zip
-    zip_path = data_dir / f"{competition}.zip"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    api = kaggle_api()
-    log(f"downloading {competition} into {data_dir} (the client resumes a partial download)")
-    try:
-        api.competition_download_files(competition, path=str(data_dir), quiet=False)
-    except Exception as err:
-        raise explain_api_error(err, f"download the {competition} data") from None
-    if not zip_path.is_file():
-        raise KitError(f"the download did not produce {zip_path}; run `make data` again")
-    extract_missing(zip_path, data_dir, {path for path, _ in bad}, log=log)
-    train_count, test_count, bad = find_data_problems(data_dir)
-    if bad:
-        raise bad_images_error(bad, train_count + test_count,
-                               f"{zip_path} holds them this way too (it is kept): delete it and run `make data` "
-                               f"again for a fresh download, or replace those files by hand")
-    zip_path.unlink()
-    log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images, every one decodes "
-        f"({zip_path.name} removed)")
-    return data_dir

@@ -95,7 +95,7 @@ def test_kaggle_run_pushes_follows_downloads_and_submits(finished_kernel, experi
     assert csv.parent == tmp_path / "submissions" and csv.name.startswith("demo-kaggle-")
     assert pd.read_csv(csv, dtype={"id": str})["label"].iloc[-1] == 1.0
     assert (tmp_path / "runs" / "demo" / "fold0" / "best.pt").read_bytes() == b"weights"
-    assert json.loads(state_path(experiment).read_text())["downloaded"] is True
+    assert json.loads(state_path(experiment).read_text())["submission"] == str(csv)
 
     # and submitted as `make submit` does, with the kernel's CV AUC in the message
     (submission,) = finished_kernel.submissions

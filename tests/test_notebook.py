@@ -176,6 +176,41 @@ def test_on_kaggle_runs_and_cache_default_to_scratch_unless_set(tmp_path, monkey
     assert (worker.out_dir, worker.cache_dir) == ("/elsewhere/runs", "/local/cache")
 
 
+def test_the_kaggle_notebook_step_says_what_it_changed_and_is_nothing_outside_a_notebook(tmp_path, monkeypatch):
+    """api.load_config = config.load_config, then kaggle_environment: outside a notebook the two agree and nothing is
+    said; inside, one line names the step and every key it moved."""
+    from kit import api, config
+    from kit.kaggle_notebook import kaggle_environment
+
+    kaggle = tmp_path / "kaggle"
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.setenv("KIT_KAGGLE_ROOT", str(kaggle))             # no /kaggle tree: not a notebook
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    plain = config.load_config("demo", {"epochs": 1})
+    assert kaggle_environment(plain, log=lines.append) is plain and lines == []
+    assert api.load_config("demo", {"epochs": 1}) == plain == api.load_config("demo", epochs=1)
+
+    competition = kaggle / "input" / "histopathologic-cancer-detection"
+    competition.mkdir(parents=True)
+    (competition / "sample_submission.csv").write_text("id,label\n")
+    (kaggle / "working").mkdir()
+    on_kaggle = kaggle_environment(plain, log=lines.append)
+    scratch = kaggle / "temp"
+    assert (on_kaggle.data_dir, on_kaggle.out_dir, on_kaggle.cache_dir) == \
+        (str(competition), str(scratch / "runs"), str(scratch / "cache"))
+    assert lines == [f"Kaggle notebook environment: data_dir → {competition} (the attached competition); "
+                     f"out_dir → {scratch / 'runs'}, cache_dir → {scratch / 'cache'} (scratch space: the notebook's "
+                     f"output keeps only results)"]
+    assert config.to_dict(on_kaggle) == config.to_dict(plain) | {"data_dir": str(competition),
+                                                                  "out_dir": str(scratch / "runs"),
+                                                                  "cache_dir": str(scratch / "cache")}
+    lines.clear()
+    assert kaggle_environment(on_kaggle, log=lines.append) is on_kaggle      # what fold-parallel workers load
+    assert lines == ["Kaggle notebook environment: nothing changed (data_dir, out_dir and cache_dir as the config "
+                     "sets them)"]
+
+
 def test_in_a_notebook_cache_and_resume_state_stay_in_scratch_whatever_data_dir_says(tmp_path, monkeypatch):
     from kit import api
     from kit.data import check_data_dir

@@ -1,4 +1,5 @@
-"""The Kaggle round trip through the real `kaggle` client, against a fake Kaggle API on loopback."""
+"""kit/kaggle_api.py: the Kaggle round trip through the real `kaggle` client (submit, list, `make data`), against
+a fake Kaggle API on loopback (tests/fake_kaggle.py); nothing is sent without valid rows and credentials."""
 
 import hashlib
 import io
@@ -14,6 +15,8 @@ import pytest
 from kit import api
 from kit.cli import main
 from kit.competition import TEST_IMAGES
+from kit.errors import KitError
+from kit.kaggle_api import submit
 
 
 def competition_ids(count: int = TEST_IMAGES) -> list[str]:
@@ -40,6 +43,32 @@ def write_prediction(tmp_path, ids: list[str]) -> Path:
 def predicted(tmp_path):
     """A prediction of the competition's test set (its 57,458 rows)."""
     return write_prediction(tmp_path, competition_ids())
+
+
+@pytest.fixture
+def small_sample():
+    """A five-row sample_submission, ids out of order."""
+    return pd.DataFrame({"id": ["c3", "a1", "b2", "e5", "d4"], "label": 0})
+
+
+def test_file_with_wrong_header_is_refused_before_upload(small_sample, tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"id": small_sample["id"], "target": 0.5}).to_csv(path, index=False)
+    with pytest.raises(KitError, match="header must be `id,label`"):
+        submit(path, small_sample, "msg")          # raises before any credential lookup or network call
+
+
+def test_submit_without_credentials_says_how_to_provide_them(small_sample, tmp_path, no_kaggle_credentials, capsys):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    small_sample.to_csv(data_dir / "sample_submission.csv", index=False)
+    path = tmp_path / "ok.csv"
+    small_sample.assign(label=0.5).to_csv(path, index=False)
+    code = main(["submit", "--file", str(path), "--data-dir", str(data_dir), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and "kaggle.json" in err and "KAGGLE_USERNAME" in err
+    assert "nothing was sent" in err
 
 
 def test_submit_uploads_the_exact_bytes_with_experiment_and_cv_auc(fake_kaggle, predicted, capsys):
