@@ -36,11 +36,11 @@ from .data import (AlbumentationsBatches, CachedBatches, image_paths, load_split
                    read_train_labels, resident_images, to_model_input)
 from .demo_data import make_demo_data
 from .device import autocast_dtype, peak_memory_mb, reset_peak_memory, select_device
-from .engine import (StepEma, TrainingParts, build_loss, build_optimizer, build_scheduler, predict_probabilities,
-                     train_one_epoch)
 from .errors import KitError
-from .io import atomic_write_json
+from .io import atomic_write_json, timestamp
+from .inference import predict_tta_probabilities
 from .models import build_model
+from .recipe import TrainingParts, build_training_parts, train_one_epoch
 
 PIPELINES = {
     "d4": [{"name": name, "p": 0.5} for name in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose")],
@@ -209,7 +209,7 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
                 subset = cache if device.type == "cuda" else cache[:batch_size]     # 8 views × a CPU-sized share
 
                 def predict_with_tta() -> int:
-                    return len(predict_probabilities(model, subset, "d4", batch_size, device, dtype))
+                    return len(predict_tta_probabilities(model, subset, "d4", batch_size, device, dtype))
 
                 record(f"train step {label}", images_per_second(train_steps, device, min_seconds))
                 record(f"epoch (input + step + EMA) {label}", images_per_second(train_epoch, device, min_seconds))
@@ -234,10 +234,10 @@ def model_precisions(device: torch.device, amp_dtype) -> dict:
 
 
 def training_parts(cfg: Config, model, steps: int, device: torch.device, amp_dtype, ema: bool) -> TrainingParts:
-    optimizer = build_optimizer(cfg, model)
-    return TrainingParts(optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, steps),
-                         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                         loss_fn=build_loss(cfg.loss, device), ema=StepEma(model, 0.999) if ema else None)
+    """The fold's own recipe (`build_training_parts`), with the EMA a fold runs when the config asks for one."""
+    if ema:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.999))
+    return build_training_parts(cfg, model, steps, amp_dtype)
 
 
 def summarise(results: dict, machine: dict, settings: dict, peak_memory: dict | None = None) -> dict:
@@ -280,7 +280,7 @@ def format_table(report: dict) -> str:
 def bench(out_dir: str | Path = "runs/bench", log=print, **options) -> Path:
     """Run the benchmark, print the table, write it as JSON to `out_dir/bench-<time>.json`; return that path."""
     report = run_bench(log=log, **options)
-    path = Path(out_dir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = Path(out_dir) / f"bench-{timestamp()}.json"
     atomic_write_json(path, report)
     log("\n" + format_table(report))
     return path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import KitError
+from .errors import KitError, first_line
 from .io import atomic_write_text
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -49,9 +49,9 @@ class FoldsConfig:
 
 @dataclass
 class ModelConfig:
-    # "baseline" = the seed notebook's CNN, faithfully; "baseline_bn" = the same with BatchNorm (learns on every
-    # seed); any other name is a timm model
-    name: str = "baseline"
+    # "baseline_bn" (the default) = the seed notebook's CNN with BatchNorm (learns on every seed); "baseline" = the
+    # seed's CNN, faithfully (stalls on some seeds); any other name is a timm model
+    name: str = "baseline_bn"
     pretrained: bool = False     # timm: start from pretrained weights (timm's loader: the hub or its local cache)
     pretrained_file: str = ""    # timm: weights from a local .pth/.safetensors (Kaggle without internet)
     dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5); timm's drop_rate)
@@ -148,16 +148,19 @@ class Config:
     tta: TTAConfig = field(default_factory=TTAConfig)
 
 
-CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "amp_dtype": ("auto", "bf16", "fp16"),
-    "optimizer.name": ("adam", "adamw", "sgd"),
-    "schedule.name": ("constant", "cosine", "onecycle"),
-    "loss.name": ("bce", "focal"),
-    "tta.views": ("d4", "flip4", "hflip", "none"),
-    "train.input": ("auto", "batch", "albumentations"),
-    "model.global_pool": ("", "avg", "max", "avgmax", "catavgmax"),
-}
+def choices() -> dict[str, tuple]:
+    """Each option list, read from the module that implements it (imported when a config is checked, so this module
+    loads without torch)."""
+    from .augment import INPUT_PATHS
+    from .device import AMP_CHOICES, DEVICES
+    from .inference import TTA_VIEWS
+    from .models import GLOBAL_POOLS
+    from .recipe import LOSSES, OPTIMIZERS, SCHEDULES
+
+    return {"device": DEVICES, "amp_dtype": AMP_CHOICES, "optimizer.name": OPTIMIZERS, "schedule.name": SCHEDULES,
+            "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS}
+
+
 # An experiment name is one path component: runs/<name>/ and submissions/<name>-<time>.csv stay inside their folders.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PLAIN_NAME_RULE = "letters, digits, '.', '_', '-', starting with a letter or digit, at most 100 characters"
@@ -215,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         try:
             values = yaml.safe_load(config_path.read_text())
         except yaml.YAMLError as err:
-            raise KitError(f"{source}: not valid YAML ({_first_line(err)})") from None
+            raise KitError(f"{source}: not valid YAML ({first_line(err)})") from None
         if values is None:
             raise KitError(f"{source} is empty: start from configs/baseline.yaml")
         if not isinstance(values, dict):
@@ -316,8 +319,9 @@ def _check_value(key: str, value, hint, source: str):
     if key == "name" and value and not is_plain_name(value):
         raise KitError(f"{source}: experiment name {value!r} must be one folder name ({PLAIN_NAME_RULE}): it names "
                        f"runs/<name>/ and the submission file; e.g. name={suggest_name(value)}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise KitError(f"{source}: `{key}` must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    options = choices().get(key)
+    if options is not None and value not in options:
+        raise KitError(f"{source}: `{key}` must be one of {', '.join(options)}, got {value!r}")
     if key in MINIMUMS:
         minimum, inclusive = MINIMUMS[key]
         if value < minimum or (value == minimum and not inclusive):
@@ -337,7 +341,3 @@ def _unknown_key_message(key: str, known, source: str, prefix: str = "") -> str:
     qualified = [f"{prefix}.{name}" if prefix else name for name in close]
     hint = f"; did you mean {' or '.join(qualified)}?" if close else ""
     return f"{source}: unknown config key `{key}`{hint}"
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

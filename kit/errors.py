@@ -13,6 +13,12 @@ class SharedError(KitError):
     """A KitError that every rank of a multi-process (torchrun) run raises together: rank 0 alone prints it."""
 
 
+def first_line(err: Exception) -> str:
+    """An exception's first line (at most 200 characters), for a one-line message; its type when it has no text."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def killed_by(returncode: int) -> str | None:
     """A child process's end in words when a signal ended it (a negative return code): "killed by SIGKILL (the
     out-of-memory killer, or kill -9)"; None when it exited by itself."""

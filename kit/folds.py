@@ -112,13 +112,6 @@ def load_split(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Pa
     return Split(folds, path, key)
 
 
-def load_or_make_folds(labels: pd.DataFrame, n_splits: int, seed: int, folds_dir: str | Path,
-                       groups_csv: str = "", log=print) -> pd.DataFrame:
-    """`load_split(...).folds` from loose arguments."""
-    folds_cfg = FoldsConfig(n_splits=n_splits, seed=seed, groups_csv=groups_csv)
-    return load_split(labels, folds_cfg, folds_dir, log=log).folds
-
-
 def describe_label_change(old_split_file: Path, labels: pd.DataFrame) -> str:
     """What differs between the labels a split file was made from and `labels`, in words."""
     if not old_split_file.is_file():

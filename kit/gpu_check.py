@@ -39,7 +39,7 @@ from .config import CONFIGS_DIR, load_config
 from .demo_data import make_demo_data
 from .device import autocast_dtype, card_name, precision_name, select_device, spare_memory, sync_debug_error
 from .errors import KitError
-from .io import atomic_write_csv, atomic_write_json, read_json_lines
+from .io import atomic_write_csv, atomic_write_json, read_json_lines, timestamp
 from .runs import HISTORY, fold_dir
 
 SHIPPED = tuple(sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml") if path.stem != "demo"))
@@ -353,7 +353,7 @@ def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, 
     auto = autocast_dtype(torch_device, amp=True)
     precisions = ["auto"] + (["fp16"] if auto == torch.bfloat16 else [])     # a bf16 card also runs a T4's fp16
     checks = default_checks(device) if checks is None else tuple(checks)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = timestamp()
     rows = RowLog(Path(out_dir) / f"gpu-check-{stamp}.jsonl", log)
     header = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
               "kit_precision": precision_name(auto), "images": images, "minutes": minutes}

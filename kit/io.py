@@ -229,3 +229,16 @@ def process_lock(path: str | Path, busy: str, wait: bool = False, on_wait=None):
         yield
     finally:
         os.close(handle)       # releases the lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time in file names
+# ----------------------------------------------------------------------------------------------------------------
+
+TIMESTAMP_FORMAT = "%Y%m%d-%H%M%S"       # in run-made file names: submissions, kaggle-run CSVs, bench and check reports
+TIMESTAMP_PATTERN = r"\d{8}-\d{6}"      # the same, as a regular expression (report finds the newest by it)
+
+
+def timestamp(now=None) -> str:
+    """Now (or `now`, a datetime) as the kit writes it in file names: 20261201-231500."""
+    return (now or datetime.now()).strftime(TIMESTAMP_FORMAT)

@@ -29,7 +29,7 @@ from .bundle import REPO, write_bundle
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import KitError
-from .io import atomic_path, atomic_write_json, atomic_write_text, path_inside
+from .io import atomic_path, atomic_write_json, atomic_write_text, path_inside, timestamp
 from .kaggle_api import (dataset_status, download_kernel_output, kaggle_api, kaggle_username, kernel_log_tail,
                          kernel_status, upload_dataset, upload_kernel)
 from .runs import bring_in_folds, experiment_dir, flat_config
@@ -187,7 +187,7 @@ def download_outputs(api, cfg: Config, pushed: dict, log) -> Path:
             raise KitError(f"the kernel {kernel} holds the outputs of `{details.get('experiment') or trained[0]}`, "
                            f"not of `{cfg.name}`: nothing was downloaded; run `make kaggle-run` for that "
                            f"experiment, or FORCE=1 to push `{cfg.name}` anew")
-        target = path_inside(cfg.submissions_dir, f"{cfg.name}-kaggle-{datetime.now():%Y%m%d-%H%M%S}.csv")
+        target = path_inside(cfg.submissions_dir, f"{cfg.name}-kaggle-{timestamp()}.csv")
         with atomic_path(target) as tmp_csv:
             shutil.copyfile(csv, tmp_csv)
         received = cfg

@@ -15,7 +15,11 @@ from torch import nn
 
 from .competition import CHANNELS, IMAGE_SIZE
 from .config import ModelConfig
-from .errors import KitError
+from .errors import KitError, first_line
+
+
+# model.global_pool: timm's pooling choices ("" = the model's own; catavgmax = fast.ai's concat pooling)
+GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")
 
 
 class BaselineCNN(nn.Sequential):
@@ -116,7 +120,7 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
     options = {"num_classes": 1, "drop_rate": model_cfg.dropout}
     if model_cfg.drop_path:
         options["drop_path_rate"] = model_cfg.drop_path
-    if model_cfg.global_pool:
+    if model_cfg.global_pool:                 # one of GLOBAL_POOLS
         options["global_pool"] = model_cfg.global_pool
     if model_cfg.pretrained_file:
         net = create_timm_model(model_cfg, options, pretrained=False)
@@ -130,7 +134,7 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
             if not model_cfg.pretrained:
                 raise
             raise KitError(f"cannot load pretrained weights for `{model_cfg.name}` ({type(err).__name__}: "
-                           f"{_first_line(err)}); without internet, set model.pretrained_file=path/to/weights"
+                           f"{first_line(err)}); without internet, set model.pretrained_file=path/to/weights"
                            f".safetensors (e.g. a Kaggle dataset of timm weights) or model.pretrained=false") from None
     data_config = timm.data.resolve_data_config({}, model=net)     # the pretrained weights' mean/std, RGB order
     return PatchClassifier(net, mean=data_config["mean"], std=data_config["std"], input_size=model_cfg.input_size)
@@ -171,7 +175,7 @@ def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None
         found = timm.models.load_state_dict(str(weights_file))
     except Exception as err:
         raise KitError(f"config `model.pretrained_file`: cannot read {weights_file} ({type(err).__name__}: "
-                       f"{_first_line(err)})") from None
+                       f"{first_line(err)})") from None
     if found and all(k.startswith("net.") or k in ("mean", "std") for k in found):   # a kit checkpoint
         found = {k[len("net."):]: v for k, v in found.items() if k.startswith("net.")}
     head = classifier_parameter_names(net)
@@ -192,11 +196,6 @@ def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None
     net.load_state_dict(backbone, strict=False)
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else "no details"
-
-
 def _head_module(net: nn.Module) -> nn.Module:
     """The layer that produces the logit: the seed CNN's last Linear, or timm's classifier."""
     return net[-1] if isinstance(net, tuple(BASELINES.values())) else net.get_classifier()
@@ -215,7 +214,3 @@ def head_parameter_names(model: PatchClassifier) -> set[str]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def example_input(batch: int = 2) -> torch.Tensor:
-    return torch.rand(batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE)

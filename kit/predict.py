@@ -5,7 +5,6 @@ Probabilities are averaged (over views, then over folds), so the ensemble output
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,15 +13,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from .augment import build_transform
-from .config import Config, from_dict
+from .checkpoints import model_from_best
+from .config import Config
 from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
 from .device import autocast_dtype, select_device
-from .engine import predict_probabilities
 from .errors import KitError
-from .models import build_model
+from .inference import predict_tta_probabilities, tta_view_count
 from .runs import (RECORD, FinishedFold, check_split_against_data, epochs_note, finished_folds, fold_dir,
-                   load_checkpoint, read_json)
-from .tta import tta_view_count
+                   read_json)
 
 
 def find_fold_checkpoints(cfg: Config, allow_missing_folds: bool) -> list[FinishedFold]:
@@ -73,13 +71,9 @@ def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> P
     valid_transform = build_transform(cfg.augment.valid, "augment.valid")      # as the OOF predictions had
     fold_probabilities = []
     for checkpoint in checkpoints:
-        state = load_checkpoint(checkpoint.best)
-        saved = from_dict(state["config"], source=str(checkpoint.best))
-        # every weight comes from best.pt: the initial weights (hub or file) are not needed on this machine
-        model = build_model(dataclasses.replace(saved.model, pretrained=False, pretrained_file=""))
-        model.load_state_dict(state["model"])
+        model, _ = model_from_best(checkpoint.best)
         model = model.to(device).to(memory_format=torch.channels_last)
-        fold_probabilities.append(predict_probabilities(
+        fold_probabilities.append(predict_tta_probabilities(
             model, images, cfg.tta.views, cfg.eval_batch_size, device, amp_dtype, desc=f"fold {checkpoint.fold} TTA",
             transform=valid_transform))
         log(f"  fold {checkpoint.fold}: OOF AUC {oof_auc([checkpoint]):.4f} ({tta_view_count(cfg.tta.views)} views)")

@@ -30,7 +30,7 @@ from .competition import CENTRE_SIZE, CENTRE_START, TRAIN_DIR, TRAIN_LABELS_CSV
 from .config import Config
 from .data import image_paths, read_image
 from .errors import KitError
-from .io import atomic_path, atomic_write_text
+from .io import TIMESTAMP_PATTERN, atomic_path, atomic_write_text
 from .runs import check_split_against_data, epochs_note, experiment_dir, finished_folds
 from .submission import read_submission_file
 
@@ -96,7 +96,7 @@ def read_run_folder(cfg: Config) -> RunFolder:
 
 
 def _stamp(path: Path) -> str:
-    found = re.search(r"\d{8}-\d{6}$", path.stem)
+    found = re.search(TIMESTAMP_PATTERN + "$", path.stem)
     return found.group(0) if found else ""
 
 
@@ -113,7 +113,7 @@ def find_test_prediction(submissions_dir: str | Path, experiment: str) -> Path |
     if not folder.is_dir():
         return None
     own = [path for path in folder.glob("*.csv")
-           if re.fullmatch(re.escape(experiment) + r"-\d{8}-\d{6}", path.stem)
+           if re.fullmatch(re.escape(experiment) + "-" + TIMESTAMP_PATTERN, path.stem)
            or _sidecar_experiment(path) == experiment]
     # the time in the name orders what `predict` wrote; the modification time orders the rest
     return max(own, key=lambda path: (_stamp(path), path.stat().st_mtime), default=None)
@@ -266,7 +266,9 @@ def plot_training_curves(histories: dict[int, pd.DataFrame], best_epochs: dict[i
             best = history[history["epoch"] == best_epochs.get(fold)]
             if column == "val_auc" and not best.empty:
                 ax.plot(best["epoch"], best[column], "o", color=line.get_color(), markersize=8, alpha=0.5)
-    for ax, title in zip(axes, ("train loss", "validation loss", "validation ROC AUC (dot: best epoch)")):
+    # val_loss is the training loss (focal, smoothing, pos_weight included) on the held-out rows: one scale for both
+    for ax, title in zip(axes, ("train loss (the configured loss)", "validation loss (the same loss)",
+                                "validation ROC AUC (dot: best epoch)")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -424,8 +426,8 @@ def _test_prediction(cfg: Config) -> tuple[np.ndarray | None, str]:
     except (KitError, KeyError, ValueError) as err:
         return None, f"Test prediction `{path}` skipped: {err}."
     return scores, (f"Test prediction: `{path}` ({len(scores):,} patches). Its probabilities are averaged over "
-                    f"folds and TTA views, the OOF ones come from one model without TTA, so the shares may differ for "
-                    f"that reason too.")
+                    f"folds and TTA views; each OOF one comes from the single fold that held its patch out (with the same "
+                    f"TTA views), so the shares may differ for that reason too.")
 
 
 def _gallery(cfg: Config, false_negatives: pd.DataFrame, false_positives: pd.DataFrame, out: Path,

@@ -42,6 +42,7 @@ from .config import Config, from_dict, save_config, to_dict
 from .errors import KitError
 from .data import check_data_dir, read_train_labels
 from .folds import describe_label_change, split_path
+from .recipe import EXTENSIBLE_SCHEDULES
 from .io import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, path_inside, process_lock,
                  remove_temp_files)
 
@@ -55,8 +56,6 @@ NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "cache_dir", "submissio
                           "eval_batch_size", "amp", "amp_dtype", "train.compile", "train.channels_last"})
 # At prediction the weights come from best.pt, so where the initial weights came from no longer matters.
 PREDICT_NEUTRAL_KEYS = NEUTRAL_KEYS | {"model.pretrained", "model.pretrained_file"}
-# Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
-EXTENSIBLE_SCHEDULES = ("constant", "cosine")
 
 
 def experiment_dir(cfg: Config) -> Path:
@@ -145,7 +144,6 @@ class FoldStatus:
     fold: int
     directory: Path
     recorded: Config | None = None     # the config that trained it (config.yaml)
-    record: dict = field(default_factory=dict)    # run.json
     metrics: dict | None = None        # metrics.json, when written
     has_checkpoint: bool = False       # last.pt exists: there is training to resume or extend
 
@@ -398,7 +396,7 @@ def read_recorded_config(path: Path) -> Config | None:
 
 def read_status(directory: Path, fold: int) -> FoldStatus:
     return FoldStatus(fold=fold, directory=directory, recorded=read_recorded_config(directory / CONFIG),
-                      record=read_json(directory / RECORD) or {}, metrics=read_json(directory / METRICS),
+                      metrics=read_json(directory / METRICS),
                       has_checkpoint=(directory / LAST).is_file())
 
 

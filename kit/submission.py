@@ -18,7 +18,7 @@ import pandas as pd
 from .competition import ID_LENGTH, TEST_IMAGES
 from .data import check_ids_unpadded, first_line_of
 from .errors import KitError
-from .io import atomic_write_csv, atomic_write_json, path_inside
+from .io import atomic_write_csv, atomic_write_json, path_inside, timestamp
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,8 +83,7 @@ def build_submission(ids, probabilities, sample: pd.DataFrame) -> pd.DataFrame:
 
 def submission_path(submissions_dir: str | Path, experiment: str, now: datetime | None = None) -> Path:
     """submissions/<experiment>-<time>.csv, refused unless it is inside `submissions_dir`."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return path_inside(submissions_dir, f"{experiment}-{stamp}.csv")
+    return path_inside(submissions_dir, f"{experiment}-{timestamp(now)}.csv")
 
 
 def write_submission(submission: pd.DataFrame, path: str | Path, sample: pd.DataFrame, details: dict) -> Path:

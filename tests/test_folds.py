@@ -3,13 +3,19 @@ import pandas as pd
 import pytest
 
 from kit.errors import KitError
-from kit.folds import assign_folds, load_or_make_folds
+from kit.config import FoldsConfig
+from kit.folds import assign_folds, load_split
 
 
 @pytest.fixture
 def labels():
     rng = np.random.default_rng(0)
     return pd.DataFrame({"id": [f"{i:040x}" for i in range(1003)], "label": (rng.random(1003) < 0.4).astype(int)})
+
+
+def load_or_make_folds(labels, n_splits, seed, folds_dir, groups_csv="", log=print):
+    """The fold column `load_split` gives for these loose arguments."""
+    return load_split(labels, FoldsConfig(n_splits=n_splits, seed=seed, groups_csv=groups_csv), folds_dir, log=log).folds
 
 
 def test_folds_are_stratified_disjoint_and_covering(labels):

@@ -19,8 +19,9 @@ from kit.augment import batch_equivalent, build_transform
 from kit.config import Config, ModelConfig, histology_augmentation
 from kit.data import CachedBatches
 from kit.device import autocast_dtype, has_kernels, select_device, spare_memory
-from kit.engine import (TrainingParts, build_loss, build_optimizer, build_scheduler, hold_backbone,
-                        predict_probabilities, train_fold, train_one_epoch)
+from kit.engine import train_fold
+from kit.inference import predict_tta_probabilities
+from kit.recipe import TrainingParts, build_loss, build_optimizer, build_scheduler, hold_backbone, train_one_epoch
 from kit.errors import KitError
 from kit.models import build_model, head_parameter_names
 from kit.runs import LAST, fold_dir, load_checkpoint
@@ -196,8 +197,8 @@ def test_mixed_precision_trains_and_predicts_with_tta_on_cpu(amp_dtype, scaled):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "the weights moved"
     assert bool(parts.scaler.state_dict()) is scaled, "fp16 carries a loss scale; bf16 needs none"
     images = np.random.default_rng(0).integers(0, 256, (6, 96, 96, 3), dtype=np.uint8)
-    mixed = predict_probabilities(model, images, "d4", 4, CPU, amp_dtype)
-    full = predict_probabilities(model, images, "d4", 4, CPU, None)
+    mixed = predict_tta_probabilities(model, images, "d4", 4, CPU, amp_dtype)
+    full = predict_tta_probabilities(model, images, "d4", 4, CPU, None)
     np.testing.assert_allclose(mixed, full, atol=0.05)
 
 
@@ -278,8 +279,8 @@ def test_the_training_loop_makes_no_blocking_copy_and_reads_the_loss_only_at_che
     # the loss at each check and once at the end; nothing else of the loop's own (the CPU optimizer's step
     # counters are CPU tensors, and the fused CUDA optimizers keep them on the device; the D4 group sizes are
     # counted on the CPU draws, before anything goes to the device)
-    assert audit.reads.count("engine.py:item") == len(batches) // 4 + 1, audit.reads
-    assert {read for read in audit.reads if not read.startswith(("optimizer.py", "engine.py"))} <= \
+    assert audit.reads.count("recipe.py:item") == len(batches) // 4 + 1, audit.reads
+    assert {read for read in audit.reads if not read.startswith(("optimizer.py", "recipe.py"))} <= \
         {"augment.py:tolist"}, audit.reads
 
 

@@ -11,7 +11,8 @@ import torch
 
 from kit.config import load_config
 from kit.demo_data import SLIDES_CSV, TEST_LABELS_CSV
-from kit.engine import build_optimizer, build_scheduler, set_up_fold, train_fold
+from kit.engine import set_up_fold, train_fold
+from kit.recipe import build_optimizer, build_scheduler
 from kit.weights import LITE0_TIMM_NAME, write_lite0_imagenet_weights
 
 from conftest import REPO

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 from kit.augment import build_transform, worst_centre_overlap
 from kit.cli import main
 from kit.config import ModelConfig, histology_augmentation, load_config
-from kit.engine import build_loss, build_optimizer, build_scheduler, train_fold
+from kit.engine import train_fold
+from kit.recipe import build_loss, build_optimizer, build_scheduler
 from kit.runs import fold_dir, load_checkpoint
 from kit.errors import KitError
 from kit.models import BASELINES, build_model, head_parameter_names
@@ -213,12 +214,12 @@ def test_predict_blends_two_experiments(quick_config, demo_data, tmp_path, capsy
 # ---- recipe options of the best public solutions ---------------------------------------------------------------------
 
 def test_flip4_tta_is_the_mean_of_the_four_flips():
-    from kit.engine import predict_probabilities
+    from kit.inference import predict_tta_probabilities
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="baseline_bn")).eval()
     images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
-    got = predict_probabilities(model, images, "flip4", batch_size=2, device=torch.device("cpu"))
+    got = predict_tta_probabilities(model, images, "flip4", batch_size=2, device=torch.device("cpu"))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         views = [torch.sigmoid(model(v)) for v in (x, x.flip(3), x.flip(2), x.flip(2).flip(3))]

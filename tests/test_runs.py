@@ -15,7 +15,9 @@ from timm.utils import ModelEmaV3
 import kit.engine as engine
 from kit import api
 from kit.config import load_config
-from kit.engine import StepEma, build_optimizer, predict_probabilities, train_fold
+from kit.engine import train_fold
+from kit.inference import predict_tta_probabilities
+from kit.recipe import StepEma, build_optimizer
 from kit.errors import KitError
 from kit.models import build_model
 from kit.runs import (BEST, LAST, METRICS, OOF, RECORD, RUN_FILES, experiment_dir, fold_dir, fold_lock, folds_to_train,
@@ -252,9 +254,9 @@ def test_oof_is_best_pt_with_the_configured_tta_views(quick_config, demo_data):
     images = load_split_images(demo_data, "train", labels["id"], cache_dir_for(cfg, demo_data))
     rows = labels.index[labels["id"].isin(oof["id"])].to_numpy()
     assert cfg.tta.views == "hflip"
-    expected = predict_probabilities(model, images, "hflip", 128, torch.device("cpu"), rows=rows)
+    expected = predict_tta_probabilities(model, images, "hflip", 128, torch.device("cpu"), rows=rows)
     np.testing.assert_allclose(oof["pred"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
-    untta = predict_probabilities(model, images, "none", 128, torch.device("cpu"), rows=rows)
+    untta = predict_tta_probabilities(model, images, "none", 128, torch.device("cpu"), rows=rows)
     assert not np.allclose(untta, expected, atol=1e-4), "the views must differ for the test to mean much"
 
     history = pd.read_csv(out / "history.csv")

@@ -13,7 +13,8 @@ from kit.augment import ROT90_ELEMENTS, apply_d4, batch_equivalent, build_transf
 from kit.bench import bench
 from kit.config import histology_augmentation, load_config
 from kit.data import AlbumentationsBatches, CachedBatches
-from kit.engine import predict_logits, train_fold
+from kit.engine import train_fold
+from kit.inference import predict_logits
 from kit.errors import KitError
 
 from conftest import REPO

@@ -1,0 +1,276 @@
+"""The training recipe: what turns a model and a config into optimisation steps, and one pass over the batches.
+
+Parameter groups (backbone/head, decay/no decay), the optimizer, the per-step schedule with its warm-up, the loss,
+the EMA of the weights, freezing the backbone (by `requires_grad`, or by a zero learning rate under compile or DDP),
+and the stall check against the loss of predicting the prior. `build_training_parts` assembles them, and
+`train_one_epoch` runs them over ready batches, for a fold (kit/engine.py) and for `make bench` alike. Each option list (OPTIMIZERS, SCHEDULES, LOSSES) is defined here, next
+to the code that implements it; the config schema reads it from here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.ops import sigmoid_focal_loss
+
+from . import distributed
+from .config import Config, LossConfig
+from .device import intended_sync, sync_debug
+from .errors import KitError
+from .models import head_parameter_names
+from .progress import progress_bar
+
+
+def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
+    """Backbone and head (the head at `lr`, the backbone at `lr × backbone_lr_scale`), each split into weights
+    that decay and norm weights, biases and timm's `no_weight_decay()` names that do not (as timm, nanoGPT and
+    ConvNeXt do: decaying a norm's scale or a bias only fights the normalisation)."""
+    opt = cfg.optimizer
+    head_names = head_parameter_names(model)
+    net = getattr(model, "net", model)
+    exempt = {f"net.{name}" for name in (net.no_weight_decay() if hasattr(net, "no_weight_decay") else ())}
+    groups = {}
+    for name, parameter in model.named_parameters():
+        part = "head" if name in head_names else "backbone"
+        decays = parameter.ndim > 1 and name not in exempt and not any(name.startswith(e + ".") for e in exempt)
+        key = part if decays else f"{part}_no_decay"
+        groups.setdefault(key, {"name": key, "lr": opt.lr * (1.0 if part == "head" else opt.backbone_lr_scale),
+                                "weight_decay": opt.weight_decay if decays else 0.0, "params": []})
+        groups[key]["params"].append(parameter)
+    order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
+    return [groups[key] for key in order if key in groups]
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over `parameter_groups`; on a GPU the fused kernels (one launch for every tensor, and
+    with fp16 the GradScaler's inf check stays on the device instead of a sync per step)."""
+    opt, groups = cfg.optimizer, parameter_groups(cfg, model)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0, **fused)
+    optimizer_class = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=opt.lr, **fused)
+
+
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    return next(g["lr"] for g in optimizer.param_groups if g["name"].startswith("head"))
+
+
+MAX_WARMUP_SHARE = 0.2    # a warm-up never takes more than this share of the run, so a short run trains at full rate
+
+
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    return min(round(cfg.schedule.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps))
+
+
+SCHEDULES = ("constant", "cosine", "onecycle")
+# Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
+EXTENSIBLE_SCHEDULES = ("constant", "cosine")
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Per-step schedule: constant or cosine (each after a linear warm-up from lr/100, at most 20% of the run), or
+    one-cycle."""
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total_steps, pct_start=cfg.schedule.pct_start)
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    floor = cfg.schedule.min_lr / cfg.optimizer.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        if cfg.schedule.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StepEma(ModelEmaV3):
+    """timm's ModelEmaV3, warmed up by the optimizer step (decay 1 - (1 + step)^-2/3, capped at `decay`), so the
+    average forgets the initial weights (random head included) within the first few hundred steps; and with its
+    tensor lists gathered once, not walked out of `state_dict()` at every step. The lists alias the live tensors:
+    optimizer steps and `load_state_dict` update them in place."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, decay=decay, use_warmup=True)
+        self._pairs = None
+
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        if self._pairs is None or self._pairs[0] is not model:
+            pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+            floating = [(ema, live) for ema, live in pairs if ema.is_floating_point()]
+            self._pairs = (model, [ema for ema, _ in floating], [live for _, live in floating],
+                           [(ema, live) for ema, live in pairs if not ema.is_floating_point()])
+        _, ema_values, live_values, counters = self._pairs
+        torch._foreach_lerp_(ema_values, live_values, weight=1.0 - decay)    # same dtypes: the EMA is a copy
+        if counters:                     # BatchNorm's num_batches_tracked: copied, one kernel for all
+            torch._foreach_copy_([ema for ema, _ in counters], [live for _, live in counters])
+
+
+LOSSES = ("bce", "focal")
+
+
+def build_loss(loss_cfg: LossConfig, device: torch.device):
+    """Training loss on logits: BCE (with `pos_weight`) or focal, after optional label smoothing."""
+    pos_weight = torch.tensor(loss_cfg.pos_weight, device=device)
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if loss_cfg.label_smoothing:
+            targets = targets * (1 - loss_cfg.label_smoothing) + 0.5 * loss_cfg.label_smoothing
+        if loss_cfg.name == "focal":
+            return sigmoid_focal_loss(logits, targets, alpha=loss_cfg.focal_alpha, gamma=loss_cfg.focal_gamma,
+                                      reduction="mean")
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+
+    return loss_fn
+
+
+def validation_loss(loss_fn, logits: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
+    """The training loss (`loss_fn`, every loss option included) on held-out logits: history.csv's val_loss, on the
+    same scale as its train_loss."""
+    with torch.no_grad():
+        return float(loss_fn(torch.as_tensor(logits, dtype=torch.float32, device=device),
+                             torch.as_tensor(labels, dtype=torch.float32, device=device)))
+
+
+def constant_prediction_loss(loss_cfg: LossConfig, labels: np.ndarray) -> float:
+    """The training loss of the best constant prediction (the prior for every patch): where a model that has
+    learned nothing sits. ln 2 for BCE on balanced labels; any loss option (pos_weight, focal, smoothing) included."""
+    loss_fn = build_loss(loss_cfg, torch.device("cpu"))
+    targets = torch.as_tensor(labels, dtype=torch.float32)
+    with torch.no_grad():
+        return min(float(loss_fn(torch.full_like(targets, float(logit)), targets))
+                   for logit in torch.linspace(-8, 8, 321))
+
+
+STALL_TOLERANCE = 0.01     # a train loss within 1% of the constant-prediction loss: the model has not started
+
+
+def is_stalled(train_loss: float, plateau: float) -> bool:
+    """Not clearly below the prior's loss: the model has not started learning."""
+    return train_loss >= plateau * (1 - STALL_TOLERANCE)
+
+
+def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau: float) -> str | None:
+    if not is_stalled(train_loss, plateau):
+        return None
+    advice = ("model.name=baseline_bn (the same CNN with normalisation layers, which leaves the plateau on every "
+              "seed), or optimizer.lr=3e-4" if cfg.model.name == "baseline" else
+              "a lower optimizer.lr, a warm-up (schedule.warmup_epochs), or check model.pretrained_file")
+    return (f"warning: fold {fold} epoch {epoch}: train loss {train_loss:.4f} is within {STALL_TOLERANCE:.0%} of "
+            f"{plateau:.4f}, the loss of predicting the prior for every patch: the model has not started learning; "
+            f"try {advice}")
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze everything but the head (frozen parameters get no gradient, so no update)."""
+    head_names = head_parameter_names(model)
+    for name, parameter in model.named_parameters():
+        if name not in head_names:
+            parameter.requires_grad_(trainable)
+
+
+def hold_backbone(optimizer: torch.optim.Optimizer, scheduler, held: bool) -> None:
+    """Freeze by a zero learning rate (what `train.compile` uses): the graph stays the same, so the compiled model
+    is not recompiled at the unfreeze, as it would be when `requires_grad` changes. Released, each group gets the
+    rate its schedule gives now (schedulers compute it from the step, never from the current value)."""
+    for group, scheduled in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        if group["name"].startswith("backbone"):
+            group["lr"] = 0.0 if held else scheduled
+
+
+@dataclass
+class TrainingParts:
+    """What one optimisation step needs besides the model and the batch."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: object
+    grad_clip: float = 0.0
+    ema: StepEma | None = None         # updated after every step, its warm-up driven by the step count
+
+
+def build_training_parts(cfg: Config, model: nn.Module, steps_per_epoch: int,
+                         amp_dtype: torch.dtype | None) -> TrainingParts:
+    """Optimizer, schedule, loss scaler (fp16 only: bf16 needs no scaling), loss and EMA for `model` on its device."""
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(cfg, model)
+    return TrainingParts(
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        loss_fn=build_loss(cfg.loss, device),
+        grad_clip=cfg.optimizer.grad_clip,
+        ema=StepEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None)
+
+
+def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, desc: str | None,
+                    check_every: int = 20, hold_backbone_lr: bool = False):
+    """One pass over `batches` ((inputs, labels) on the device); returns (mean loss, images per second).
+    A progress bar shows loss and images/s (none when `desc` is None).
+
+    The loss is summed on the device and read back every `check_every` steps (to check it and update the bar):
+    reading it every step would make the CPU wait for the GPU instead of queueing the next batch. Nothing else in
+    the loop waits for the GPU (tests/test_gpu_path.py checks every copy).
+    `hold_backbone_lr`: the backbone is frozen by a zero learning rate (`hold_backbone`).
+    """
+    model.train()
+    world = distributed.current().world       # under DDP every rank trains an equal share of each batch
+    loss_sum, seen, start = torch.zeros((), device=device), 0, time.perf_counter()
+    bar = progress_bar(batches, desc=desc, unit="batch", leave=False, hidden=desc is None)
+    with sync_debug(device):
+        for step, (inputs, labels) in enumerate(bar, 1):
+            seen += len(inputs) * world
+            train_step(model, inputs, labels, parts, device, amp_dtype, loss_sum, hold_backbone_lr)
+            if step % check_every == 0 or step == len(batches):
+                with intended_sync():             # summed over the ranks: every rank sees the same loss, and stops
+                    mean_loss = distributed.sum_across_ranks(loss_sum).item() / seen      # together if it diverges
+                if not math.isfinite(mean_loss):
+                    raise KitError(f"training diverged ({desc or 'an epoch'}: loss is {mean_loss}); lower "
+                                   f"optimizer.lr")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{seen / (time.perf_counter() - start):,.0f}")
+    bar.close()
+    return (distributed.sum_across_ranks(loss_sum).item() / max(1, seen),
+            seen / max(1e-9, time.perf_counter() - start))
+
+
+def train_step(model, inputs, labels, parts: TrainingParts, device, amp_dtype, loss_sum: torch.Tensor,
+               hold_backbone_lr: bool) -> None:
+    """Forward, backward, update, schedule and EMA for one batch; its loss × batch size is added to `loss_sum` on
+    the device (never read here)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = parts.loss_fn(model(inputs).float(), labels)
+    loss_sum += loss.detach() * len(inputs)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if parts.grad_clip:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step()
+    if hold_backbone_lr:
+        hold_backbone(parts.optimizer, parts.scheduler, held=True)
+    if parts.ema is not None:        # the scheduler counts optimizer steps, across resumes too
+        parts.ema.update(unwrap(model), step=parts.scheduler.last_epoch)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of torch.compile's and DDP's wrappers (what EMA, SWA and checkpoints hold)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
