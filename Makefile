@@ -17,7 +17,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle kaggle-run report bench gpu-check results \
+.PHONY: demo test test-quick test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle kaggle-run report bench gpu-check results \
         venv clean-venv
 
 # The oldest versions requirements-kaggle.txt admits (requirements-oldest.txt), over .venv's torch: a light venv whose
@@ -26,8 +26,8 @@ FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 OLDEST_VENV := .venv-oldest
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.requirements-installed
-OLDEST_TESTS := tests/test_recipes.py tests/test_speed.py tests/test_models.py tests/test_data.py tests/test_config.py \
-                tests/test_engine.py
+OLDEST_TESTS := tests/test_recipes.py tests/test_recipe.py tests/test_augment.py tests/test_inference.py \
+                tests/test_models.py tests/test_data.py tests/test_config.py tests/test_engine.py
 # The 224 px recipes (compete_*) train only in the main run: their timm families are the other configs', which the
 # oldest versions do run (it keeps `make test` within 15 minutes on 2 cores).
 OLDEST_PYTEST := $(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS) -k "not compete_"
@@ -50,6 +50,10 @@ demo: $(STAMP)
 test: $(STAMP) $(OLDEST_STAMP)
 	$(PY) -m pytest -q tests
 	$(OLDEST_PYTEST)
+
+# The quick loop while working: every test but the few marked slow (over ~20 s each), in the main .venv only.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 $(OLDEST_STAMP): requirements-oldest.txt $(STAMP)
 	rm -rf $(OLDEST_VENV)

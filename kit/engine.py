@@ -1,7 +1,10 @@
-"""One fold's training: the loop, mixed precision, the schedule, EMA, resume, and out-of-fold predictions.
+"""One fold's lifecycle and its epoch loop: set up (model, data, input path, DDP), resume or start, train and
+validate epoch by epoch, finish (SWA, the out-of-fold predictions, metrics.json).
 
-What a fold leaves on disk, and every rule about it (finished, config-checked resume, FORCE, the lock), belongs to
-`kit/runs.py`; this module asks it.
+It takes ready parts from the modules that own them: the recipe (optimizer, schedule, loss, EMA, freezing, one pass
+over the batches) from kit/recipe.py, a model's outputs from kit/inference.py, the two checkpoints from
+kit/checkpoints.py. What a fold leaves on disk, and every rule about it (finished, config-checked resume, FORCE, the
+lock), belongs to kit/runs.py; this module asks it.
 """
 
 from __future__ import annotations
@@ -77,10 +80,6 @@ def resolve_num_workers(requested: int, device: torch.device) -> int:
     # on CPU the model is the bottleneck and workers would take its cores; on GPU decode/augment in parallel
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# One epoch, and evaluation
-# ----------------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------------
 # One fold

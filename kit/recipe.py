@@ -226,7 +226,7 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
 
     The loss is summed on the device and read back every `check_every` steps (to check it and update the bar):
     reading it every step would make the CPU wait for the GPU instead of queueing the next batch. Nothing else in
-    the loop waits for the GPU (tests/test_gpu_path.py checks every copy).
+    the loop waits for the GPU (tests/test_device.py checks every copy).
     `hold_backbone_lr`: the backbone is frozen by a zero learning rate (`hold_backbone`).
     """
     model.train()

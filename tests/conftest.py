@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/test_gpu.py); skipped with its reason "
                                        "where there is none")
+    config.addinivalue_line("markers", "slow: over ~20 s on 2 CPU cores; `make test-quick` (pytest -m 'not slow') "
+                                       "leaves them out, `make test` runs them")
 
 
 @pytest.fixture(scope="session")

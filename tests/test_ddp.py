@@ -57,6 +57,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_one_fold_resume_after_kill_and_match_a_two_machine_run(demo_data, tmp_path):
     out, record = tmp_path / "runs", tmp_path / "record"
     values = overrides(demo_data, out, cache_dir=str(tmp_path / "local-disk"))     # runs shared, cache local
@@ -197,6 +198,7 @@ def test_each_rank_takes_an_equal_disjoint_share_of_every_batch(monkeypatch, pat
         assert seeds0 == whole_seeds and not seeds0 & seeds1
 
 
+@pytest.mark.slow
 def test_a_killed_rank_a_bad_nproc_and_a_lonely_machine_are_each_one_line(demo_data, tmp_path):
     values = overrides(demo_data, tmp_path / "runs", epochs=2, max_train_images=64, **{"tta.views": "none"})
     code, output = finished(launch(["--nproc_per_node", "2"], values, tmp_path / "record", kill_after=1, kill_rank=1))

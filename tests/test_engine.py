@@ -6,6 +6,7 @@ from kit.engine import train_fold
 from kit.runs import fold_dir, load_checkpoint
 
 
+@pytest.mark.slow
 def test_short_training_learns(quick_config):
     cfg = quick_config(epochs=4, batch_size=16)
     metrics = train_fold(cfg, fold=0, log=lambda *_: None)
@@ -26,6 +27,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_fold_resumes_from_the_saved_epoch_and_matches_an_uninterrupted_run(quick_config, tmp_path):
     cfg = quick_config(epochs=3)
     ran = []
@@ -60,6 +62,7 @@ def test_interrupted_fold_resumes_from_the_saved_epoch_and_matches_an_uninterrup
         torch.testing.assert_close(resumed_weights[name], tensor, msg=name)
 
 
+@pytest.mark.slow
 def test_finished_fold_is_not_retrained_unless_forced(quick_config):
     cfg = quick_config(epochs=1)
     train_fold(cfg, fold=0, log=lambda *_: None)

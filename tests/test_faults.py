@@ -109,6 +109,7 @@ def test_read_only_and_full_disks_for_real(quick_config, tmp_path, capsys):
         assert f"OUT={cfg.out_dir} is not writable: " in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(quick_config, capsys, monkeypatch):
     """The write of last.pt hits a full disk (the kernel's /dev/full: every write ENOSPC): one line naming the file
     and the free space; the previous last.pt, and every other file, stays as it was."""

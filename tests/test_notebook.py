@@ -65,6 +65,7 @@ def offline_pip_environment() -> dict:
                 PIP_TIMEOUT="2", PIP_DISABLE_PIP_VERSION_CHECK="1")
 
 
+@pytest.mark.slow
 def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_output(demo_data, tmp_path):
     kaggle = tmp_path / "kaggle"
     kit_input = kaggle / "input" / "hcd-kit"
@@ -115,6 +116,7 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
         assert snapshot(root) == files, f"something was written under {root}"
 
 
+@pytest.mark.slow
 def test_a_bare_torch_machine_runs_the_gpu_check_from_the_bundle_offline(tmp_path):
     """The README's three lines on a machine with its own torch and no internet: the bundle's wheels installed into
     a folder on PYTHONPATH (never torch), then `python3 -m kit gpu-check`."""

@@ -61,6 +61,7 @@ def test_parallel_values():
             resolve_parallel(bad)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_the_rerun_resumes_each_fold(quick_config):
     cfg = quick_config(epochs=3, max_train_images=64, **{"tta.views": "none"})
     command = [sys.executable, "-m", "kit", "train-all", "--parallel", "2", "--config", "configs/demo.yaml",
@@ -126,6 +127,7 @@ def start_parallel_run(cfg, name: str) -> tuple[subprocess.Popen, dict[int, int]
     return run, workers
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_named_and_a_killed_parent_takes_its_workers_with_it(quick_config):
     cfg = quick_config()
 

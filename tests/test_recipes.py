@@ -16,7 +16,6 @@ from kit.augment import build_transform, worst_centre_overlap
 from kit.cli import main
 from kit.config import ModelConfig, histology_augmentation, load_config
 from kit.engine import train_fold
-from kit.recipe import build_loss, build_optimizer, build_scheduler
 from kit.runs import fold_dir, load_checkpoint
 from kit.errors import KitError
 from kit.models import BASELINES, build_model, head_parameter_names
@@ -113,41 +112,6 @@ def test_bad_transforms_are_named(spec, message):
 
 # ---- recipe options -----------------------------------------------------------------------------------------------
 
-def test_loss_options():
-    logits, targets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0])
-    bce = build_loss(load_config("baseline").loss, torch.device("cpu"))
-    torch.testing.assert_close(bce(logits, targets), torch.nn.functional.binary_cross_entropy_with_logits(logits, targets))
-    weighted = build_loss(load_config("baseline", ["loss.pos_weight=2.0"]).loss, torch.device("cpu"))
-    assert weighted(logits, targets) > bce(logits, targets)
-    smoothed = build_loss(load_config("baseline", ["loss.label_smoothing=0.1"]).loss, torch.device("cpu"))
-    torch.testing.assert_close(smoothed(logits, targets), torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, torch.tensor([0.95, 0.05, 0.95])))
-    focal = build_loss(load_config("convnext_nano").loss, torch.device("cpu"))
-    p = torch.sigmoid(logits)
-    p_t = torch.where(targets == 1, p, 1 - p)
-    expected = (-(1 - p_t) ** 2 * torch.log(p_t)).mean()
-    torch.testing.assert_close(focal(logits, targets), expected)
-
-
-def test_backbone_learning_rate_and_onecycle_schedule():
-    cfg = load_config("resnet34", ["model.pretrained=false", "epochs=2"])
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(cfg, model)
-    groups = {g["name"]: g for g in optimizer.param_groups}
-    assert list(groups) == ["backbone", "backbone_no_decay", "head", "head_no_decay"]
-    for name in ("backbone", "backbone_no_decay"):
-        assert groups[name]["lr"] == pytest.approx(cfg.optimizer.lr * cfg.optimizer.backbone_lr_scale)
-    head = {id(p) for name in ("head", "head_no_decay") for p in groups[name]["params"]}
-    assert head == {id(p) for n, p in model.named_parameters() if n in head_parameter_names(model)} and len(head) == 2
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=10)
-    lrs = []
-    for _ in range(20):
-        lrs.append(groups["head"]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert int(np.argmax(lrs)) == round(0.25 * 20) - 1 and max(lrs) == pytest.approx(cfg.optimizer.lr)   # pct_start
-    assert lrs[-1] < cfg.optimizer.lr / 100
-
 
 def test_a_frozen_backbone_trains_only_the_head(quick_config):
     cfg = quick_config(**{"epochs": 2, "train.freeze_backbone_epochs": 5, "max_train_images": 64})
@@ -212,18 +176,6 @@ def test_predict_blends_two_experiments(quick_config, demo_data, tmp_path, capsy
 
 
 # ---- recipe options of the best public solutions ---------------------------------------------------------------------
-
-def test_flip4_tta_is_the_mean_of_the_four_flips():
-    from kit.inference import predict_tta_probabilities
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="baseline_bn")).eval()
-    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
-    got = predict_tta_probabilities(model, images, "flip4", batch_size=2, device=torch.device("cpu"))
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    with torch.no_grad():
-        views = [torch.sigmoid(model(v)) for v in (x, x.flip(3), x.flip(2), x.flip(2).flip(3))]
-    np.testing.assert_allclose(got, torch.stack(views).mean(0).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_input_size_resizes_on_the_device_and_global_pool_reaches_timm():

@@ -1,20 +1,15 @@
-"""The fast input path: batch augmentation against the albumentations transforms it replaces, the batch feeds,
-the two training paths against each other, and `make bench`."""
-
-import json
+"""The fast input path (kit/augment.py's batch ops): batch augmentation against the albumentations transforms it
+replaces, the input path choice, the batch feeds, and the two training paths against each other."""
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from kit.augment import ROT90_ELEMENTS, apply_d4, batch_equivalent, build_transform, choose_input
-from kit.bench import bench
 from kit.config import histology_augmentation, load_config
 from kit.data import AlbumentationsBatches, CachedBatches
 from kit.engine import train_fold
-from kit.inference import predict_logits
 from kit.errors import KitError
 
 from conftest import REPO
@@ -135,17 +130,6 @@ def test_input_path_choice():
         load_config(REPO / "configs" / "demo.yaml", {"train.input": "fast"})
 
 
-def test_validation_with_a_batch_transform_returns_logits_in_input_order():
-    class MeanBrightness(nn.Module):                  # a flip-invariant "model": each image's own mean
-        def forward(self, images):
-            return images.mean((1, 2, 3))
-
-    images = random_images(50, seed=3)
-    flips = build_transform([{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}], "augment.valid")
-    logits = predict_logits(MeanBrightness(), images, None, 16, torch.device("cpu"), transform=flips)
-    np.testing.assert_allclose(logits, images.mean((1, 2, 3)) / 255, rtol=1e-5)
-
-
 # ---- the batch feeds -----------------------------------------------------------------------------------------------
 
 def epoch(batches, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -189,21 +173,3 @@ def test_fast_path_and_albumentations_path_train_to_comparable_auc(quick_config,
         used = "augmented a batch at a time" if path == "batch" else "albumentations per image"
         assert any(used in message for message in messages), messages
     assert min(aucs.values()) > 0.9 and abs(aucs["batch"] - aucs["albumentations"]) < 0.05, aucs
-
-
-def test_bench_prints_a_table_and_writes_json(tmp_path):
-    lines = []
-    path = bench(tmp_path / "bench", log=lines.append, images=64, batch_size=16, min_seconds=0.0)
-    report = json.loads(path.read_text())
-    assert set(report) == {"machine", "settings", "results", "targets", "peak_memory_mb"}
-    assert report["machine"]["cores"] >= 1 and report["peak_memory_mb"] == {}, "peak memory is a GPU number"
-    for name in ("decode (1 core)", "input (a) d4", "input (b) default", "input (c) default", "train step baseline",
-                 "train step resnet18", "epoch (input + step + EMA) baseline", "epoch (input + step + EMA) resnet18",
-                 "TTA ×8 inference resnet18"):
-        assert report["results"][name] > 0, name
-    ratio = report["targets"]["(c) / (a), d4"]
-    assert ratio["value"] == pytest.approx(report["results"]["input (c) d4"] / report["results"]["input (a) d4"])
-    epoch = report["targets"]["epoch / train step resnet18"]
-    assert epoch["needs"] == pytest.approx(1 / 1.3) and not epoch["applies"], "a GPU target"
-    table = lines[-1]
-    assert "(c) / (a), default" in table and "cache build / (decode × cores)" in table and "≥ 10" in table
