@@ -6,6 +6,8 @@
 #            NPROC=N (train: one fold on N processes, DDP), NNODES=M RDZV=host:port (train: on M machines),
 #            MINUTES, QUICK=1 (gpu-check), PY=python3 (gpu-check on the machine's own torch, without .venv).
 
+.DEFAULT_GOAL := help
+
 CONFIG ?= configs/baseline_bn.yaml
 FOLD ?= 0
 PYTHON ?= python3
@@ -17,7 +19,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: demo test test-quick test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle kaggle-run report bench gpu-check results \
+.PHONY: help lint demo test test-quick test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle kaggle-run report bench gpu-check results \
         venv clean-venv
 
 # The oldest versions requirements-kaggle.txt admits (requirements-oldest.txt), over .venv's torch: a light venv whose
@@ -40,19 +42,31 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-venv: $(STAMP)
+# `make` alone: every target with its one line (the `## ` after each rule), then the variables (the header above).
+help:
+	@echo "make <target> [VARIABLE=value …]   (first run: make demo, make test)"
+	@echo
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/\1\t\2/' | \
+		awk -F'\t' '{ printf "  %-15s %s\n", $$1, $$2 }'
+	@echo
+	@sed -n '/^# Variables:/,/^$$/p' $(MAKEFILE_LIST) | sed -E 's/^# ?/  /'
 
-demo: $(STAMP)
+venv: $(STAMP)    ## build .venv from requirements.txt (rebuilt when it changes)
+
+demo: $(STAMP)    ## generate demo data, train every fold of configs/demo.yaml on CPU, predict with TTA
 	$(PY) -m kit demo-data --out data/demo
 	$(PY) -m kit train-all --config configs/demo.yaml $(FORCE_FLAG) $(if $(OUT),--out $(OUT)) $(ARGS)
 	$(PY) -m kit predict --config configs/demo.yaml $(if $(OUT),--out $(OUT)) $(ARGS)
 
-test: $(STAMP) $(OLDEST_STAMP)
+test: lint $(OLDEST_STAMP)    ## lint, the whole test suite, then the version-sensitive tests at the oldest versions
 	$(PY) -m pytest -q tests
 	$(OLDEST_PYTEST)
 
+lint: $(STAMP)    ## ruff check kit tests (pyflakes, bugbear, import order, pyupgrade)
+	$(PY) -m ruff check kit tests
+
 # The quick loop while working: every test but the few marked slow (over ~20 s each), in the main .venv only.
-test-quick: $(STAMP)
+test-quick: $(STAMP)    ## every test but those marked slow, in .venv only (the loop while working)
 	$(PY) -m pytest -q -m "not slow" tests
 
 $(OLDEST_STAMP): requirements-oldest.txt $(STAMP)
@@ -62,15 +76,15 @@ $(OLDEST_STAMP): requirements-oldest.txt $(STAMP)
 	$(OLDEST_PY) -m pip install --quiet -r requirements-oldest.txt
 	touch $(OLDEST_STAMP)
 
-test-oldest: $(OLDEST_STAMP)
+test-oldest: $(OLDEST_STAMP)    ## the version-sensitive tests in .venv-oldest only
 	$(OLDEST_PYTEST)
 
 # HARD=1: the hard generated set (data/hard): slides, stain, hard negatives, noisy labels; tells recipes apart
-demo-data: $(STAMP)
+demo-data: $(STAMP)    ## generated data in the Kaggle layout (HARD=1: the hard set, data/hard)
 	$(PY) -m kit demo-data $(if $(filter 1 true yes,$(HARD)),--difficulty hard) $(if $(DATA_DIR),--out $(DATA_DIR)) \
 	    $(FORCE_FLAG)
 
-cache: $(STAMP)
+cache: $(STAMP)    ## decode every TIFF once into the uint8 cache
 	$(PY) -m kit cache $(EXPERIMENT)
 
 # NPROC=N: one fold on N processes (DDP; a GPU each, or CPU processes over gloo) through torchrun (kit/launch.py);
@@ -78,57 +92,57 @@ cache: $(STAMP)
 TORCHRUN = $(PY) -m kit.launch --nproc_per_node $(NPROC) \
            $(if $(NNODES),--nnodes $(NNODES) --rdzv-backend c10d --rdzv-id $(or $(RDZV_ID),kit) \
              --rdzv-endpoint $(or $(RDZV),$(error NNODES=$(NNODES) needs RDZV=host:port, the first machine's address)))
-train: $(STAMP)
+train: $(STAMP)    ## train (or resume) one fold: FOLD=, NPROC= (DDP), FORCE=1
 	$(if $(NPROC),$(TORCHRUN),$(PY)) -m kit train --fold $(FOLD) $(FORCE_FLAG) $(EXPERIMENT)
 
-train-all: $(STAMP)
+train-all: $(STAMP)    ## every fold, then the CV AUC: PARALLEL=N|auto (folds at once)
 	$(if $(NPROC),$(TORCHRUN),$(PY)) -m kit train-all $(FORCE_FLAG) $(if $(PARALLEL),--parallel $(PARALLEL)) \
 	    $(EXPERIMENT)
 
-predict: $(STAMP)
+predict: $(STAMP)    ## folds × TTA → submissions/<experiment>-<time>.csv (EXPS='a b': a blend)
 	$(PY) -m kit predict $(if $(filter 1 true yes,$(ALLOW_MISSING_FOLDS)),--allow-missing-folds) \
 	    $(if $(EXPS),--exps "$(EXPS)" $(if $(BLEND),--blend $(BLEND))) $(EXPERIMENT)
 
-submit: $(STAMP)
+submit: $(STAMP)    ## validate FILE= and upload it through the Kaggle API (DRY_RUN=1: validate only)
 	$(PY) -m kit submit --file "$(FILE)" $(if $(MESSAGE),--message "$(MESSAGE)") \
 	    $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(FORCE_FLAG) $(EXPERIMENT)
 
-data: $(STAMP)
+data: $(STAMP)    ## download, unzip and verify the competition data (Kaggle API)
 	$(PY) -m kit data --data-dir $(or $(DATA_DIR),data)
 
-submissions: $(STAMP)
+submissions: $(STAMP)    ## list your recent submissions and their scores
 	$(PY) -m kit submissions
 
 # ACCELERATOR=NvidiaTeslaT4 (default) | NvidiaL4 …; SUBMIT=1 submits the CSV; FORCE=1 pushes a new kernel (kit/kaggle_run.py)
-kaggle-run: $(STAMP)
+kaggle-run: $(STAMP)    ## train (and SUBMIT=1: submit) on Kaggle's GPUs from this machine
 	$(PY) -m kit kaggle-run $(EXPERIMENT) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) \
 	    $(if $(filter 1 true yes,$(SUBMIT)),--submit) $(FORCE_FLAG)
 
-kaggle-bundle: $(STAMP)
+kaggle-bundle: $(STAMP)    ## dist/hcd-kit.zip: the kit and its offline wheels, for a Kaggle dataset or a GPU box
 	$(PY) -m kit bundle --out $(or $(BUNDLE),dist/hcd-kit.zip)
 
 # images/s from files to the model (docs/PERFORMANCE.md); DEVICE=cpu|cuda, default auto
-bench: $(STAMP)
+bench: $(STAMP)    ## images/s from files to the model on this machine (DEVICE=cpu|cuda)
 	$(PY) -m kit bench $(if $(OUT),--out $(OUT)/bench) $(if $(DEVICE),--device $(DEVICE))
 
 # the GPU path proved on this card (kit/gpu_check.py) within MINUTES (default 7): one epoch per config under
 # sync-debug "error" in each precision, compile, bench, TTA, rows appended to runs/gpu-check/gpu-check-<time>.jsonl
 # as they finish; QUICK=1 small; DEVICE=cpu the same steps on the CPU; no GPU: one line, exit 2.
 # PY=python3: the machine's own Python and torch, no .venv (an offline GPU box with the bundle's wheels, README).
-gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))    ## prove the GPU path on this card within MINUTES= (QUICK=1, DEVICE=cpu, PY=python3)
 	$(PY) -m kit gpu-check $(if $(OUT),--out $(OUT)/gpu-check) $(if $(MINUTES),--minutes $(MINUTES)) \
 	    $(if $(filter 1 true yes,$(QUICK)),--quick) $(if $(DEVICE),--device $(DEVICE)) $(if $(CONFIGS),--configs "$(CONFIGS)")
 
 # configs × seeds on the hard generated set → docs/RESULTS.md (hours on CPU; resumes). CONFIGS, SEEDS, FOLDS, ARGS.
-results: $(STAMP)
+results: $(STAMP)    ## CONFIGS= × SEEDS= on the hard set → docs/RESULTS.md
 	$(PY) -m kit results $(if $(CONFIGS),--configs "$(CONFIGS)") $(if $(SEEDS),--seeds $(SEEDS)) \
 	    $(if $(FOLDS),--folds $(FOLDS)) $(ARGS)
 
 # EXP=name is short for CONFIG=configs/name.yaml; EXPS="a b" compares experiments instead.
 report: CONFIG := $(or $(EXP),$(CONFIG))
-report: $(STAMP)
+report: $(STAMP)    ## OOF metrics, thresholds, figures, report.md (EXPS='a b': side by side)
 	$(PY) -m kit report $(EXPERIMENT) $(if $(EXPS),--exps "$(EXPS)") \
 	    $(if $(TARGET_SENSITIVITY),--target-sensitivity $(TARGET_SENSITIVITY))
 
-clean-venv:
+clean-venv:    ## delete .venv
 	rm -rf $(VENV)

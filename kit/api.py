@@ -29,7 +29,6 @@ from .errors import Interrupted, KitError
 from .io import require_writable_dir
 from .kaggle_notebook import competition_input, kaggle_environment
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +100,8 @@ def make_demo_data(out_dir: str | Path | None = None, n_train: int | None = None
                    seed: int = 0, force: bool = False, difficulty: str = "easy", log=print) -> Path:
     """Generated data in the Kaggle layout (kit/demo_data.py): `easy` proves the pipeline runs; `hard` tells
     recipes apart (slides, stain, hard negatives, noisy labels; slides.csv and test_labels.csv beside)."""
-    from .demo_data import DIFFICULTIES, demo_data_is_complete, make_demo_data as generate
+    from .demo_data import DIFFICULTIES, demo_data_is_complete
+    from .demo_data import make_demo_data as generate
 
     if difficulty not in DIFFICULTIES:
         raise KitError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")

@@ -32,13 +32,21 @@ import torch
 
 from .augment import batch_equivalent, build_transform
 from .config import Config, ModelConfig, histology_augmentation
-from .data import (AlbumentationsBatches, CachedBatches, image_paths, load_split_images, read_image,
-                   read_train_labels, resident_images, to_model_input)
+from .data import (
+    AlbumentationsBatches,
+    CachedBatches,
+    image_paths,
+    load_split_images,
+    read_image,
+    read_train_labels,
+    resident_images,
+    to_model_input,
+)
 from .demo_data import make_demo_data
 from .device import autocast_dtype, peak_memory_mb, reset_peak_memory, select_device
 from .errors import KitError
-from .io import atomic_write_json, timestamp
 from .inference import predict_tta_probabilities
+from .io import atomic_write_json, timestamp
 from .models import build_model
 from .recipe import TrainingParts, build_training_parts, train_one_epoch
 
@@ -167,11 +175,12 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
         resident = resident_images(cache, device)
         for pipeline, specs in PIPELINES.items():
             transform = build_transform(specs, f"bench {pipeline}")
-            candidates = {
-                "a": lambda: TiffBatches(paths, labels, transform, batch_size, device, cores),
-                "b": lambda: AlbumentationsBatches(cache, rows, labels, transform, batch_size, device, cores),
-                "c": lambda: CachedBatches(resident, rows, labels, batch_size, device,
-                                           batch_equivalent(transform, pipeline)),
+            candidates = {       # built one at a time, each after the previous one's workers have ended
+                "a": functools.partial(TiffBatches, paths, labels, transform, batch_size, device, cores),
+                "b": functools.partial(AlbumentationsBatches, cache, rows, labels, transform, batch_size, device,
+                                       cores),
+                "c": functools.partial(CachedBatches, resident, rows, labels, batch_size, device,
+                                       batch_equivalent(transform, pipeline)),
             }
             for letter, make in candidates.items():
                 batches = make()
@@ -198,22 +207,16 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
                 epoch_batches = CachedBatches(resident, epoch_rows, labels[epoch_rows], batch_size, device, augment)
                 epoch_parts = training_parts(cfg, model, len(epoch_batches), device, dtype, ema=True)
 
-                def train_steps() -> int:
-                    train_one_epoch(model, step_batches, step_parts, device, dtype, desc=None)
-                    return steps * batch_size
-
-                def train_epoch() -> int:
-                    train_one_epoch(model, epoch_batches, epoch_parts, device, dtype, desc=None)
-                    return len(epoch_batches) * batch_size
-
+                train_steps = functools.partial(training_pass, model, step_batches, step_parts, device, dtype,
+                                                steps * batch_size)
+                train_epoch = functools.partial(training_pass, model, epoch_batches, epoch_parts, device, dtype,
+                                                len(epoch_batches) * batch_size)
                 subset = cache if device.type == "cuda" else cache[:batch_size]     # 8 views × a CPU-sized share
-
-                def predict_with_tta() -> int:
-                    return len(predict_tta_probabilities(model, subset, "d4", batch_size, device, dtype))
-
+                predict_with_tta = functools.partial(tta_pass, model, subset, batch_size, device, dtype)
                 record(f"train step {label}", images_per_second(train_steps, device, min_seconds))
                 record(f"epoch (input + step + EMA) {label}", images_per_second(train_epoch, device, min_seconds))
                 record(f"TTA ×8 inference {label}", images_per_second(predict_with_tta, device, min_seconds))
+                del train_steps, train_epoch, predict_with_tta
                 if device.type == "cuda":
                     peak_memory[label] = peak_memory_mb(device)
                     log(f"  {'peak memory ' + label:<44} {peak_memory[label]:>12,.0f} MB")
@@ -223,6 +226,17 @@ def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, t
     return summarise(results, machine_description(device, cores), {
         "images": images, "batch_size": batch_size, "timm_model": timm_model, "min_seconds": min_seconds,
         "amp": str(amp_dtype) if amp_dtype else None, "pipelines": PIPELINES}, peak_memory)
+
+
+def training_pass(model, batches, parts: TrainingParts, device: torch.device, amp_dtype, images: int) -> int:
+    """One pass of `train_one_epoch` over `batches` (`images` in all); returns `images`."""
+    train_one_epoch(model, batches, parts, device, amp_dtype, desc=None)
+    return images
+
+
+def tta_pass(model, images, batch_size: int, device: torch.device, amp_dtype) -> int:
+    """The 8 D4 views of `images` through `model`; the images predicted."""
+    return len(predict_tta_probabilities(model, images, "d4", batch_size, device, amp_dtype))
 
 
 def model_precisions(device: torch.device, amp_dtype) -> dict:

@@ -19,7 +19,11 @@ import yaml
 from .errors import KitError, first_line
 from .io import atomic_write_text
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: the checkout's configs/ (or an unpacked bundle's); in an installed package (`pip install .`)
+# the copy that travels inside it, kit/configs.
+CONFIGS_DIR = next((folder for folder in (Path(__file__).resolve().parent.parent / "configs",
+                                          Path(__file__).resolve().parent / "configs") if folder.is_dir()),
+                   Path(__file__).resolve().parent.parent / "configs")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,13 +22,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .competition import (CHANNELS, IMAGE_SIZE, IMAGE_SUFFIX, SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR,
-                          TRAIN_LABELS_CSV)
 from . import distributed
+from .competition import (
+    CHANNELS,
+    IMAGE_SIZE,
+    IMAGE_SUFFIX,
+    SAMPLE_SUBMISSION_CSV,
+    TEST_DIR,
+    TRAIN_DIR,
+    TRAIN_LABELS_CSV,
+)
 from .device import spare_memory, to_device
 from .errors import Interrupted, KitError
-from .kaggle_notebook import get_data_hint, repair_hint
 from .io import WHERE_TO_WRITE, atomic_path, free_bytes, human_bytes, process_lock, remove_temp_files
+from .kaggle_notebook import get_data_hint, repair_hint
 from .progress import progress_bar
 
 SHOWN_PROBLEMS = 5          # bad files named in a message; the rest are counted

@@ -22,8 +22,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .competition import (CENTRE, CENTRE_SIZE, CENTRE_START, IMAGE_SIZE, IMAGE_SUFFIX, SAMPLE_SUBMISSION_CSV,
-                          TEST_DIR, TRAIN_DIR, TRAIN_LABELS_CSV)
+from .competition import (
+    CENTRE,
+    CENTRE_SIZE,
+    CENTRE_START,
+    IMAGE_SIZE,
+    IMAGE_SUFFIX,
+    SAMPLE_SUBMISSION_CSV,
+    TEST_DIR,
+    TRAIN_DIR,
+    TRAIN_LABELS_CSV,
+)
 from .io import atomic_path, atomic_write_csv
 
 POSITIVE_SHARE = 0.40            # the real train set is 40.5% positive

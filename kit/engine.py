@@ -29,17 +29,36 @@ from . import distributed
 from .augment import build_transform, choose_input
 from .checkpoints import FoldProgress, best_weights, load_resume, resume_process_count, save_best, save_resume
 from .config import Config
-from .data import (AlbumentationsBatches, CachedBatches, cache_dir_for, check_data_dir, check_test_images,
-                   load_split_images, read_train_labels, resident_images)
+from .data import (
+    AlbumentationsBatches,
+    CachedBatches,
+    cache_dir_for,
+    check_data_dir,
+    check_test_images,
+    load_split_images,
+    read_train_labels,
+    resident_images,
+)
 from .device import autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory, select_device
 from .errors import Interrupted, KitError
 from .folds import Split, load_split
-from .io import require_writable_dir
 from .inference import predict_logits, predict_tta_probabilities, tta_view_count
+from .io import require_writable_dir
 from .models import build_model, count_parameters, start_head_neutral
-from .recipe import (MAX_WARMUP_SHARE, TrainingParts, build_training_parts, constant_prediction_loss, head_lr,
-                     hold_backbone, is_stalled, set_backbone_trainable, stall_warning, train_one_epoch,
-                     validation_loss, warmup_steps)
+from .recipe import (
+    MAX_WARMUP_SHARE,
+    TrainingParts,
+    build_training_parts,
+    constant_prediction_loss,
+    head_lr,
+    hold_backbone,
+    is_stalled,
+    set_backbone_trainable,
+    stall_warning,
+    train_one_epoch,
+    validation_loss,
+    warmup_steps,
+)
 from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "peak_memory_mb"]

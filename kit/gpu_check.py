@@ -126,7 +126,7 @@ def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compil
 def competition_split(device: str) -> dict:
     """Whether the kit would hold the competition's train split (220,025 patches, 6.1 GB as uint8) in this card's
     memory, against the memory free now; when it would, the allocation is made and filled to prove it."""
-    from .data import ROW_BYTES, RESIDENT_SHARE, fits_resident
+    from .data import RESIDENT_SHARE, ROW_BYTES, fits_resident
 
     needed = TRAIN_IMAGES * ROW_BYTES
     row = {"images": TRAIN_IMAGES, "split_mb": needed / 2**20}

@@ -18,8 +18,14 @@ from pathlib import Path
 import pandas as pd
 
 from .competition import COMPETITION, KAGGLE_CREDENTIAL_FILES, TEST_DIR, TRAIN_DIR
-from .data import (bad_images_error, check_data_dir, find_bad_images, image_paths, read_sample_submission,
-                   read_train_labels)
+from .data import (
+    bad_images_error,
+    check_data_dir,
+    find_bad_images,
+    image_paths,
+    read_sample_submission,
+    read_train_labels,
+)
 from .errors import KitError
 from .io import atomic_path
 from .progress import progress_bar

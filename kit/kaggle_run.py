@@ -30,8 +30,16 @@ from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config
 from .errors import KitError
 from .io import atomic_path, atomic_write_json, atomic_write_text, path_inside, timestamp
-from .kaggle_api import (dataset_status, download_kernel_output, kaggle_api, kaggle_username, kernel_log_tail,
-                         kernel_status, upload_dataset, upload_kernel)
+from .kaggle_api import (
+    dataset_status,
+    download_kernel_output,
+    kaggle_api,
+    kaggle_username,
+    kernel_log_tail,
+    kernel_status,
+    upload_dataset,
+    upload_kernel,
+)
 from .runs import bring_in_folds, experiment_dir, flat_config
 from .submission import read_submission_details
 

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 
-
 TORCHRUN_PROCESS_WORDS = ("auto", "cpu", "gpu")     # torchrun's own values of --nproc_per_node
 
 

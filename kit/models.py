@@ -17,7 +17,6 @@ from .competition import CHANNELS, IMAGE_SIZE
 from .config import ModelConfig
 from .errors import KitError, first_line
 
-
 # model.global_pool: timm's pooling choices ("" = the model's own; catavgmax = fast.ai's concat pooling)
 GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")
 

@@ -23,8 +23,16 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (ConfusionMatrixDisplay, average_precision_score, brier_score_loss, classification_report,
-                             confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    average_precision_score,
+    brier_score_loss,
+    classification_report,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from .competition import CENTRE_SIZE, CENTRE_START, TRAIN_DIR, TRAIN_LABELS_CSV
 from .config import Config
@@ -557,7 +565,7 @@ def write_comparison(cfgs: list[Config], target_sensitivity: float, log=print) -
     runs = [read_run_folder(cfg) for cfg in cfgs]
     out = comparison_dir(cfgs)
     rows, lines, notes = [], [], []
-    for cfg, run in zip(cfgs, runs):
+    for run in runs:
         labels, scores = run.oof["label"].to_numpy(), run.oof["pred"].to_numpy()
         aucs = auc_summary(run.oof)
         classes = classification_table(labels, scores)

@@ -39,12 +39,19 @@ import torch
 import yaml
 
 from .config import Config, from_dict, save_config, to_dict
-from .errors import KitError
 from .data import check_data_dir, read_train_labels
+from .errors import KitError
 from .folds import describe_label_change, split_path
+from .io import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_csv,
+    atomic_write_json,
+    path_inside,
+    process_lock,
+    remove_temp_files,
+)
 from .recipe import EXTENSIBLE_SCHEDULES
-from .io import (atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, path_inside, process_lock,
-                 remove_temp_files)
 
 LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
     "last.pt", "best.pt", "history.csv", "oof.csv", "metrics.json", "config.yaml", "run.json")

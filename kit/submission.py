@@ -20,7 +20,6 @@ from .data import check_ids_unpadded, first_line_of
 from .errors import KitError
 from .io import atomic_write_csv, atomic_write_json, path_inside, timestamp
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -20,13 +21,6 @@ from kit.config import load_config  # noqa: E402
 from kit.demo_data import make_demo_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/test_gpu.py); skipped with its reason "
-                                       "where there is none")
-    config.addinivalue_line("markers", "slow: over ~20 s on 2 CPU cores; `make test-quick` (pytest -m 'not slow') "
-                                       "leaves them out, `make test` runs them")
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +99,25 @@ def fake_kaggle(monkeypatch, tmp_path, no_kaggle_credentials):
         monkeypatch.setenv("KAGGLE_USERNAME", "kit-tester")
         monkeypatch.setenv("KAGGLE_KEY", "test-key-0123456789")
         yield fake
+
+
+def python_without(packages: tuple[str, ...], folder: Path) -> Path:
+    """A virtual environment that sees this one's packages (torch, timm, OpenCV, …) but not `packages`: its
+    site-packages lists a folder linking every entry of ours except theirs. It has its own pip, to install into."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True)
+    ours = Path(pd.__file__).resolve().parent.parent
+    shadow = folder / "shared-site-packages"
+    shadow.mkdir()
+    for entry in ours.iterdir():
+        if not entry.name.lower().startswith(packages):
+            (shadow / entry.name).symlink_to(entry)
+    (site,) = (folder / "venv" / "lib").glob("python*/site-packages")
+    (site / "kit-test-shared.pth").write_text(f"{shadow}\n")
+    return folder / "venv" / "bin" / "python"
+
+
+def offline_pip_environment() -> dict:
+    """pip with no configuration and an index that does not answer: only --no-index --find-links can install."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
+    return dict(env, PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
+                PIP_TIMEOUT="2", PIP_DISABLE_PIP_VERSION_CHECK="1")

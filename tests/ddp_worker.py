@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from kit import data, engine
+from kit.cli import run_reporting_errors
 from kit.config import load_config
 from kit.distributed import current
-from kit.cli import run_reporting_errors
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,6 @@ import pytest
 
 from kit.bench import bench
 
-
 D4 = [{"name": name, "p": 0.5} for name in ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose")]
 
 

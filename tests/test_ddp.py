@@ -15,14 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO
 from kit import distributed
 from kit.data import CachedBatches, SeededBatchSampler, read_train_labels
 from kit.engine import check_ddp_config, train_fold
 from kit.errors import KitError
-from kit.models import build_model, head_parameter_names
 from kit.folds import load_split
+from kit.models import build_model, head_parameter_names
 from kit.runs import fold_dir, load_checkpoint
+
+from conftest import REPO
 
 WORKER = REPO / "tests" / "ddp_worker.py"
 

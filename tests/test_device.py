@@ -17,12 +17,11 @@ from kit.config import Config, ModelConfig, histology_augmentation
 from kit.data import CachedBatches
 from kit.device import autocast_dtype, has_kernels, select_device, spare_memory
 from kit.engine import train_fold
-from kit.inference import predict_tta_probabilities
-from kit.recipe import TrainingParts, build_loss, build_optimizer, build_scheduler, hold_backbone, train_one_epoch
 from kit.errors import KitError
+from kit.inference import predict_tta_probabilities
 from kit.models import build_model, head_parameter_names
+from kit.recipe import TrainingParts, build_loss, build_optimizer, build_scheduler, hold_backbone, train_one_epoch
 from kit.runs import LAST, fold_dir, load_checkpoint
-
 
 CPU = torch.device("cpu")
 KAGGLE_TORCH_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit.errors import KitError
 from kit.config import FoldsConfig
+from kit.errors import KitError
 from kit.folds import assign_folds, load_split
 
 
@@ -25,7 +25,7 @@ def test_folds_are_stratified_disjoint_and_covering(labels):
     # every id is held out exactly once: disjoint validation parts that cover the data
     assert folds["id"].is_unique and len(folds) == len(labels)
     overall = labels["label"].mean()
-    for fold, part in folds.groupby("fold"):
+    for _, part in folds.groupby("fold"):
         assert abs(len(part) - len(labels) / 5) <= 1
         assert abs(part["label"].mean() - overall) < 0.01
 

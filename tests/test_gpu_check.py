@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-
 from conftest import REPO
 
 CPU = torch.device("cpu")
@@ -85,9 +84,7 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     compile and peak memory)."""
     import json
 
-    from kit.gpu_check import run_gpu_check
-
-    from kit.gpu_check import read_rows
+    from kit.gpu_check import read_rows, run_gpu_check
 
     lines = []
     path, passed = run_gpu_check(tmp_path / "check", images=600, test_images=48, configs=("baseline_bn",), compiled=(),

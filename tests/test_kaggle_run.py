@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
 from kit.competition import COMPETITION
 from kit.config import load_config, to_dict
 from kit.errors import KitError
 from kit.kaggle_run import kaggle_run, state_path
+
+from conftest import REPO
 
 USER = "kit-tester"
 

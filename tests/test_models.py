@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from conftest import REPO
 from kit.config import ModelConfig, load_config
 from kit.errors import KitError
 from kit.models import build_model, count_parameters
+
+from conftest import REPO
 
 
 def test_baseline_has_the_seed_parameter_count():

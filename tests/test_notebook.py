@@ -6,7 +6,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import pytest
 
 from kit.bundle import write_bundle
 from kit.errors import KitError
+
+from conftest import offline_pip_environment, python_without
 
 RUN_NOTEBOOK = r"""
 import json, sys
@@ -41,28 +42,6 @@ def make_read_only(root: Path) -> None:
 # dependencies, ttach, the kaggle client. (Kaggle's image lacks only ttach: a superset of its case.)
 BARE_IMAGE_LACKS = ("albumentations", "albucore", "pydantic", "annotated_types", "typing_inspection", "stringzilla",
                     "simsimd", "ttach", "kaggle")
-
-
-def python_without(packages: tuple[str, ...], folder: Path) -> Path:
-    """A virtual environment that sees this one's packages (torch, timm, OpenCV, …) but not `packages`: its
-    site-packages lists a folder linking every entry of ours except theirs. It has its own pip, to install into."""
-    subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True)
-    ours = Path(pd.__file__).resolve().parent.parent
-    shadow = folder / "shared-site-packages"
-    shadow.mkdir()
-    for entry in ours.iterdir():
-        if not entry.name.lower().startswith(packages):
-            (shadow / entry.name).symlink_to(entry)
-    (site,) = (folder / "venv" / "lib").glob("python*/site-packages")
-    (site / "kit-test-shared.pth").write_text(f"{shadow}\n")
-    return folder / "venv" / "bin" / "python"
-
-
-def offline_pip_environment() -> dict:
-    """pip with no configuration and an index that does not answer: only --no-index --find-links can install."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
-    return dict(env, PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
-                PIP_TIMEOUT="2", PIP_DISABLE_PIP_VERSION_CHECK="1")
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kit.config import load_config
-from kit.recipe import build_loss, build_optimizer, build_scheduler
 from kit.models import build_model, head_parameter_names
+from kit.recipe import build_loss, build_optimizer, build_scheduler
 
 from conftest import REPO
 

@@ -16,10 +16,10 @@ from kit.augment import build_transform, worst_centre_overlap
 from kit.cli import main
 from kit.config import ModelConfig, histology_augmentation, load_config
 from kit.engine import train_fold
-from kit.runs import fold_dir, load_checkpoint
 from kit.errors import KitError
 from kit.models import BASELINES, build_model, head_parameter_names
 from kit.predict import blend, choose_blend_weights, weight_grid
+from kit.runs import fold_dir, load_checkpoint
 
 from conftest import REPO
 

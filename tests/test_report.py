@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 import kit.report as report
 from kit.cli import main
 from kit.config import load_config
+from kit.data import read_train_labels
 from kit.demo_data import make_demo_data
 from kit.engine import HISTORY_COLUMNS
-from kit.data import read_train_labels
 from kit.folds import load_split
 from kit.runs import BEST, LAST, FoldRun, fold_dir
 

@@ -3,8 +3,9 @@ not measure again (a fresh clone has no runs/results/results.jsonl, only the com
 
 import shutil
 
-from conftest import REPO
 from kit.results import read_results_md, write_results_md
+
+from conftest import REPO
 
 
 def row(entry: str, seed: int, epochs: int = 4, machine: str = "GPU X; x86_64; torch 2.11") -> dict:

@@ -16,12 +16,23 @@ import kit.engine as engine
 from kit import api
 from kit.config import load_config
 from kit.engine import train_fold
-from kit.inference import predict_tta_probabilities
-from kit.recipe import StepEma, build_optimizer
 from kit.errors import KitError
+from kit.inference import predict_tta_probabilities
 from kit.models import build_model
-from kit.runs import (BEST, LAST, METRICS, OOF, RECORD, RUN_FILES, experiment_dir, fold_dir, fold_lock, folds_to_train,
-                      load_checkpoint)
+from kit.recipe import StepEma, build_optimizer
+from kit.runs import (
+    BEST,
+    LAST,
+    METRICS,
+    OOF,
+    RECORD,
+    RUN_FILES,
+    experiment_dir,
+    fold_dir,
+    fold_lock,
+    folds_to_train,
+    load_checkpoint,
+)
 
 from conftest import REPO, lock_held_elsewhere
 
