@@ -3,8 +3,9 @@
 Parameter groups (backbone/head, decay/no decay), the optimizer, the per-step schedule with its warm-up, the loss,
 the EMA of the weights, freezing the backbone (by `requires_grad`, or by a zero learning rate under compile or DDP),
 and the stall check against the loss of predicting the prior. `build_training_parts` assembles them, and
-`train_one_epoch` runs them over ready batches, for a fold (kit/engine.py) and for `make bench` alike. Each option list (OPTIMIZERS, SCHEDULES, LOSSES) is defined here, next
-to the code that implements it; the config schema reads it from here.
+`train_one_epoch` runs them over ready batches, for a fold (kit/engine.py) and for `make bench` alike. Each option
+list (OPTIMIZERS, SCHEDULES, LOSSES) is defined here, next to the code that implements it; the config schema reads
+it from here.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def test_pip_install_gives_an_hcd_kit_command_that_trains_a_fold_outside_the_che
     assert str(tmp_path / "fresh" / "venv") in where.stdout and where.stdout.strip().endswith("kit/configs")
     trained = subprocess.run([str(command), "train", "--config", "demo", "--fold", "0", "--data-dir",
                               str(demo_data), "--out", str(tmp_path / "runs"), "epochs=1", "folds.n_splits=2",
-                              "tta.views=none"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                              "max_train_images=64", "tta.views=none"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (tmp_path / "runs" / "demo" / "fold0" / "metrics.json").is_file()
 
