@@ -13,10 +13,11 @@ class SharedError(KitError):
     """A KitError that every rank of a multi-process (torchrun) run raises together: rank 0 alone prints it."""
 
 
-def first_line(err: Exception) -> str:
-    """An exception's first line (at most 200 characters), for a one-line message; its type when it has no text."""
+def first_line(err: Exception, when_empty: str | None = None) -> str:
+    """An exception's first line (at most 200 characters), for a one-line message; `when_empty` (default: its
+    type's name) when it has no text."""
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    return text.splitlines()[0][:200] if text else (when_empty or type(err).__name__)
 
 
 def killed_by(returncode: int) -> str | None:

@@ -38,7 +38,7 @@ from .competition import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_DIR, TRAIN_IMAGE
 from .config import CONFIGS_DIR, load_config
 from .demo_data import make_demo_data
 from .device import autocast_dtype, card_name, precision_name, select_device, spare_memory, sync_debug_error
-from .errors import KitError
+from .errors import KitError, first_line
 from .io import atomic_write_csv, atomic_write_json, read_json_lines, timestamp
 from .runs import HISTORY, fold_dir
 
@@ -81,6 +81,11 @@ def check_config(config: str, data_dir: Path, out_dir: Path, device: str, amp_dt
                                 "device": device, "submissions_dir": str(out_dir / "submissions")})
 
 
+def failure(err: Exception) -> str:
+    """A failed row's error: the exception's type and first line."""
+    return f"{type(err).__name__}: {first_line(err, when_empty='no details')}"
+
+
 def optional_float(value) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
@@ -118,8 +123,7 @@ def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compil
             row.update(swa_bn_seconds=optional_float(metrics.get("swa_bn_seconds")),
                        swa_bn_peak_memory_mb=optional_float(metrics.get("swa_bn_peak_memory_mb")))
     except Exception as err:     # a failed run is reported, and the check goes on with the others
-        row.update(status="FAILED", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                   where=traceback.format_exc(limit=-3))
+        row.update(status="FAILED", error=failure(err), where=traceback.format_exc(limit=-3))
     return row
 
 
@@ -158,7 +162,7 @@ def correctness(name: str, data_dir: Path, out_dir: Path, device: str) -> dict:
         return {"check": name, "status": "ok", "seconds": time.perf_counter() - started, **found}
     except Exception as err:
         return {"check": name, "status": "FAILED", "seconds": time.perf_counter() - started,
-                "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                "error": failure(err),
                 "where": traceback.format_exc(limit=-3)}
 
 

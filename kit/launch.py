@@ -91,19 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_failures(err), file=sys.stderr)
         return 2
     except RendezvousError as err:
+        from .errors import first_line
+
         print(f"error: the {machines_wanted(args)} machines did not meet at {args.rdzv_endpoint} "
-              f"({type(err).__name__}: {first_line(err)}): start the same command on every machine, with "
-              f"RDZV=<first machine's address>:<port> reachable from all of them, within the join timeout",
+              f"({type(err).__name__}: {first_line(err, 'no details')}): start the same command on every machine, "
+              f"with RDZV=<first machine's address>:<port> reachable from all of them, within the join timeout",
               file=sys.stderr)
         return 2
     except (SignalException, KeyboardInterrupt):
         return 130
     return 0
 
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else "no details"
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def _build_timm_model(model_cfg: ModelConfig) -> PatchClassifier:
             if not model_cfg.pretrained:
                 raise
             raise KitError(f"cannot load pretrained weights for `{model_cfg.name}` ({type(err).__name__}: "
-                           f"{first_line(err)}); without internet, set model.pretrained_file=path/to/weights"
+                           f"{first_line(err, 'no details')}); without internet, set "
+                           f"model.pretrained_file=path/to/weights"
                            f".safetensors (e.g. a Kaggle dataset of timm weights) or model.pretrained=false") from None
     data_config = timm.data.resolve_data_config({}, model=net)     # the pretrained weights' mean/std, RGB order
     return PatchClassifier(net, mean=data_config["mean"], std=data_config["std"], input_size=model_cfg.input_size)
@@ -174,7 +175,7 @@ def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None
         found = timm.models.load_state_dict(str(weights_file))
     except Exception as err:
         raise KitError(f"config `model.pretrained_file`: cannot read {weights_file} ({type(err).__name__}: "
-                       f"{first_line(err)})") from None
+                       f"{first_line(err, 'no details')})") from None
     if found and all(k.startswith("net.") or k in ("mean", "std") for k in found):   # a kit checkpoint
         found = {k[len("net."):]: v for k, v in found.items() if k.startswith("net.")}
     head = classifier_parameter_names(net)
