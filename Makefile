@@ -1,7 +1,7 @@
 # Thin targets: each one line that calls the kit's command line (`python -m kit …`) with the variables passed on.
 # Variables: CONFIG, FOLD, DATA_DIR, OUT, EPOCHS, ARGS='key=value …', FORCE=1, ALLOW_MISSING_FOLDS=1,
 #            FILE, MESSAGE, DRY_RUN=1, BUNDLE, EXPS='a b' (predict: blend; report: side by side),
-#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, DEVICE (bench),
+#            BLEND=mean|rank, EXP (report: configs/<EXP>.yaml), TARGET_SENSITIVITY, SALIENCY_IMAGES, DEVICE (bench),
 #            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results), PARALLEL=N|auto (train-all: folds at once),
 #            NPROC=N (train: one fold on N processes, DDP), NNODES=M RDZV=host:port (train: on M machines),
 #            MINUTES, QUICK=1 (gpu-check), PY=python3 (gpu-check on the machine's own torch, without .venv).
@@ -22,6 +22,10 @@ FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 .PHONY: help lint demo test test-quick test-oldest demo-data data cache train train-all predict submit submissions kaggle-bundle kaggle-run report bench gpu-check results \
         venv clean-venv
 
+# The tests run on every core (pytest-xdist), a test file per worker (a file's fixtures are built once); each
+# worker's torch gets its share of the cores (tests/conftest.py).
+XDIST := -n auto --dist loadfile
+
 # The oldest versions requirements-kaggle.txt admits (requirements-oldest.txt), over .venv's torch: a light venv whose
 # site-packages also lists .venv's, so its own older packages come first. `make test` runs the version-sensitive
 # tests in it too; `make test-oldest` only those.
@@ -33,7 +37,7 @@ OLDEST_TESTS := tests/test_recipes.py tests/test_recipe.py tests/test_augment.py
 # The 224 px recipes (compete_*) and the slow tests (the engine's whole-fold resume and learning runs, on .venv's
 # own torch either way) run in the main pass only: the oldest versions run every other test of these files, the
 # 224 px recipes' timm families among them (it keeps `make test` within 15 minutes on 2 cores).
-OLDEST_PYTEST := $(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS) -k "not compete_" -m "not slow"
+OLDEST_PYTEST := $(OLDEST_PY) -m pytest -q -p no:cacheprovider $(XDIST) $(OLDEST_TESTS) -k "not compete_" -m "not slow"
 PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
 
 # The virtual environment is (re)built whenever requirements.txt changes.
@@ -60,7 +64,7 @@ demo: $(STAMP)    ## generate demo data, train every fold of configs/demo.yaml o
 	$(PY) -m kit predict --config configs/demo.yaml $(if $(OUT),--out $(OUT)) $(ARGS)
 
 test: lint $(OLDEST_STAMP)    ## lint, the whole test suite, then the version-sensitive tests at the oldest versions
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 	$(OLDEST_PYTEST)
 
 lint: $(STAMP)    ## ruff check kit tests (pyflakes, bugbear, import order, pyupgrade)
@@ -68,7 +72,7 @@ lint: $(STAMP)    ## ruff check kit tests (pyflakes, bugbear, import order, pyup
 
 # The quick loop while working: every test but the few marked slow (over ~20 s each), in the main .venv only.
 test-quick: $(STAMP)    ## every test but those marked slow, in .venv only (the loop while working)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 $(OLDEST_STAMP): requirements-oldest.txt $(STAMP)
 	rm -rf $(OLDEST_VENV)
@@ -143,7 +147,8 @@ results: $(STAMP)    ## CONFIGS= × SEEDS= on the hard set → docs/RESULTS.md
 report: CONFIG := $(or $(EXP),$(CONFIG))
 report: $(STAMP)    ## OOF metrics, thresholds, figures, report.md (EXPS='a b': side by side)
 	$(PY) -m kit report $(EXPERIMENT) $(if $(EXPS),--exps "$(EXPS)") \
-	    $(if $(TARGET_SENSITIVITY),--target-sensitivity $(TARGET_SENSITIVITY))
+	    $(if $(TARGET_SENSITIVITY),--target-sensitivity $(TARGET_SENSITIVITY)) \
+	    $(if $(SALIENCY_IMAGES),--saliency-images $(SALIENCY_IMAGES))
 
 clean-venv:    ## delete .venv
 	rm -rf $(VENV)

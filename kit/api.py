@@ -166,13 +166,34 @@ def train_all(cfg: Config, force: bool = False, parallel: int | str = 1, log=pri
     if resolve_parallel(parallel) > 1:
         train_folds_parallel(cfg, parallel, force=force, log=log)
     else:
-        for fold in range(cfg.folds.n_splits):
-            train(cfg, fold, force=force, log=log)
+        train_folds_in_turn(cfg, force, log)
     found, _ = finished_folds(cfg)
     cv_auc = oof_auc(found)
     log(f"{cfg.name}: CV AUC {cv_auc:.4f} (pooled out-of-fold predictions with {cfg.tta.views} TTA, "
         f"{len(found)} folds)")
     return cv_auc
+
+
+def train_folds_in_turn(cfg: Config, force: bool, log) -> None:
+    """Every fold, one after another; a bar over the folds says how long the rest takes (`progress.FoldsBar`), and
+    each fold's first steps what it and the folds after it will take (`progress.FoldClock`)."""
+    import time
+
+    from .distributed import launched_rank
+    from .engine import train_fold
+    from .progress import FoldsBar
+    from .runs import folds_to_train
+
+    pending = folds_to_train(cfg, force)
+    bar = FoldsBar(cfg.name, cfg.folds.n_splits, len(pending), hidden=launched_rank() != 0)
+    try:
+        for fold in range(cfg.folds.n_splits):
+            started = time.perf_counter()
+            train_fold(cfg, fold, force=force, log=log, folds_after=sum(f > fold for f in pending))
+            if fold in pending:
+                bar.fold_done(time.perf_counter() - started)
+    finally:
+        bar.close()
 
 
 @contextmanager
@@ -207,9 +228,12 @@ def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
     return path
 
 
-def report(configs: Config | list[Config], target_sensitivity: float = 0.95) -> Path:
-    """runs/<experiment>/report.md with its figures; several configs → one side-by-side comparison."""
+def report(configs: Config | list[Config], target_sensitivity: float = 0.95, saliency_images: int | None = None
+           ) -> Path:
+    """runs/<experiment>/report.md with its figures; several configs → one side-by-side comparison.
+    `saliency_images`: validation patches per fold behind the centre evidence share (None: 64; 0: no maps)."""
     from .report import write_comparison, write_report
+    from .saliency import SALIENCY_IMAGES
 
     if not 0 < target_sensitivity < 1:
         raise KitError(f"target sensitivity must be between 0 and 1 (exclusive), got {target_sensitivity:g}; "
@@ -217,9 +241,12 @@ def report(configs: Config | list[Config], target_sensitivity: float = 0.95) -> 
     configs = [configs] if isinstance(configs, Config) else list(configs)
     for cfg in configs:
         require_writable_dir(cfg.out_dir)
+    saliency_images = SALIENCY_IMAGES if saliency_images is None else saliency_images
+    if saliency_images < 0:
+        raise KitError(f"--saliency-images must be 0 or more, got {saliency_images}; e.g. SALIENCY_IMAGES=64")
     if len(configs) > 1:
-        return write_comparison(configs, target_sensitivity)
-    return write_report(configs[0], target_sensitivity)
+        return write_comparison(configs, target_sensitivity, saliency_images)
+    return write_report(configs[0], target_sensitivity, saliency_images=saliency_images)
 
 
 def predict_blend(configs: list[Config], method: str = "mean", allow_missing_folds: bool = False,

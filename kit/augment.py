@@ -5,8 +5,9 @@ The label lives in the centre 32×32, so a geometric transform must not move tha
 every pipeline is probed with a centre mask when it is built, and one that drifts is refused.
 
 Batch augmentation is airbench's lesson: for 96×96 patches, per-image Python work costs more than the model, so the
-transforms the kit uses (D4, a mild affine, stain/colour jitter) also exist as batch ops with each image's own random
-parameters. `choose_input` picks the batch path when every configured transform has an equivalent.
+transforms the kit uses (D4, a mild affine, stain/colour jitter, HEStain with preset stain matrices) also exist as
+batch ops with each image's own random parameters. `choose_input` picks the batch path when every configured transform
+has an equivalent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:                                    # the preset H&E stain matrices HEStain uses (moved into pixel/ after 2.0.5)
+    from albumentations.augmentations.pixel.functional import STAIN_MATRICES
+except ImportError:                     # albumentations 2.0.5
+    from albumentations.augmentations.functional import STAIN_MATRICES
 
 from .competition import CENTRE, CENTRE_SIZE, IMAGE_SIZE
 from .device import to_device
@@ -283,6 +289,47 @@ def shift_hsv(rgb: torch.Tensor, hue: torch.Tensor, saturation: torch.Tensor, va
     return shifted
 
 
+class HEStainOp(PixelOp):
+    """albumentations' HEStain with a preset stain matrix (one fixed, or random_preset: one of the presets drawn per
+    image): RGB → optical density → haematoxylin and eosin concentrations, each scaled and shifted (in tissue only,
+    unless augment_background) → back through the same matrix to RGB. The two mixings are a 2×3 and a 3×2 matrix
+    product per image, batched; as in albumentations, pixels off the stain plane are projected onto it."""
+    draws = 5                      # which preset, then H and E scales, then H and E shifts
+    REGULARIZATION = 1e-6          # albumentations' ridge in the unmixing solve
+    TISSUE_LUMINOSITY = 0.85       # albumentations' get_tissue_mask: tissue is darker than this (0..1)
+    LUMA = (0.299, 0.587, 0.114)
+
+    def __init__(self, t: A.HEStain):
+        self.p, self.scale, self.shift = t.p, t.intensity_scale_range, t.intensity_shift_range
+        self.augment_background = t.augment_background
+        names = t.preset_names if t.method == "random_preset" else [t.preset]
+        # the unmixing matrix (S Sᵀ + εI)⁻¹ S that albumentations' solve applies, computed once, in float64 from the
+        # float32 stain matrix it uses
+        stains = np.stack([STAIN_MATRICES[name] for name in names]).astype(np.float32)            # (presets, 2, 3)
+        gram = stains.astype(np.float64) @ stains.transpose(0, 2, 1) + self.REGULARIZATION * np.eye(2)
+        self.stains = torch.from_numpy(stains)
+        self.unmixing = torch.from_numpy(np.linalg.solve(gram, stains.astype(np.float64))).float()
+
+    def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        which = (u[:, 0] * len(self.stains)).long().clamp_(max=len(self.stains) - 1)   # py_random.choice, uniform
+        stains = to_device(self.stains[which], images.device)
+        unmixing = to_device(self.unmixing[which], images.device)
+        scale = to_device(_uniform(self.scale, u[:, 1:3]).float(), images.device).view(-1, 1, 2)
+        shift = to_device(_uniform(self.shift, u[:, 3:5]).float(), images.device).view(-1, 1, 2)
+        count, _, height, width = images.shape
+        # pixels as rows of (R, G, B): a view of a channels-last batch (as gathered and as D4 leaves it), no copy
+        rgb = images.permute(0, 2, 3, 1).reshape(count, height * width, 3) / 255
+        density = rgb.clamp_min(1e-6).log_().neg_()                                     # optical density
+        concentrations = torch.bmm(density, unmixing.transpose(1, 2))                   # (N, H·W, 2): H and E
+        adjusted = concentrations * scale + shift
+        if not self.augment_background:
+            red, green, blue = rgb.unbind(2)
+            luminosity = red * self.LUMA[0] + green * self.LUMA[1] + blue * self.LUMA[2]  # albumentations' order
+            adjusted = torch.where((luminosity < self.TISSUE_LUMINOSITY).unsqueeze(2), adjusted, concentrations)
+        stained = torch.bmm(adjusted, stains).neg_().exp_().clamp_(0, 1).mul_(255)      # back to RGB, 0..255
+        return stained.reshape(count, height, width, 3).permute(0, 3, 1, 2)
+
+
 class BatchAugmentation:
     """A config's transforms as batch ops, in config order; consecutive D4 ops move the batch once."""
 
@@ -322,6 +369,11 @@ def _batch_op(t: A.BasicTransform):
         return BrightnessContrastOp(t)
     if name == "HueSaturationValue":
         return HueSaturationValueOp(t)
+    if name == "HEStain":
+        if t.method not in ("preset", "random_preset"):
+            raise NoBatchEquivalent(f"method {t.method} estimates a stain matrix per image, which only albumentations "
+                                    f"does; method preset or random_preset has one")
+        return HEStainOp(t)
     raise NoBatchEquivalent("no batch equivalent in kit/augment.py")
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import Config, from_dict, to_dict
 from .device import precision_name
-from .models import build_model
+from .models import build_model, set_frozen_head
 from .runs import BEST, LAST, FoldRun, load_checkpoint
 
 
@@ -91,5 +91,7 @@ def model_from_best(path: Path) -> tuple[nn.Module, Config]:
     state = load_checkpoint(path)
     saved = from_dict(state["config"], source=str(path))
     model = build_model(dataclasses.replace(saved.model, pretrained=False, pretrained_file=""))
+    if saved.train.frozen_features:                       # the head trained on frozen features (kit/features.py)
+        set_frozen_head(model, saved.train.frozen_head)
     model.load_state_dict(state["model"])
     return model, saved

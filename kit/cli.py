@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "comma-separated) side by side, instead of --config")
     report.add_argument("--target-sensitivity", type=float, default=0.95,
                         help="sensitivity the third threshold must reach (default %(default)s)")
+    report.add_argument("--saliency-images", type=int, default=None, metavar="N",
+                        help="validation patches per fold behind the centre evidence share (default 64; 0: no maps)")
     return parser
 
 
@@ -219,7 +221,8 @@ def run(args) -> None:
         elif args.command == "report":
             names = args.exps.replace(",", " ").split()
             configs = [load_experiment(args, name) for name in names] if names else [cfg]
-            print(api.report(configs, target_sensitivity=args.target_sensitivity))
+            print(api.report(configs, target_sensitivity=args.target_sensitivity,
+                             saliency_images=args.saliency_images))
 
 
 def current_rank() -> int | None:

@@ -13,6 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -55,15 +56,25 @@ class FoldsConfig:
 class ModelConfig:
     # "baseline_bn" (the default) = the seed notebook's CNN with BatchNorm (learns on every seed); "baseline" = the
     # seed's CNN, faithfully (stalls on some seeds); any other name is a timm model
+    # A timm name may be a hub model, `hf-hub:org/name` (the local Hugging Face cache, or the network).
     name: str = "baseline_bn"
     pretrained: bool = False     # timm: start from pretrained weights (timm's loader: the hub or its local cache)
-    pretrained_file: str = ""    # timm: weights from a local .pth/.safetensors (Kaggle without internet)
+    # timm: weights from a local .pth/.safetensors/.bin (Kaggle without internet); for a hub name, a folder holding the
+    # model's config.json and weights (a `hf download` of it), or a weights file with its config.json beside it
+    pretrained_file: str = ""
     dropout: float = 0.5         # before the last layer (the seed's Dropout(0.5); timm's drop_rate)
     drop_path: float = 0.0       # timm: stochastic depth, for the deeper backbones
     input_size: int = 0          # timm: resize the 96 px patch to this on the device (e.g. 224, as the best public
                                  # solutions did for ImageNet backbones; ~5× the compute); 0 = 96 as is
     global_pool: str = ""        # timm: avg | max | avgmax | catavgmax (fast.ai's concat pooling); "" = the model's
                                  # own (timm 1.0.31 offers no GeM)
+    # timm: more keyword arguments for timm.create_model (what a foundation model's card asks for, e.g.
+    # init_values: 1.0e-5); a dotted name under timm. or torch. becomes that object (mlp_layer: timm.layers.SwiGLUPacked)
+    timm_kwargs: dict = field(default_factory=dict)
+    mean: list = field(default_factory=list)   # input normalisation (RGB, on [0, 1]); [] = the model's own (its
+    std: list = field(default_factory=list)    # pretrained config: ImageNet's, or a pathology model's stain means)
+    trainable_blocks: int = 0    # timm: train only the last N blocks (a ViT's blocks, a CNN's stages) and the head,
+                                 # the rest of the backbone frozen; 0 = all train
 
 
 @dataclass
@@ -71,6 +82,9 @@ class OptimizerConfig:
     name: str = "adam"           # adam | adamw | sgd
     lr: float = 1e-3             # the head's learning rate (the seed's Adam default)
     backbone_lr_scale: float = 1.0   # backbone lr = lr × this (e.g. 0.1: pretrained features move slowly)
+    # layer-wise lr decay (BEiT, timm): each backbone layer's lr × layer_decay^(layers above it), on top of
+    # backbone_lr_scale; the head stays at lr. For ViTs (e.g. 0.75); 0 = off
+    layer_decay: float = 0.0
     weight_decay: float = 0.0
     momentum: float = 0.9        # sgd only
     grad_clip: float = 0.0       # clip the gradient norm to this; 0 = off
@@ -110,6 +124,10 @@ class TrainConfig:
     # Stochastic weight averaging over the last N epochs (torch.optim.swa_utils), BatchNorm statistics recomputed on
     # the training images at the end; the average becomes best.pt. 0 = off.
     swa_epochs: int = 0
+    # Frozen features (kit/features.py, pretrained timm backbones): the backbone runs once per image and TTA view,
+    # its pooled features are cached beside the image cache, and each fold trains only the head on them (seconds).
+    frozen_features: bool = False
+    frozen_head: str = "linear"  # linear (logistic regression) | mlp (one hidden layer): what fills the classifier slot
 
 
 @dataclass
@@ -124,6 +142,31 @@ class AugmentConfig:
 class TTAConfig:
     # d4 = 8 views (flips × 90° rotations) | flip4 = 4 views (none, h, v, both flips) | hflip = 2 | none = 1 view
     views: str = "d4"
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""            # the W&B project; "" = W&B off
+    mode: str = "online"         # online (needs `wandb login` or WANDB_API_KEY) | offline (files only: `wandb sync`)
+    entity: str = ""             # the W&B team or user; "" = the account's default
+
+
+@dataclass
+class MlflowConfig:
+    # file:///abs/path/mlruns (a file store) | http(s)://host:port (a server; credentials in MLFLOW_TRACKING_USERNAME
+    # and MLFLOW_TRACKING_PASSWORD, never here: the config is saved in every fold); "" = MLflow off
+    tracking_uri: str = ""
+    experiment: str = ""         # the MLflow experiment; "" = the kit experiment's name
+
+
+@dataclass
+class LogConfig:
+    # Experiment trackers (kit/tracking.py), each optional; rank 0 logs each fold as its own run, every epoch's
+    # history.csv row and at the end metrics.json's numbers. They watch a run, never change it: turning one on or
+    # off never blocks a resume.
+    tensorboard: bool = False    # event files in each fold folder: `tensorboard --logdir runs/<experiment>`
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -150,6 +193,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def choices() -> dict[str, tuple]:
@@ -158,11 +202,13 @@ def choices() -> dict[str, tuple]:
     from .augment import INPUT_PATHS
     from .device import AMP_CHOICES, DEVICES
     from .inference import TTA_VIEWS
-    from .models import GLOBAL_POOLS
+    from .models import FROZEN_HEADS, GLOBAL_POOLS
     from .recipe import LOSSES, OPTIMIZERS, SCHEDULES
+    from .tracking import WANDB_MODES
 
     return {"device": DEVICES, "amp_dtype": AMP_CHOICES, "optimizer.name": OPTIMIZERS, "schedule.name": SCHEDULES,
-            "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS}
+            "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS,
+            "train.frozen_head": FROZEN_HEADS, "log.wandb.mode": WANDB_MODES}
 
 
 # An experiment name is one path component: runs/<name>/ and submissions/<name>-<time>.csv stay inside their folders.
@@ -189,10 +235,12 @@ MINIMUMS = {
     "loss.pos_weight": (0.0, False), "loss.focal_gamma": (0.0, True), "loss.label_smoothing": (0.0, True),
     "train.ema_decay": (0.0, True), "train.early_stopping": (0, True), "train.freeze_backbone_epochs": (0, True),
     "model.input_size": (0, True), "train.swa_epochs": (0, True),
+    "optimizer.layer_decay": (0.0, True), "model.trainable_blocks": (0, True),
 }
 MAXIMUMS = {
     "model.dropout": 1.0, "model.drop_path": 1.0, "schedule.pct_start": 1.0, "loss.focal_alpha": 1.0,
     "loss.label_smoothing": 1.0, "train.ema_decay": 1.0, "optimizer.backbone_lr_scale": 1.0,
+    "optimizer.layer_decay": 1.0,
 }
 
 
@@ -265,10 +313,15 @@ def apply_overrides(config: Config, overrides: list[str] | dict) -> Config:
             if not isinstance(section.get(part), dict):
                 raise KitError(_unknown_key_message(".".join(parts[: depth + 1]), section, "override"))
             section = section[part]
-        if parts[-1] not in section:
+        if parts[-1] not in section and ".".join(parts[:-1]) not in OPEN_SECTIONS:
             raise KitError(_unknown_key_message(dotted_key, section, "override", prefix=".".join(parts[:-1])))
         section[parts[-1]] = value
     return _build(Config, values, prefix="", source="override")
+
+
+# Sections whose keys are not the kit's (timm's keyword arguments): an override may add one
+# (`model.timm_kwargs.init_values=1e-5`).
+OPEN_SECTIONS = ("model.timm_kwargs",)
 
 
 def to_dict(config) -> dict:
@@ -308,7 +361,8 @@ def _build(schema, values: dict, prefix: str, source: str):
 
 
 def _check_value(key: str, value, hint, source: str):
-    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[hint]
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+                dict: "a section of `key: value` lines"}[hint]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if hint is float and isinstance(value, str):
@@ -318,6 +372,8 @@ def _check_value(key: str, value, hint, source: str):
             pass
     if hint is str and value is None:
         value = ""
+    if hint is dict and value is None:
+        value = {}
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise KitError(f"{source}: `{key}` must be {expected}, got {value!r}")
     if key == "name" and value and not is_plain_name(value):
@@ -335,7 +391,38 @@ def _check_value(key: str, value, hint, source: str):
         raise KitError(f"{source}: `{key}` must be at most {MAXIMUMS[key]}, got {value!r}")
     if key == "loss.focal_alpha" and value != -1 and value < 0:
         raise KitError(f"{source}: `loss.focal_alpha` must be in [0, 1], or -1 for none; got {value!r}")
+    if key == "log.mlflow.tracking_uri" and urlsplit(value).password:
+        raise KitError(f"{source}: `log.mlflow.tracking_uri` holds a password, which every fold's config.yaml and "
+                       f"tracker run would keep: drop it from the URI and set MLFLOW_TRACKING_USERNAME and "
+                       f"MLFLOW_TRACKING_PASSWORD instead")
+    if key in ("model.mean", "model.std"):
+        value = _check_channel_values(key, value, source)
+    if key == "model.timm_kwargs":
+        from .models import checked_timm_kwargs
+
+        value = checked_timm_kwargs(value, source)
     return value
+
+
+def _check_channel_values(key: str, value: list, source: str) -> list:
+    """model.mean / model.std: empty (the model's own) or one number per RGB channel; a std above 0."""
+    if not value:
+        return []
+    numbers = [float(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) and _is_number(v) else None
+               for v in value]
+    if len(value) != 3 or None in numbers or (key == "model.std" and min(numbers) <= 0):
+        rule = "three numbers above 0" if key == "model.std" else "three numbers"
+        raise KitError(f"{source}: `{key}` must be [] (the model's own) or {rule}, one per RGB channel on [0, 1] "
+                       f"input (e.g. [0.485, 0.456, 0.406]); got {value!r}")
+    return numbers
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _unknown_key_message(key: str, known, source: str, prefix: str = "") -> str:

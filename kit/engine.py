@@ -44,7 +44,9 @@ from .errors import Interrupted, KitError
 from .folds import Split, load_split
 from .inference import predict_logits, predict_tta_probabilities, tta_view_count
 from .io import require_writable_dir
+from .kaggle_notebook import in_kaggle_notebook
 from .models import build_model, count_parameters, start_head_neutral
+from .progress import FoldClock, FoldWork
 from .recipe import (
     MAX_WARMUP_SHARE,
     TrainingParts,
@@ -60,6 +62,7 @@ from .recipe import (
     warmup_steps,
 )
 from .runs import BEST, LAST, FoldRun, check_split_against_data, fold_lock
+from .tracking import Trackers, open_trackers
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "peak_memory_mb"]
 
@@ -241,17 +244,19 @@ def plan_fold(cfg: Config, fold: int, run: FoldRun, force: bool, world: int) -> 
     return FoldPlan(state=state, extension=decision.extension)
 
 
-def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print) -> dict:
+def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print, folds_after: int = 0) -> dict:
     """Train (or resume) one fold; return its metrics.
 
     A finished fold is returned as is, and a fold trained with another config is refused (naming the keys),
     unless `force`: then everything is checked first, and the old fold is replaced only once the new run has
     written its first checkpoint. `on_epoch_end(epoch, row)` runs after each epoch's files are saved (tests use
-    it to interrupt a run).
+    it to interrupt a run). `folds_after`: the experiment's folds still to train after this one (train-all), for
+    the time estimate (`progress.FoldClock`).
 
     Under torchrun (`make train NPROC=N`) every rank runs this: rank 0 takes the lock, decides, logs and writes;
     the others follow its decision and train their share (kit/distributed.py).
     """
+    started = time.perf_counter()
     ranks = distributed.start(select_device(cfg.device))
     log = log if ranks.is_main else distributed.quiet
     run = FoldRun(cfg, fold, writes=ranks.is_main)
@@ -267,6 +272,12 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
             log(f"{cfg.name} fold {fold}: already trained (best val AUC {metrics['best_val_auc']:.4f} at epoch "
                 f"{metrics['best_epoch']}); pass FORCE=1 to train it again")
             return metrics
+        if cfg.train.frozen_features:       # the backbone's features cached, only the head trains (kit/features.py)
+            from .features import train_head_fold
+
+            return train_head_fold(cfg, fold, run, plan, log)
+        # a missing tracker package fails now, before any training; their runs end however the fold ends
+        trackers = held.enter_context(open_trackers(cfg, fold, run.final_dir, log))
 
         if ranks.active:      # rank 0 builds what all share (with its progress bar) while the others wait
             distributed.from_main(lambda: prepare_shared(cfg, log))
@@ -283,8 +294,15 @@ def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, l
         try:
             run.write_identity(setup.data.split.record, plan.extension if plan.state is not None else None)
             describe_setup(cfg, fold, setup, log)
-            progress.stopped_early = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log)
+            clock = FoldClock(FoldWork(epochs_left=cfg.epochs - progress.epoch, epochs=cfg.epochs,
+                                       train_images=len(setup.data.train_rows),
+                                       valid_images=len(setup.data.valid_rows),
+                                       tta_views=tta_view_count(cfg.tta.views), swa=bool(cfg.train.swa_epochs),
+                                       folds_after=folds_after),
+                              f"{cfg.name} fold {fold}", log, started=started, in_kaggle=in_kaggle_notebook())
+            progress.stopped_early = run_epochs(cfg, fold, run, setup, progress, on_epoch_end, log, clock, trackers)
             metrics = finish_fold(cfg, fold, run, setup, progress, log)
+            trackers.finish(progress.history, metrics)
             # every rank leaves once rank 0 has written the fold's files (train-all reads them next)
             return distributed.from_main(lambda: metrics)
         except KeyboardInterrupt as err:
@@ -322,6 +340,8 @@ def describe_setup(cfg: Config, fold: int, setup: FoldSetup, log) -> None:
         f"{len(setup.data.valid_rows):,} valid images, device {device}, {precision_name(setup.amp_dtype)}"
         f"{', compiled' if cfg.train.compile else ''}{processes}")
     log(setup.input_line)
+    for note in getattr(setup.model, "notes", ()):      # what the model's build decided (kit/models.py)
+        log(note)
     planned = round(cfg.schedule.warmup_epochs * len(setup.batches))
     if cfg.schedule.name != "onecycle" and planned > warmup_steps(cfg, len(setup.batches)):
         log(f"schedule: warm-up shortened from {cfg.schedule.warmup_epochs:g} epochs to "
@@ -343,8 +363,9 @@ def predict_held_out(cfg: Config, setup: FoldSetup, model: nn.Module, views: str
 
 
 def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress: FoldProgress, on_epoch_end,
-               log) -> bool:
-    """Train and validate epoch by epoch, saving after each; return whether early stopping ended the run."""
+               log, clock: FoldClock, trackers: Trackers) -> bool:
+    """Train and validate epoch by epoch, saving after each; return whether early stopping ended the run. `clock`
+    times the steps and validations and says how long the fold will take."""
     model, parts, data = setup.model, setup.parts, setup.data
     ranks = distributed.current()
     # a fixed graph (compile) or DDP's gradient hooks must not see requires_grad change: freeze by a zero rate
@@ -361,17 +382,20 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
             set_backbone_trainable(model, not frozen)                      # no backbone gradients: faster
         reset_peak_memory(setup.device)
         started = time.perf_counter()
+        clock.epoch_started()
         train_loss, images_per_s = train_one_epoch(setup.step_model, setup.batches, parts, setup.device,
                                                    setup.amp_dtype, hold_backbone_lr=frozen and freeze_by_lr,
                                                    desc=f"fold {fold} epoch {epoch}/{cfg.epochs}" if ranks.is_main
-                                                   else None)
+                                                   else None, on_check=clock.on_check)
         if ranks.active:      # each rank's BatchNorm statistics followed its own share: rank 0's become everyone's
             distributed.copy_from_main(list(model.buffers()) +
                                        (list(parts.ema.module.buffers()) if parts.ema is not None else []))
         if setup.swa is not None and epoch > cfg.epochs - cfg.train.swa_epochs:
             setup.swa.update_parameters(model)
         evaluated = parts.ema.module if parts.ema is not None else model     # EMA weights are the ones kept
+        validation_started = time.perf_counter()
         valid_logits = predict_held_out(cfg, setup, evaluated)
+        clock.validated(time.perf_counter() - validation_started)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": validation_loss(parts.loss_fn, valid_logits, valid_labels, setup.device),
                "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": head_lr(parts.optimizer),
                "images_per_s": images_per_s, "seconds": time.perf_counter() - started,
@@ -385,9 +409,11 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress:
         progress.epoch = epoch
         save_resume(run, cfg, model, parts, setup.swa, setup.amp_dtype, ranks.world, progress)
         run.commit_staging()           # FORCE=1: the new run has a checkpoint now, so it replaces the old fold
+        trackers.log_epochs(progress.history)     # after the checkpoint: the fold's folder stays where it is now
         log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {images_per_s:,.0f} img/s  "
-            f"{row['seconds']:.0f}s" + (f"  peak {row['peak_memory_mb']:,.0f} MB" if row["peak_memory_mb"] else ""))
+            f"{row['seconds']:.0f}s" + (f"  peak {row['peak_memory_mb']:,.0f} MB" if row["peak_memory_mb"] else "")
+            + clock.epoch_ended(row["seconds"]))
         warning = stall_warning(cfg, fold, epoch, train_loss, setup.plateau_loss)
         if warning:
             log(warning)

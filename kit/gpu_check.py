@@ -40,9 +40,12 @@ from .demo_data import make_demo_data
 from .device import autocast_dtype, card_name, precision_name, select_device, spare_memory, sync_debug_error
 from .errors import KitError, first_line
 from .io import atomic_write_csv, atomic_write_json, read_json_lines, timestamp
+from .models import is_hub_name
 from .runs import HISTORY, fold_dir
 
-SHIPPED = tuple(sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml") if path.stem != "demo"))
+# hub models (hf-hub:…) are left out: their weights need the network (and, gated, the user's own token)
+SHIPPED = tuple(sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml")
+                       if path.stem != "demo" and not is_hub_name(load_config(path).model.name)))
 ONE_PRECISION = ("compete_",)      # the 224 px recipe: in the kit's precision only, to keep the check short
 COMPILED = ("baseline_bn", "effnet_b0")     # compiling takes a minute or so each: two families
 

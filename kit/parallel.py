@@ -28,6 +28,7 @@ from .config import Config, save_config
 from .engine import prepare_shared
 from .errors import Interrupted, KitError, killed_by
 from .io import process_lock
+from .progress import FoldsBar
 from .runs import experiment_dir, fold_log_path, folds_to_train, parallel_config_path
 
 SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
@@ -55,6 +56,7 @@ class Worker:
     log_path: Path
     read: int = 0                            # bytes of the log already echoed
     tail: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
 
 def kit_process_environment() -> dict:
@@ -116,6 +118,7 @@ def run_workers(cfg: Config, pending: list[int], workers_wanted: int, force: boo
     log(f"{cfg.name}: training folds {', '.join(map(str, pending))}, {workers} at a time on {where}; "
         f"logs in {experiment_dir(cfg)}/fold<k>.log")
     queue, running, failed = list(pending), [], {}
+    bar = FoldsBar(cfg.name, cfg.folds.n_splits, len(pending), workers)    # each worker's log: its fold's estimate
     try:
         while queue or running:
             free = sorted(set(range(workers)) - {w.slot for w in running})
@@ -129,10 +132,14 @@ def run_workers(cfg: Config, pending: list[int], workers_wanted: int, force: boo
                     running.remove(worker)
                     if worker.process.returncode != 0:
                         failed[worker.fold] = worker.tail[-LOG_TAIL:] + [exit_reason(worker.process.returncode)]
+                    else:
+                        bar.fold_done(time.monotonic() - worker.started)
     except KeyboardInterrupt:
         stop_workers(running)
         raise Interrupted(f"interrupted: folds {', '.join(str(w.fold) for w in running) or 'none'} stopped; every "
                           f"fold keeps its finished epochs; rerun the same command to resume") from None
+    finally:
+        bar.close()
     if failed:
         raise KitError("; ".join(f"fold {fold} failed ({experiment_dir(cfg)}/fold{fold}.log ends: "
                                  f"{' | '.join(tail)})" for fold, tail in failed.items())

@@ -32,21 +32,50 @@ from .progress import progress_bar
 def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
     """Backbone and head (the head at `lr`, the backbone at `lr × backbone_lr_scale`), each split into weights
     that decay and norm weights, biases and timm's `no_weight_decay()` names that do not (as timm, nanoGPT and
-    ConvNeXt do: decaying a norm's scale or a bias only fights the normalisation)."""
+    ConvNeXt do: decaying a norm's scale or a bias only fights the normalisation).
+
+    With `optimizer.layer_decay` the backbone is split by depth too (`layer_decay_scales`): each layer's rate is the
+    backbone's × layer_decay^(layers above it), the head's stays `lr`. Parameters frozen for good
+    (`model.trainable_blocks`) are in no group, so the optimizer keeps no state for them."""
     opt = cfg.optimizer
     head_names = head_parameter_names(model)
     net = getattr(model, "net", model)
     exempt = {f"net.{name}" for name in (net.no_weight_decay() if hasattr(net, "no_weight_decay") else ())}
-    groups = {}
+    frozen = getattr(model, "frozen_parameter_names", set())
+    depth = layer_decay_scales(cfg, model)
+    groups, order = {}, {}
     for name, parameter in model.named_parameters():
+        if name in frozen:
+            continue
         part = "head" if name in head_names else "backbone"
         decays = parameter.ndim > 1 and name not in exempt and not any(name.startswith(e + ".") for e in exempt)
-        key = part if decays else f"{part}_no_decay"
-        groups.setdefault(key, {"name": key, "lr": opt.lr * (1.0 if part == "head" else opt.backbone_lr_scale),
+        layer, scale = depth[name] if part == "backbone" and name in depth else (None, 1.0)
+        base = part if layer is None else f"backbone_layer{layer}"
+        key = base if decays else f"{base}_no_decay"
+        groups.setdefault(key, {"name": key, "lr": opt.lr * (1.0 if part == "head" else opt.backbone_lr_scale * scale),
                                 "weight_decay": opt.weight_decay if decays else 0.0, "params": []})
         groups[key]["params"].append(parameter)
-    order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
-    return [groups[key] for key in order if key in groups]
+        order[key] = (part == "head", -1 if layer is None else layer, not decays)   # input to output, decay first
+    return [groups[key] for key in sorted(groups, key=order.get)]
+
+
+def layer_decay_scales(cfg: Config, model: nn.Module) -> dict[str, tuple[int, float]]:
+    """Backbone parameter name → (layer, lr factor layer_decay^(top - layer)), from timm's layer map: the model's
+    `group_matcher(coarse=False)` (stem 0, each block, head last), the map `timm.optim.param_groups_layer_decay`
+    builds. Its groups carry the factor as `lr_scale`, which only timm's schedulers read; the kit's schedules scale
+    each group's `lr`, so the factor goes there, composed with `backbone_lr_scale`. {} when layer decay is off."""
+    decay = cfg.optimizer.layer_decay
+    if not decay:
+        return {}
+    net = getattr(model, "net", model)
+    if not hasattr(net, "group_matcher"):
+        raise KitError(f"config `optimizer.layer_decay: {decay}`: `{cfg.model.name}` has no layer map (timm models "
+                       f"have one: group_matcher); set optimizer.layer_decay=0 for it")
+    from timm.models import group_parameters
+
+    layers = group_parameters(net, net.group_matcher(coarse=False), reverse=True)
+    top = max(layers.values())
+    return {f"net.{name}": (layer, decay ** (top - layer)) for name, layer in layers.items()}
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -113,7 +142,9 @@ class StepEma(ModelEmaV3):
 
     def apply_update_(self, model: nn.Module, decay: float) -> None:
         if self._pairs is None or self._pairs[0] is not model:
-            pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+            frozen = getattr(model, "frozen_parameter_names", set())     # model.trainable_blocks: equal for good
+            pairs = [(ema, live) for (name, ema), live in zip(self.module.state_dict().items(),
+                                                               model.state_dict().values()) if name not in frozen]
             floating = [(ema, live) for ema, live in pairs if ema.is_floating_point()]
             self._pairs = (model, [ema for ema, _ in floating], [live for _, live in floating],
                            [(ema, live) for ema, live in pairs if not ema.is_floating_point()])
@@ -179,10 +210,12 @@ def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    """Freeze or unfreeze everything but the head (frozen parameters get no gradient, so no update)."""
+    """Freeze or unfreeze everything but the head (frozen parameters get no gradient, so no update); what
+    `model.trainable_blocks` froze for good stays frozen."""
     head_names = head_parameter_names(model)
+    frozen = getattr(model, "frozen_parameter_names", set())
     for name, parameter in model.named_parameters():
-        if name not in head_names:
+        if name not in head_names and name not in frozen:
             parameter.requires_grad_(trainable)
 
 
@@ -221,14 +254,15 @@ def build_training_parts(cfg: Config, model: nn.Module, steps_per_epoch: int,
 
 
 def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, desc: str | None,
-                    check_every: int = 20, hold_backbone_lr: bool = False):
+                    check_every: int = 20, hold_backbone_lr: bool = False, on_check=None):
     """One pass over `batches` ((inputs, labels) on the device); returns (mean loss, images per second).
     A progress bar shows loss and images/s (none when `desc` is None).
 
     The loss is summed on the device and read back every `check_every` steps (to check it and update the bar):
     reading it every step would make the CPU wait for the GPU instead of queueing the next batch. Nothing else in
     the loop waits for the GPU (tests/test_device.py checks every copy).
-    `hold_backbone_lr`: the backbone is frozen by a zero learning rate (`hold_backbone`).
+    `hold_backbone_lr`: the backbone is frozen by a zero learning rate (`hold_backbone`). `on_check(steps, images)`
+    runs after each read-back, when the device has caught up (the fold's clock times the steps there).
     """
     model.train()
     world = distributed.current().world       # under DDP every rank trains an equal share of each batch
@@ -245,6 +279,8 @@ def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, des
                     raise KitError(f"training diverged ({desc or 'an epoch'}: loss is {mean_loss}); lower "
                                    f"optimizer.lr")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{seen / (time.perf_counter() - start):,.0f}")
+                if on_check is not None:
+                    on_check(step, seen)
     bar.close()
     return (distributed.sum_across_ranks(loss_sum).item() / max(1, seen),
             seen / max(1e-9, time.perf_counter() - start))

@@ -3,7 +3,8 @@
 `make report` reads `runs/<experiment>/` (each finished fold's oof.csv, history.csv and metrics.json, plus the
 newest test prediction of the experiment in submissions/) and writes `runs/<experiment>/report.md` with its PNG
 figures beside it. `make report EXPS="a b"` puts experiments side by side instead: one table and one ROC plot in
-`<out_dir>/compare/a+b/`.
+`<out_dir>/compare/a+b/`. Both say where the models look: the share of their evidence for tumour inside the centre
+32×32, from class-activation maps (kit/saliency.py) of a bounded sample of each fold's validation patches.
 
 The metrics are functions of labels and scores (scikit-learn underneath) that tests call directly; the figures and
 the page are built from them. A threshold t calls a patch positive when its probability is ≥ t, which is
@@ -34,12 +35,24 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .checkpoints import model_from_best
 from .competition import CENTRE_SIZE, CENTRE_START, TRAIN_DIR, TRAIN_LABELS_CSV
 from .config import Config
 from .data import image_paths, read_image
+from .device import select_device
 from .errors import KitError
 from .io import TIMESTAMP_PATTERN, atomic_path, atomic_write_text
-from .runs import check_split_against_data, epochs_note, experiment_dir, finished_folds
+from .runs import BEST, check_split_against_data, epochs_note, experiment_dir, finished_folds, fold_dir
+from .saliency import (
+    SALIENCY_IMAGES,
+    UNIFORM_CENTRE_SHARE,
+    centre_share,
+    centre_shares,
+    evidence_maps,
+    hirescam_class,
+    share_sample,
+    target_layer,
+)
 from .submission import read_submission_file
 
 matplotlib.use("Agg")     # figures go to files: no display needed (servers, notebook kernels, CI)
@@ -60,6 +73,7 @@ PRECISION_RECALL = "precision_recall.png"
 CONFUSION_MATRICES = "confusion_matrices.png"
 CALIBRATION = "calibration.png"
 MISTAKES = "mistakes.png"
+SALIENCY = "saliency.png"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,23 +375,32 @@ def plot_calibration(labels, scores, path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def plot_mistakes(rows: list[tuple[str, pd.DataFrame, list[np.ndarray]]], path: Path) -> Path:
-    """A gallery: one row per kind of mistake (title, its OOF rows, their images), id and score above each patch,
-    the centre 32×32 that decides the label outlined."""
+def plot_mistakes(rows: list[tuple[str, pd.DataFrame, list[np.ndarray]]], path: Path,
+                  maps: list[list[np.ndarray]] | None = None) -> Path:
+    """A gallery: one row per kind (title, its OOF rows, their images), id and score above each patch, the centre
+    32×32 that decides the label outlined. With `maps` (one list per row, one map per patch in [0, 1]) each map is
+    laid over its patch, and the share of that patch's evidence inside the centre is written under the score."""
     columns = max(1, max(len(frame) for _, frame, _ in rows))
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, 2.1 * len(rows)), squeeze=False)
-    for axes_row, (title, frame, images) in zip(axes, rows):
+    row_height = 2.1 if maps is None else 2.4           # a third caption line: the patch's centre share
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, row_height * len(rows)), squeeze=False)
+    for index, (axes_row, (title, frame, images)) in enumerate(zip(axes, rows)):
+        row_maps = maps[index] if maps is not None else [None] * len(frame)
+        shares = centre_shares(np.asarray(row_maps)) if maps is not None and len(frame) else [None] * len(frame)
         for ax in axes_row:
             ax.axis("off")
-        axes_row[0].set_title(title, loc="left", fontsize="medium", pad=22)
+        axes_row[0].set_title(title, loc="left", fontsize="medium", pad=30 if maps is not None else 22)
         if frame.empty:
             axes_row[0].text(0.0, 0.5, "none", transform=axes_row[0].transAxes)
-        for ax, (_, row), image in zip(axes_row, frame.iterrows(), images):
+        for ax, (_, row), image, evidence, share in zip(axes_row, frame.iterrows(), images, row_maps, shares):
             ax.imshow(image)
+            caption = f"{row['id'][:8]}\np = {row['pred']:.3f}"
+            if evidence is not None:
+                ax.imshow(evidence, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+                caption += "\ncentre —" if np.isnan(share) else f"\ncentre {share:.0%}"
             ax.add_patch(Rectangle((CENTRE_START - 0.5, CENTRE_START - 0.5), CENTRE_SIZE, CENTRE_SIZE, fill=False,
-                                   edgecolor="yellow", linewidth=1.2))
-            ax.text(0.5, 1.02, f"{row['id'][:8]}\np = {row['pred']:.3f}", transform=ax.transAxes, ha="center",
-                    va="bottom", fontsize="x-small", family="monospace")
+                                   edgecolor="white" if evidence is not None else "yellow", linewidth=1.2))
+            ax.text(0.5, 1.02, caption, transform=ax.transAxes, ha="center", va="bottom", fontsize="x-small",
+                    family="monospace")
     figure.tight_layout()
     return save_figure(figure, path)
 
@@ -459,7 +482,125 @@ def _gallery(cfg: Config, false_negatives: pd.DataFrame, false_positives: pd.Dat
                       f"the yellow square is the centre {CENTRE_SIZE}×{CENTRE_SIZE} that decides the label.")
 
 
-def write_report(cfg: Config, target_sensitivity: float, gallery_size: int = GALLERY_SIZE, log=print) -> Path:
+# ----------------------------------------------------------------------------------------------------------------
+# Where the model looks
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CentreEvidence:
+    """The share of the models' evidence for tumour inside the centre 32×32, over a sample of each fold's
+    validation patches called tumour (kit/saliency.py), and the maps of the gallery's patches."""
+    share: float                          # pooled over every fold's sample (NaN: no evidence anywhere)
+    per_fold: dict[int, tuple[int, float]]   # fold → (patches in its sample, its share)
+    layer: str                            # where the maps are read, in the first fold's model
+    gallery_maps: dict[str, list[np.ndarray]]   # gallery row title → one map per patch
+
+    @property
+    def images(self) -> int:
+        return sum(count for count, _ in self.per_fold.values())
+
+    @property
+    def shown(self) -> str:
+        return _three_places(self.share)
+
+    def line(self) -> str:
+        """The summary's line."""
+        return (f"centre evidence share {self.shown} (over {self.images:,} validation patches called tumour; "
+                f"a flat map gives {UNIFORM_CENTRE_SHARE:.3f})")
+
+
+def _three_places(share: float) -> str:
+    """A share to three decimals, or "none" when the maps hold no evidence (or there are no maps)."""
+    return "none" if np.isnan(share) else f"{share:.3f}"
+
+
+def _fold_model(cfg: Config, fold: int):
+    """Fold `fold`'s best.pt as a model, or one line saying why it is none."""
+    path = fold_dir(cfg, fold) / BEST
+    try:
+        model, _ = model_from_best(path)
+    except KitError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise KitError(f"{path} does not rebuild a model ({type(err).__name__}: {err}); retrain fold {fold} "
+                       f"(`make train FOLD={fold} FORCE=1`)") from None
+    return model
+
+
+def _read_images(image_dir: Path, ids) -> np.ndarray:
+    return np.stack([read_image(path) for path in image_paths(image_dir, ids)])
+
+
+def centre_evidence(cfg: Config, run: RunFolder, images_per_fold: int = SALIENCY_IMAGES,
+                    gallery: dict[str, pd.DataFrame] | None = None) -> CentreEvidence:
+    """Class-activation maps of up to `images_per_fold` validation patches per fold that its best.pt calls tumour
+    (at the default threshold), each fold's model on its own held-out patches; plus the maps of the `gallery`'s
+    patches (title → OOF rows). Raises KitError saying why when there can be none (no images, no grad-cam, …)."""
+    if images_per_fold <= 0:
+        raise KitError("--saliency-images 0 leaves the maps out")
+    hirescam_class()                                  # grad-cam missing: say so before loading any model
+    image_dir = Path(cfg.data_dir) / TRAIN_DIR
+    if not image_dir.is_dir():
+        raise KitError(f"the training images are not available ({image_dir} not found)")
+    sample = share_sample(run.oof, images_per_fold, DEFAULT_THRESHOLD)
+    gallery = gallery or {}
+    device = select_device(cfg.device)
+    folds = sorted(set(sample["fold"]).union(*(set(frame["fold"]) for frame in gallery.values())))
+    per_fold, sample_maps, layer = {}, [], ""
+    gallery_maps = {title: [None] * len(frame) for title, frame in gallery.items()}
+    for fold in folds:
+        model = _fold_model(cfg, int(fold))
+        if not layer:
+            found, _ = target_layer(model)
+            layer = next(name for name, module in model.named_modules() if module is found)
+
+        rows = sample[sample["fold"] == fold]
+        if len(rows):
+            maps = evidence_maps(model, _read_images(image_dir, rows["id"]), device)
+            per_fold[int(fold)] = (len(rows), centre_share(maps))
+            sample_maps.append(maps)
+        for title, frame in gallery.items():
+            own = np.flatnonzero(frame["fold"].to_numpy() == fold)
+            if len(own):
+                maps = evidence_maps(model, _read_images(image_dir, frame["id"].iloc[own]), device)
+                for position, evidence in zip(own, maps):
+                    gallery_maps[title][position] = evidence
+    share = centre_share(np.concatenate(sample_maps)) if sample_maps else float("nan")
+    return CentreEvidence(share, per_fold, layer, gallery_maps)
+
+
+def confident_hits(oof: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """True positives at `threshold`, highest score first."""
+    return oof[(oof["label"] == 1) & (oof["pred"] >= threshold)].sort_values("pred", ascending=False, kind="stable")
+
+
+def _saliency(cfg: Config, run: RunFolder, gallery: dict[str, pd.DataFrame], out: Path, images_per_fold: int
+              ) -> tuple[CentreEvidence | None, str | None, str]:
+    """The centre evidence and its gallery: (evidence, figure file or None, a paragraph saying what the numbers
+    are), or (None, None, why there are none)."""
+    (out / SALIENCY).unlink(missing_ok=True)      # never leave an earlier run's maps beside this report
+    try:
+        evidence = centre_evidence(cfg, run, images_per_fold, gallery)
+    except KitError as err:
+        return None, None, str(err)
+    note = (f"Class-activation maps (HiResCAM, from the grad-cam package) of the tumour logit, read at "
+            f"`{evidence.layer}` and upsampled to 96×96, over up to {images_per_fold} validation patches per fold "
+            f"that the fold's best.pt calls tumour (p ≥ {DEFAULT_THRESHOLD:g}), each patch seen by the fold that "
+            f"held it out (`--saliency-images` sets how many; 0 leaves the maps out). The share is the maps' mass "
+            f"inside the centre {CENTRE_SIZE}×{CENTRE_SIZE}, which alone decides the label, over their whole mass: "
+            f"{UNIFORM_CENTRE_SHARE:.3f} (32²/96²) for a map spread evenly, lower for a model that finds its "
+            f"evidence in the outer ring.")
+    if not any(len(frame) for frame in gallery.values()):
+        return evidence, None, note
+    image_dir = Path(cfg.data_dir) / TRAIN_DIR
+    rows = [(title, frame, list(_read_images(image_dir, frame["id"])) if len(frame) else [])
+            for title, frame in gallery.items()]
+    plot_mistakes(rows, out / SALIENCY, maps=[evidence.gallery_maps[title] for title in gallery])
+    return evidence, SALIENCY, note
+
+
+def write_report(cfg: Config, target_sensitivity: float, gallery_size: int = GALLERY_SIZE,
+                 saliency_images: int = SALIENCY_IMAGES, log=print) -> Path:
     """Write runs/<experiment>/report.md and its figures; log the headline numbers; return the page's path."""
     run = read_run_folder(cfg)
     out = run.directory
@@ -481,8 +622,14 @@ def write_report(cfg: Config, target_sensitivity: float, gallery_size: int = GAL
         (out / TRAINING_CURVES).unlink(missing_ok=True)
     false_negatives, false_positives = confident_mistakes(run.oof)
     gallery_file, gallery_note = _gallery(cfg, false_negatives, false_positives, out, gallery_size)
+    saliency_gallery = {f"{title}: {min(len(frame), gallery_size)} of {len(frame)}": frame.head(gallery_size)
+                        for title, frame in (("true positives (tumour, highest scores)", confident_hits(run.oof)),
+                                             ("false positives (no tumour, highest scores)", false_positives),
+                                             ("false negatives (tumour, lowest scores)", false_negatives))}
+    evidence, saliency_file, saliency_note = _saliency(cfg, run, saliency_gallery, out, saliency_images)
 
-    lines = headline(run, aucs, classes.attrs["accuracy"], points)
+    looks = evidence.line() if evidence is not None else f"centre evidence share: skipped ({saliency_note})"
+    lines = headline(run, aucs, classes.attrs["accuracy"], points) + [f"  {looks}"]
     page = [f"# Evaluation report: `{run.name}`", "",
             f"Written {datetime.now():%Y-%m-%d %H:%M} from `{out}` ({_folds_line(run)} finished, "
             f"{len(run.oof):,} out-of-fold patches, {np.mean(labels):.1%} with tumour). OOF = each fold's predictions "
@@ -540,6 +687,24 @@ def write_report(cfg: Config, target_sensitivity: float, gallery_size: int = GAL
     if mistake_rows:
         page += [markdown_table(["kind", "id", "fold", "label", "score"], mistake_rows), ""]
 
+    page += ["## Where the model looks", ""]
+    if evidence is not None:
+        share_rows = [[fold, f"{count:,}", _three_places(share)]
+                      for fold, (count, share) in sorted(evidence.per_fold.items())]
+        share_rows += [["all sampled", f"{evidence.images:,}", f"**{evidence.shown}**"],
+                       ["a flat map", "", f"{UNIFORM_CENTRE_SHARE:.3f}"]]
+        page += [f"Share of the evidence for tumour inside the centre {CENTRE_SIZE}×{CENTRE_SIZE}: "
+                 f"**{evidence.shown}** (a flat map gives {UNIFORM_CENTRE_SHARE:.3f}).", "", saliency_note, "",
+                 markdown_table(["fold", "patches", "centre evidence share"], share_rows), ""]
+        if saliency_file:
+            page += [f"![Where the model finds tumour: true positives, false positives, false negatives]"
+                     f"({saliency_file})", "",
+                     f"Each map over its patch (red: the strongest evidence for tumour, dark blue: none); the white "
+                     f"square is the centre {CENTRE_SIZE}×{CENTRE_SIZE}, and under each score is the share of that "
+                     f"patch's evidence inside it.", ""]
+    else:
+        page += [f"Saliency skipped: {saliency_note}.", ""]
+
     path = out / "report.md"
     atomic_write_text(path, "\n".join(page))
     for line in lines:
@@ -556,8 +721,10 @@ def comparison_dir(cfgs: list[Config]) -> Path:
     return Path(cfgs[0].out_dir) / "compare" / "+".join(cfg.name for cfg in cfgs)
 
 
-def write_comparison(cfgs: list[Config], target_sensitivity: float, log=print) -> Path:
-    """One table and one ROC plot (pooled OOF per experiment) for several experiments; return the page's path."""
+def write_comparison(cfgs: list[Config], target_sensitivity: float, saliency_images: int = SALIENCY_IMAGES,
+                     log=print) -> Path:
+    """One table and one ROC plot (pooled OOF per experiment) for several experiments, with each one's centre
+    evidence share; return the page's path."""
     names = [cfg.name for cfg in cfgs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -565,7 +732,7 @@ def write_comparison(cfgs: list[Config], target_sensitivity: float, log=print) -
     runs = [read_run_folder(cfg) for cfg in cfgs]
     out = comparison_dir(cfgs)
     rows, lines, notes = [], [], []
-    for run in runs:
+    for cfg, run in zip(cfgs, runs):
         labels, scores = run.oof["label"].to_numpy(), run.oof["pred"].to_numpy()
         aucs = auc_summary(run.oof)
         classes = classification_table(labels, scores)
@@ -576,9 +743,17 @@ def write_comparison(cfgs: list[Config], target_sensitivity: float, log=print) -
                      f"{classes.attrs['accuracy']:.4f}", f"{default.sensitivity:.4f} / {default.specificity:.4f}",
                      f"{youden.threshold:.4g} ({youden.sensitivity:.4f} / {youden.specificity:.4f})",
                      f"{sensitive.threshold:.4g} ({sensitive.specificity:.4f})"])
+        try:
+            evidence = centre_evidence(cfg, run, saliency_images)
+            rows[-1].append(f"{evidence.shown} ({evidence.images:,})")
+            share = f", centre evidence share {evidence.shown}"
+        except KitError as err:
+            rows[-1].append("—")
+            notes.append(f"- `{run.name}`: no centre evidence share: {err}.")
+            share = ""
         lines.append(f"{run.name}: OOF ROC AUC {aucs.overall:.4f} ({_folds_line(run)}; per fold {aucs.mean:.4f} ± "
                      f"{aucs.std:.4f}), accuracy at {DEFAULT_THRESHOLD:g} {classes.attrs['accuracy']:.4f}, "
-                     f"specificity at sensitivity ≥ {target_sensitivity:g} {sensitive.specificity:.4f}")
+                     f"specificity at sensitivity ≥ {target_sensitivity:g} {sensitive.specificity:.4f}{share}")
         if run.missing:
             notes.append(f"- `{run.name}`: {_missing_folds(run)}.")
         if run.epochs_note:
@@ -589,13 +764,17 @@ def write_comparison(cfgs: list[Config], target_sensitivity: float, log=print) -
     headers = ["experiment", "folds", "OOF ROC AUC", "per fold mean ± std", f"accuracy at {DEFAULT_THRESHOLD:g}",
                f"sensitivity / specificity at {DEFAULT_THRESHOLD:g}",
                "max Youden J: threshold (sensitivity / specificity)",
-               f"sensitivity ≥ {target_sensitivity:g}: threshold (specificity)"]
+               f"sensitivity ≥ {target_sensitivity:g}: threshold (specificity)",
+               f"centre evidence share (patches; flat map {UNIFORM_CENTRE_SHARE:.3f})"]
     page = [f"# Experiments side by side: {', '.join(f'`{name}`' for name in names)}", "",
             f"Written {datetime.now():%Y-%m-%d %H:%M}. Each experiment's out-of-fold predictions are pooled over its "
-            f"finished folds; thresholds are chosen on them. `make report EXP=<name>` writes one experiment's full "
-            f"report.", ""]
+            f"finished folds; thresholds are chosen on them. The centre evidence share is the share of the models' "
+            f"evidence for tumour (class-activation maps of up to {saliency_images} validation patches per fold "
+            f"that the fold calls tumour) inside the centre {CENTRE_SIZE}×{CENTRE_SIZE} that decides the label; a map "
+            f"spread evenly gives {UNIFORM_CENTRE_SHARE:.3f}. `make report EXP=<name>` writes one experiment's full "
+            f"report, with the maps.", ""]
     if notes:
-        page += ["**Missing folds.**", "", *notes, ""]
+        page += ["**Notes.**", "", *notes, ""]
     page += [markdown_table(headers, rows), "", f"![ROC curves of the experiments]({ROC})", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(page))

@@ -60,7 +60,10 @@ OUTPUT_FILES = tuple(name for name in RUN_FILES if name != LAST)     # a fold's 
 
 # Keys that say where or how fast a run goes, not what it computes: changing them never blocks a resume.
 NEUTRAL_KEYS = frozenset({"name", "data_dir", "out_dir", "cache_dir", "submissions_dir", "device", "num_workers",
-                          "eval_batch_size", "amp", "amp_dtype", "train.compile", "train.channels_last"})
+                          "eval_batch_size", "amp", "amp_dtype", "train.compile", "train.channels_last",
+                          # the trackers (`log:`) watch a run
+                          "log.tensorboard", "log.wandb.project", "log.wandb.mode", "log.wandb.entity",
+                          "log.mlflow.tracking_uri", "log.mlflow.experiment"})
 # At prediction the weights come from best.pt, so where the initial weights came from no longer matters.
 PREDICT_NEUTRAL_KEYS = NEUTRAL_KEYS | {"model.pretrained", "model.pretrained_file"}
 

@@ -16,6 +16,12 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # The kaggle client reads this at import: every test call goes to loopback, never to kaggle.com.
 os.environ["KAGGLE_API_ENVIRONMENT"] = "LOCALHOST"
+# Under pytest-xdist (`make test` runs `-n 2`) each worker gets its share of the cores, so the workers' torch threads
+# do not oversubscribe them (the processes a test starts set their own thread counts).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", _threads)
 
 from kit.config import load_config  # noqa: E402
 from kit.demo_data import make_demo_data  # noqa: E402

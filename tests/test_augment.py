@@ -1,6 +1,7 @@
 """The fast input path (kit/augment.py's batch ops): batch augmentation against the albumentations transforms it
 replaces, the input path choice, the batch feeds, and the two training paths against each other."""
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -173,3 +174,85 @@ def test_fast_path_and_albumentations_path_train_to_comparable_auc(quick_config,
         used = "augmented a batch at a time" if path == "batch" else "albumentations per image"
         assert any(used in message for message in messages), messages
     assert min(aucs.values()) > 0.9 and abs(aucs["batch"] - aucs["albumentations"]) < 0.05, aucs
+
+
+# ---- H&E stain augmentation (albumentations' HEStain) --------------------------------------------------------------
+
+def tissue_and_background_images(count: int, seed: int = 0) -> np.ndarray:
+    """Smooth stained-looking tissue on the right, near-white glass (HEStain's background, left alone) on the left."""
+    images = random_images(count, seed=seed, smooth=True).astype(np.int16)
+    images[:, :, :48] += 110
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "preset", "preset": "standard", "intensity_scale_range": [1.2, 1.2], "intensity_shift_range": [-0.1, -0.1]},
+    {"method": "preset", "preset": "e_heavy", "intensity_scale_range": [0.7, 0.7], "intensity_shift_range": [0.15, 0.15],
+     "augment_background": True},
+    {"method": "preset", "preset": "light", "intensity_scale_range": [1.0, 1.0], "intensity_shift_range": [0.0, 0.0]},
+], ids=lambda spec: f"{spec['preset']}{'-background' if spec.get('augment_background') else ''}")
+def test_he_stain_matches_albumentations_up_to_its_uint8_rounding(spec):
+    images = tissue_and_background_images(6)
+    transform = build_transform([{"name": "HEStain", **spec, "p": 1.0}], "augment.train", seed=0)
+    expected = np.stack([transform(image=image)["image"] for image in images]).astype(np.float32)
+    assert np.abs(expected - images).mean() > 5, "the stain change is visible"
+    batch = batch_equivalent(transform, "augment.train")(torch.from_numpy(images).permute(0, 3, 1, 2),
+                                                          torch.arange(6), torch.Generator())[0]
+    difference = np.abs(batch.permute(0, 2, 3, 1).numpy() - expected)
+    assert difference.max() <= 0.501, difference.max()      # albumentations rounds to uint8; nothing else differs
+
+
+def test_he_stain_changes_the_background_only_when_asked():
+    images = torch.from_numpy(tissue_and_background_images(4)).permute(0, 3, 1, 2)
+
+    def stained(scale: float, shift: float, augment_background: bool = False) -> np.ndarray:
+        augment = batch_equivalent(A.Compose([A.HEStain(method="preset", preset="standard", p=1.0,
+                                                        intensity_scale_range=(scale, scale),
+                                                        intensity_shift_range=(shift, shift),
+                                                        augment_background=augment_background)]), "k")
+        return augment(images, torch.arange(4), torch.Generator())[0].permute(0, 2, 3, 1).numpy()
+
+    tissue_only, everywhere, unchanged_stain = stained(1.3, 0.2), stained(1.3, 0.2, True), stained(1, 0)
+    # the glass keeps its stain concentrations (it is only projected onto the stain plane, as every pixel is);
+    # tissue, and with augment_background the glass too, darkens by the stain added
+    assert np.allclose(tissue_only[:, :, :40], unchanged_stain[:, :, :40], atol=1e-3)
+    assert (unchanged_stain[:, :, 56:] - tissue_only[:, :, 56:]).mean() > 20
+    assert (unchanged_stain[:, :, :40] - everywhere[:, :, :40]).mean() > 20
+
+
+def test_random_preset_he_stain_draws_presets_uniformly_and_changes_images_as_albumentations_does():
+    tiny = torch.randint(40, 200, (800, 3, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+
+    def stained(**method):        # the batch op alone (build_transform's centre probe costs more than the work)
+        augment = batch_equivalent(A.Compose([A.HEStain(**method, intensity_scale_range=(1.3, 1.3),
+                                                        intensity_shift_range=(0.1, 0.1), p=1.0)]), "k")
+        return augment(tiny, torch.arange(len(tiny)), torch.Generator().manual_seed(0))[0].numpy()
+
+    drawn = stained(method="random_preset")
+    names = A.HEStain().preset_names
+    by_preset = np.stack([stained(method="preset", preset=name) for name in names])
+    nearest = np.abs(by_preset - drawn).max((2, 3, 4)).argmin(0)
+    assert np.abs(by_preset[nearest, np.arange(len(tiny))] - drawn).max() < 1e-3, "each image got one preset"
+    assert all(70 < count < 130 for count in np.bincount(nearest, minlength=len(names))), np.bincount(nearest)
+
+    images = tissue_and_background_images(400, seed=3)[:, 24:72, 24:72]              # glass and tissue, smaller
+    spec = [{"name": "HEStain", "method": "random_preset", "p": 0.5}]                 # albumentations' default ranges
+    batch, _ = batch_augment(spec, images)
+    reference = albumentations_augment(spec, images)
+    for name, statistic in (("brightness change", lambda out: out.mean((1, 2, 3)) - images.mean((1, 2, 3))),
+                            ("mean absolute change", lambda out: np.abs(out - images).mean((1, 2, 3)))):
+        ours, theirs = statistic(batch), statistic(reference)
+        assert abs(ours.mean() - theirs.mean()) < 0.25 * theirs.std() + 0.01, name
+        assert 0.75 < ours.std() / theirs.std() < 1.33, name
+
+
+def test_he_stain_takes_the_batch_path_with_presets_and_albumentations_when_it_estimates_the_stain():
+    preset = build_transform(histology_augmentation() + [{"name": "HEStain", "method": "random_preset"}], "augment.train")
+    assert choose_input("auto", preset, "augment.train").path == "batch"
+    macenko = A.Compose([A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90(), A.Transpose(),
+                         A.HEStain(method="macenko")])
+    choice = choose_input("auto", macenko, "augment.train")
+    assert choice.path == "albumentations"
+    assert "`augment.train[4]` HEStain: method macenko estimates a stain matrix per image" in choice.why
+    with pytest.raises(KitError, match=r"`train.input: batch`, but `augment.train\[4\]` HEStain: method macenko"):
+        choose_input("batch", macenko, "augment.train")

@@ -1,0 +1,528 @@
+"""Frozen features (`train.frozen_features: true`): a pretrained timm backbone runs once per training image and TTA
+view, in inference mode and the kit's autocast precision; its pooled features (`forward_head(…, pre_logits=True)`,
+after PatchClassifier's resize and normalisation) are cached beside the image cache; each fold then trains only
+the head on them, in seconds.
+
+    <cache_dir>/<data folder>/features/
+      <image cache>-<backbone key>-<view>.npy   (N, F) float16, memory-mapped, rows in train_labels.csv order
+      <image cache>-<backbone key>.json         what the key stands for (model, weights hash, input size, …)
+
+The backbone key hashes the backbone's weights (its state dict, so hub and file weights alike), the model keys that
+shape the features (name, input size, pooling, any other timm option), mean/std, `augment.valid` and the precision:
+another experiment with the same backbone reuses the files; anything that changes a feature gets new ones. The
+image cache's name (the source files' fingerprint) starts the file name, so changed data gets new features too.
+
+A build is resumable and atomic: rows are written a chunk at a time into `.<file>.partial`, the count of rows done
+is recorded after each chunk (`.<file>.rows`), a killed build continues from there, and the final name appears only
+once every row is in. One process builds a backbone's features at a time (a lock, as for the image cache).
+
+The fold contract is the engine's (kit/runs.py's rules, kit/checkpoints.py's best.pt): best.pt holds the backbone
+with the trained head in its classifier slot, so `make predict` and the Kaggle notebook run it on images, with the
+TTA views averaged as probabilities, which is what oof.csv holds too. last.pt holds only the head's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from . import distributed
+from .augment import build_transform
+from .checkpoints import FoldProgress, save_best
+from .config import Config, to_dict
+from .data import batches_per_epoch, cache_dir_for, check_data_dir, fits_resident, resident_images
+from .device import autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory, select_device
+from .engine import HISTORY_COLUMNS, FoldData, interrupted_fold, prepare_fold_data, seed_everything
+from .errors import Interrupted, KitError, SharedError
+from .inference import TTA_TRANSFORMS, model_outputs, tta_view_count
+from .io import WHERE_TO_WRITE, atomic_write_json, atomic_write_text, free_bytes, human_bytes, process_lock
+from .models import (
+    BASELINES,
+    PatchClassifier,
+    build_model,
+    count_parameters,
+    head_parameter_names,
+    set_frozen_head,
+    start_head_neutral,
+)
+from .progress import progress_bar
+from .recipe import (
+    StepEma,
+    build_training_parts,
+    constant_prediction_loss,
+    head_lr,
+    is_stalled,
+    set_backbone_trainable,
+    stall_warning,
+    train_one_epoch,
+    validation_loss,
+)
+from .runs import LAST, FoldRun
+
+FEATURE_DTYPE = np.float16
+FEATURE_CHUNK = 8192          # images per resumable step of a build (a killed build loses at most one chunk)
+# Model keys that do not change what the backbone computes in eval mode (the weights are hashed instead)
+NOT_IN_BACKBONE_KEY = ("pretrained", "pretrained_file", "dropout", "drop_path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the mode accepts
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_frozen_config(cfg: Config) -> None:
+    """One line for each option frozen features cannot honour, naming the key and what to set (the same on every
+    rank of a torchrun launch: rank 0 alone prints it)."""
+    model, train = cfg.model, cfg.train
+    if model.name in BASELINES:
+        raise SharedError(f"train.frozen_features needs a pretrained timm backbone, but `model.name: {model.name}` "
+                          f"is the seed's CNN, which has no pretrained weights to freeze: set model.name to a timm "
+                          f"model with model.pretrained=true or model.pretrained_file=…")
+    if not model.pretrained and not model.pretrained_file:
+        raise SharedError(f"train.frozen_features freezes the backbone's weights, but `{model.name}` would start "
+                          f"from random weights (model.pretrained false, no model.pretrained_file): its features are "
+                          f"noise; set model.pretrained=true or model.pretrained_file=path/to/weights")
+    refused = {"train.swa_epochs": (train.swa_epochs, "0", "only the head trains: average its epochs with "
+                                                             "train.ema_decay instead"),
+               "train.freeze_backbone_epochs": (train.freeze_backbone_epochs, "0", "the backbone is frozen for "
+                                                                                   "every epoch already"),
+               "train.compile": (train.compile, "false", "the backbone runs once, the head is one small layer"),
+               "model.trainable_blocks": (getattr(model, "trainable_blocks", 0), "0", "no block of the backbone "
+                                                                                     "trains")}
+    for key, (value, neutral, why) in refused.items():
+        if value:
+            raise SharedError(f"`{key}: {value}` does not combine with train.frozen_features ({why}): "
+                              f"set {key}={neutral}")
+    if distributed.current().active:
+        raise SharedError(f"train.frozen_features trains a head in seconds on one process: run it without NPROC "
+                          f"(NPROC={distributed.current().world})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backbone, its views and its key
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureView:
+    name: str                    # in the file name: "identity", "h1" (horizontal flip), "h1-r90", …
+    transformer: object          # ttach's Transformer (None: the image as it is)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.transformer is None else self.transformer.augment_image(images)
+
+
+SHORT_NAMES = {"HorizontalFlip": "h", "VerticalFlip": "v", "Rotate90": "r"}
+
+
+def feature_views(views: str) -> list[FeatureView]:
+    """The TTA views of `tta.views` (kit/inference.py's), identity first; each named by its non-identity moves,
+    so views that two settings share (identity, a horizontal flip) share their files."""
+    if TTA_TRANSFORMS[views] is None:
+        return [FeatureView("identity", None)]
+    compose = TTA_TRANSFORMS[views]()
+    found = []
+    for parameters, transformer in zip(compose.aug_transform_parameters, compose):
+        moves = [f"{SHORT_NAMES.get(type(t).__name__, type(t).__name__.lower())}{int(p)}"
+                 for t, p in zip(compose.aug_transforms, parameters) if p != t.identity_param]
+        found.append(FeatureView("-".join(moves) or "identity", transformer))
+    assert found[0].name == "identity", "ttach lists the identity view first"
+    return found
+
+
+class PooledFeatures(nn.Module):
+    """The classifier's own input path (resize, normalise) and the backbone up to the pooled features of one view:
+    what its classifier layer sees at prediction time."""
+
+    def __init__(self, model: PatchClassifier, view: FeatureView):
+        super().__init__()
+        self.model, self.view = model, view
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.model.net
+        return net.forward_head(net.forward_features(self.model.network_input(self.view.apply(images))),
+                                pre_logits=True)
+
+
+def feature_width(model: PatchClassifier) -> int:
+    head = model.net.get_classifier()
+    return (head[0] if isinstance(head, nn.Sequential) else head).in_features
+
+
+def backbone_key(cfg: Config, model: PatchClassifier, amp_dtype) -> tuple[str, dict]:
+    """A hash of everything that makes the features what they are, and the description it stands for."""
+    head = head_parameter_names(model)                     # the classifier is what each fold trains
+    weights = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in head:
+            continue
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        weights.update(data.view(torch.uint8).numpy().tobytes())
+    described = {"model": {k: v for k, v in to_dict(cfg.model).items() if k not in NOT_IN_BACKBONE_KEY},
+                 "weights_sha1": weights.hexdigest(), "mean": model.mean.flatten().tolist(),
+                 "std": model.std.flatten().tolist(), "augment_valid": cfg.augment.valid,
+                 "precision": precision_name(amp_dtype), "feature_width": feature_width(model)}
+    key = hashlib.sha1(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key, {**described, "weights_from": cfg.model.pretrained_file or f"timm: {cfg.model.name}"}  # not hashed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The feature cache
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureCache:
+    views: list[FeatureView]
+    arrays: list[np.ndarray]     # per view: (N, F) float16, memory-mapped
+    key: str
+    seconds: float               # spent computing features in this call (0 when every file was there)
+    computed: int                # images × views the backbone ran on in this call
+
+
+def feature_dir(cfg: Config) -> Path:
+    return cache_dir_for(cfg, check_data_dir(cfg.data_dir)) / "features"
+
+
+def cached_features(cfg: Config, model: PatchClassifier, images: np.ndarray, device: torch.device, amp_dtype,
+                    log=print, on_chunk=None) -> FeatureCache:
+    """Every view's features of every image of the split (`images`, the memory-mapped image cache), from the cache,
+    computing what is missing first. `on_chunk(view, rows_done)` runs after each chunk is recorded (tests)."""
+    key, described = backbone_key(cfg, model, amp_dtype)
+    folder = feature_dir(cfg)
+    stem = f"{Path(images.filename).stem}-{key}"
+    views = feature_views(cfg.tta.views)
+    files = [folder / f"{stem}-{view.name}.npy" for view in views]
+    started, computed = time.perf_counter(), 0
+    if not all(path.exists() for path in files):
+        def say_waiting(holder: str) -> None:
+            print(f"waiting for {holder}, which is computing {cfg.model.name}'s features in {folder}", file=sys.stderr)
+
+        with process_lock(folder / f"{stem}.lock", "", wait=True, on_wait=say_waiting):
+            remove_stale_features(folder, Path(images.filename).stem)
+            atomic_write_json(folder / f"{stem}.json", described)
+            valid_transform = build_transform(cfg.augment.valid, "augment.valid")
+            for view, path in zip(views, files):
+                if not path.exists():
+                    computed += build_feature_file(model, view, images, path, cfg, device, amp_dtype,
+                                                   valid_transform, log, on_chunk)
+    seconds = time.perf_counter() - started
+    if computed:
+        log(f"feature cache: computed {computed:,} image views of {cfg.model.name} in {seconds:.0f}s "
+            f"({computed / max(seconds, 1e-9):,.0f}/s) → {folder}")
+    else:
+        log(f"feature cache: reusing {len(views)} view(s) × {len(images):,} images of {cfg.model.name} "
+            f"({feature_width(model):,} features each) from {folder}")
+    return FeatureCache(views, [np.load(path, mmap_mode="r") for path in files], key, seconds, computed)
+
+
+def remove_stale_features(folder: Path, image_stem: str) -> None:
+    """Features of an image cache that no longer exists (the source files changed): of no use to anyone."""
+    split = image_stem.split("-", 1)[0]
+    for path in folder.glob(f"{split}-*.npy"):
+        if not path.name.startswith(image_stem + "-"):
+            path.unlink(missing_ok=True)
+
+
+def build_feature_file(model: PatchClassifier, view: FeatureView, images: np.ndarray, path: Path, cfg: Config,
+                       device: torch.device, amp_dtype, valid_transform, log, on_chunk) -> int:
+    """Compute one view's features into `path`, a chunk at a time, continuing a killed build; returns how many
+    images the backbone ran on. Call it holding the backbone's lock."""
+    partial, rows_file = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.rows")
+    shape = (len(images), feature_width(model))
+    done = resumable_rows(partial, rows_file, shape)
+    if done == 0:
+        needed, free = shape[0] * shape[1] * np.dtype(FEATURE_DTYPE).itemsize + 4096, free_bytes(path.parent)
+        if needed > free:
+            raise KitError(f"not enough disk for {cfg.model.name}'s features: {human_bytes(needed)} in {path.parent}, "
+                           f"{human_bytes(free)} free there; free some space or {WHERE_TO_WRITE}")
+        np.lib.format.open_memmap(partial, mode="w+", dtype=FEATURE_DTYPE, shape=shape).flush()
+        atomic_write_text(rows_file, "0")
+    else:
+        log(f"feature cache: continuing view {view.name} at image {done:,} of {shape[0]:,} (a build was stopped)")
+    array = np.load(partial, mmap_mode="r+")
+    extractor = PooledFeatures(model, view).eval()
+    source = resident_images(images, device)          # outside inference mode: the copy is kept for the process
+    bar = progress_bar(total=shape[0], initial=done, desc=f"features {view.name}", unit="img")
+    try:
+        with bar, torch.inference_mode():
+            for start in range(done, shape[0], FEATURE_CHUNK):
+                rows = np.arange(start, min(start + FEATURE_CHUNK, shape[0]))
+                array[rows] = model_outputs(extractor, source, rows, cfg.eval_batch_size, device, amp_dtype,
+                                            transform=valid_transform, channels_last=cfg.train.channels_last)
+                array.flush()                                              # the rows on disk before they count
+                atomic_write_text(rows_file, str(rows[-1] + 1))
+                bar.update(len(rows))
+                if on_chunk is not None:
+                    on_chunk(view.name, int(rows[-1] + 1))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while computing {cfg.model.name}'s features (view {view.name}): the "
+                          f"{int(rows_file.read_text())} images done are kept; rerun the same command to continue "
+                          f"from there") from None
+    del array
+    os.replace(partial, path)                           # the final name only once every row is in
+    rows_file.unlink(missing_ok=True)
+    return shape[0] - done
+
+
+def resumable_rows(partial: Path, rows_file: Path, shape: tuple) -> int:
+    """How many rows a stopped build of this shape left done (0 when there is none to continue, or it is unusable)."""
+    try:
+        done = int(rows_file.read_text())
+        existing = np.load(partial, mmap_mode="r")
+        if existing.shape == shape and existing.dtype == FEATURE_DTYPE and 0 <= done <= shape[0]:
+            return done
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training the head on features
+# ----------------------------------------------------------------------------------------------------------------
+
+class HeadOnFeatures(nn.Module):
+    """The classifier layer (or MLP) of the model, fed pooled features: one logit per row."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).reshape(-1)
+
+
+class FeatureBatches:
+    """Training batches of cached features: every (training row, TTA view) pair once an epoch, in an order drawn
+    from the epoch's seed (the views are the only augmentation the head sees). Held on the device when they fit."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, batch_size: int, device: torch.device):
+        views = features.shape[0]
+        self.features = features.reshape(-1, features.shape[-1])           # view-major: (views × rows, F)
+        if device.type == "cuda" and fits_resident(self.features.nbytes, device):
+            self.features = self.features.to(device)
+        self.labels = torch.as_tensor(np.tile(labels, views), dtype=torch.float32).to(device)
+        self.batch_size, self.device, self.seed = batch_size, device, 0
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.features), self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.features), generator=torch.Generator().manual_seed(self.seed))
+        size = min(self.batch_size, len(self.features))
+        for start in range(0, len(self) * size, size):
+            picked = order[start:start + size]
+            rows = picked.to(self.features.device, non_blocking=True)
+            yield (self.features.index_select(0, rows).to(self.device, non_blocking=True).float(),
+                   self.labels[picked.to(self.device, non_blocking=True)])
+
+
+@torch.no_grad()
+def head_logits(head: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 8192) -> np.ndarray:
+    """The head's logits for rows of features (N, F)."""
+    head.eval()
+    outputs = [head(torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(device))
+               .reshape(-1).float() for start in range(0, len(features), batch_size)]
+    return torch.cat(outputs).cpu().numpy() if outputs else np.empty(0, np.float32)
+
+
+def tta_probabilities(head: nn.Module, view_features: list[np.ndarray], device: torch.device) -> np.ndarray:
+    """The mean probability over the views: what best.pt with the TTA views gives on the images (kit/inference.py)."""
+    return np.mean([1 / (1 + np.exp(-head_logits(head, f, device).astype(np.float64))) for f in view_features],
+                   axis=0)
+
+
+@dataclass
+class HeadSetup:
+    """What a fold's head epochs need, built before the run folder is touched."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: PatchClassifier       # the backbone with the head in its classifier slot (best.pt's model)
+    step_model: HeadOnFeatures   # that head, fed features
+    data: FoldData
+    cache: FeatureCache
+    valid_features: list[np.ndarray]   # per view: the held-out rows' features
+    batches: FeatureBatches
+    parts: object
+    plateau_loss: float
+    best_head: dict              # the best epoch's head weights (written into best.pt once the epochs are done)
+
+
+def set_up_head(cfg: Config, fold: int, log) -> HeadSetup:
+    """The model, the fold's rows, the features (computed on first need) and the head's recipe; no run folder."""
+    check_frozen_config(cfg)
+    device = select_device(cfg.device)
+    amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
+    seed_everything(cfg.seed * 1000 + fold)
+    model = set_frozen_head(build_model(cfg.model), cfg.train.frozen_head).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    set_backbone_trainable(model, False)
+    data = prepare_fold_data(cfg, fold)
+    train_labels = data.labels[data.train_rows]
+    start_head_neutral(model, float(train_labels.mean()))
+    cache = cached_features(cfg, model, data.images, device, amp_dtype, log)
+    train_features = torch.from_numpy(np.stack([np.asarray(a[data.train_rows]) for a in cache.arrays]))
+    batches = FeatureBatches(train_features, train_labels, cfg.batch_size, device)
+    step_model = HeadOnFeatures(model.net.get_classifier())
+    # the head trains in fp32 (it is tiny); its EMA averages the head alone, not a copy of the whole model
+    no_ema = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.0))
+    parts = build_training_parts(no_ema, model, len(batches), None)
+    if cfg.train.ema_decay:
+        parts.ema = StepEma(step_model, cfg.train.ema_decay)
+    return HeadSetup(device, amp_dtype, model, step_model, data, cache,
+                     [np.asarray(a[data.valid_rows]) for a in cache.arrays], batches, parts,
+                     constant_prediction_loss(cfg.loss, train_labels), copy.deepcopy(step_model.head.state_dict()))
+
+
+def evaluated_head(setup: HeadSetup) -> nn.Module:
+    return setup.parts.ema.module.head if setup.parts.ema is not None else setup.step_model.head
+
+
+def save_head_resume(run: FoldRun, cfg: Config, setup: HeadSetup, progress: FoldProgress) -> None:
+    """last.pt of a frozen-features fold: the head's state only (the backbone is in best.pt and the config)."""
+    parts = setup.parts
+    run.save_checkpoint(LAST, {
+        "frozen_features": True, "head": setup.step_model.head.state_dict(), "best_head": setup.best_head,
+        "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None, "torch_rng": torch.get_rng_state(),
+        "amp_dtype": precision_name(setup.amp_dtype), "world_size": 1, "epoch": progress.epoch,
+        "history": progress.history, "best_auc": progress.best_auc, "best_epoch": progress.best_epoch,
+        "config": to_dict(cfg)})
+
+
+def load_head_resume(state: dict, setup: HeadSetup, label: str) -> FoldProgress:
+    if not state.get("frozen_features"):
+        raise KitError(f"{label}'s last.pt was written by fine-tuning, not by train.frozen_features: retrain it "
+                       f"with FORCE=1")
+    setup.step_model.head.load_state_dict(state["head"])
+    setup.parts.optimizer.load_state_dict(state["optimizer"])
+    setup.parts.scheduler.load_state_dict(state["scheduler"])
+    if setup.parts.ema is not None and state.get("ema") is not None:
+        setup.parts.ema.load_state_dict(state["ema"])
+    setup.best_head = state["best_head"]
+    torch.set_rng_state(state["torch_rng"])
+    return FoldProgress(history=state["history"], best_auc=state["best_auc"], best_epoch=state["best_epoch"],
+                        epoch=state["epoch"])
+
+
+def train_head_fold(cfg: Config, fold: int, run: FoldRun, plan, log=print) -> dict:
+    """kit/engine.py's `train_fold` for `train.frozen_features`, after the run folder's rules decided (`plan`,
+    holding the fold's lock): features from the cache, the head's epochs, then best.pt, oof.csv and metrics.json."""
+    setup = set_up_head(cfg, fold, log)
+    progress = FoldProgress()
+    if plan.state is not None:
+        progress = load_head_resume(plan.state, setup, run.label)
+        log(f"{cfg.name} fold {fold}: resuming the head after epoch {progress.epoch} (best val AUC "
+            f"{progress.best_auc:.4f})")
+    else:
+        run.start_fresh(keep_existing=plan.keep_existing)
+    try:
+        run.write_identity(setup.data.split.record, plan.extension if plan.state is not None else None)
+        describe_head_setup(cfg, fold, setup, log)
+        progress.stopped_early = run_head_epochs(cfg, fold, run, setup, progress, log)
+        return finish_head_fold(cfg, fold, run, setup, progress, log)
+    except KeyboardInterrupt as err:
+        staged = run.directory == run.staging_dir
+        run.discard_staging()
+        raise err if isinstance(err, Interrupted) else interrupted_fold(cfg, fold, run, progress, staged) from None
+    except BaseException:
+        run.discard_staging()
+        raise
+
+
+def describe_head_setup(cfg: Config, fold: int, setup: HeadSetup, log) -> None:
+    device = card_name(setup.device) if setup.device.type == "cuda" else "cpu"
+    views = setup.cache.views
+    log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: frozen features of {cfg.model.name} "
+        f"({count_parameters(setup.model):,} parameters, {precision_name(setup.amp_dtype)}): "
+        f"{feature_width(setup.model):,} features × {len(views)} view(s); {cfg.train.frozen_head} head "
+        f"({count_parameters(setup.step_model):,} parameters) trained on {len(setup.data.train_rows):,} train × "
+        f"{len(views)} views, {len(setup.data.valid_rows):,} valid images, device {device}")
+    if cfg.augment.train:
+        log(f"frozen features: augment.train is not used; the head sees the backbone's features of the "
+            f"{len(views)} TTA view(s) of tta.views={cfg.tta.views} (each a training sample) and nothing else")
+
+
+def run_head_epochs(cfg: Config, fold: int, run: FoldRun, setup: HeadSetup, progress: FoldProgress, log) -> bool:
+    """The head's epochs on the cached features, validated on the identity view, saved after each; returns whether
+    early stopping ended them."""
+    valid_labels = setup.data.labels[setup.data.valid_rows]
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch
+        setup.batches.set_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)                      # the MLP head's dropout
+        reset_peak_memory(setup.device)
+        started = time.perf_counter()
+        train_loss, per_s = train_one_epoch(setup.step_model, setup.batches, setup.parts, setup.device, None,
+                                            desc=f"fold {fold} head epoch {epoch}/{cfg.epochs}")
+        head = evaluated_head(setup)
+        valid_logits = head_logits(head, setup.valid_features[0], setup.device)
+        row = {"epoch": epoch, "train_loss": train_loss,
+               "val_loss": validation_loss(setup.parts.loss_fn, valid_logits, valid_labels, setup.device),
+               "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": head_lr(setup.parts.optimizer),
+               "images_per_s": per_s, "seconds": time.perf_counter() - started,
+               "peak_memory_mb": peak_memory_mb(setup.device)}
+        progress.history.append(row)
+        improved = row["val_auc"] > progress.best_auc
+        if improved:
+            progress.best_auc, progress.best_epoch = row["val_auc"], epoch
+            setup.best_head = copy.deepcopy(head.state_dict())
+        run.write_history(progress.history, HISTORY_COLUMNS)
+        progress.epoch = epoch
+        save_head_resume(run, cfg, setup, progress)
+        run.commit_staging()
+        log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {per_s:,.0f} features/s  "
+            f"{row['seconds']:.1f}s")
+        warning = stall_warning(cfg, fold, epoch, train_loss, setup.plateau_loss)
+        if warning:
+            log(warning)
+        if cfg.train.early_stopping and epoch - progress.best_epoch >= cfg.train.early_stopping:
+            log(f"fold {fold}: no better val AUC for {cfg.train.early_stopping} epochs; stopping early")
+            return True
+    return False
+
+
+def finish_head_fold(cfg: Config, fold: int, run: FoldRun, setup: HeadSetup, progress: FoldProgress, log) -> dict:
+    """The best head into the model's classifier slot → best.pt (a model that runs on images); its TTA-mean
+    probabilities on the held-out rows → oof.csv; then metrics.json: the fold is finished."""
+    data, head = setup.data, setup.model.net.get_classifier()
+    head.load_state_dict(setup.best_head)
+    save_best(run, cfg, fold, setup.model, progress.best_epoch, progress.best_auc)
+    probabilities = tta_probabilities(head, setup.valid_features, setup.device)
+    valid_labels = data.labels[data.valid_rows]
+    oof_auc = float(roc_auc_score(valid_labels, probabilities))
+    run.write_oof(pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels, "pred": probabilities}))
+    metrics = {"experiment": cfg.name, "fold": fold, "best_val_auc": progress.best_auc,
+               "best_epoch": progress.best_epoch, "oof_auc": oof_auc, "tta": cfg.tta.views,
+               "tta_views": tta_view_count(cfg.tta.views), "epochs_trained": len(progress.history),
+               "stopped_early": progress.stopped_early, "train_images": int(len(data.train_rows)),
+               "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
+               "parameters": count_parameters(setup.model), "device": str(setup.device), "processes": 1,
+               "ema": bool(cfg.train.ema_decay), "swa_val_auc": None, "swa_bn_seconds": None,
+               "swa_bn_peak_memory_mb": None, "tta_peak_memory_mb": None, "plateau_loss": setup.plateau_loss,
+               "stalled": is_stalled(progress.history[-1]["train_loss"], setup.plateau_loss),
+               "frozen_features": True, "frozen_head": cfg.train.frozen_head,
+               "head_parameters": count_parameters(setup.step_model), "feature_width": feature_width(setup.model),
+               "feature_key": setup.cache.key, "feature_seconds": setup.cache.seconds,
+               "features_computed": setup.cache.computed, "tta_combine": "mean of the views' probabilities"}
+    run.write_metrics(metrics)
+    log(f"{cfg.name} fold {fold}: done, best val AUC {progress.best_auc:.4f} at epoch {progress.best_epoch}; "
+        f"OOF AUC with {tta_view_count(cfg.tta.views)} TTA views {oof_auc:.4f} → {run.directory}")
+    return metrics

@@ -1,0 +1,337 @@
+"""Experiment trackers: TensorBoard, Weights & Biases and MLflow, each optional (the config's `log:` section).
+
+A fold that trains opens them (`open_trackers`); they log each epoch's history.csv row and, when the fold is
+finished, metrics.json's numbers. Under DDP only rank 0 logs; a `train-all PARALLEL=N` worker logs its own fold.
+
+Every backend starts writing only once the fold has its first checkpoint, so what it writes lands in the fold's
+final folder (a FORCE=1 retrain writes into .fold<k>.new/ until then, and an unfinished first epoch leaves nothing
+a fresh start would have to delete), and it is handed the whole history: a resumed fold's tracker run holds every
+epoch once, the ones trained before the interruption included. Everything they write stays in the run folder (or
+the MLflow store the config names); the config logged is the kit's config, never a credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from . import distributed
+from .config import Config, to_dict
+from .errors import KitError, first_line
+from .runs import RECORD, flat_config, read_json
+
+WANDB_MODES = ("online", "offline")
+
+# What to install for each backend: the versions the tests run (requirements.txt).
+PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0", "mlflow": "mlflow-skinny==3.17.2"}
+
+
+def require_package(module: str, setting: str):
+    """The backend's package, or one line naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KitError(f"config `{setting}` needs the {module} package: pip install {PACKAGES[module]} (or pip "
+                       f"install '.[tracking]'), or turn it off") from None
+
+
+def numbers(values: dict) -> dict[str, float]:
+    """The entries a tracker can chart: ints and floats, not flags or missing values."""
+    return {key: value for key, value in values.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)}
+
+
+def attempt_key(cfg: Config, fold: int, run_dir: Path) -> str:
+    """One id per attempt at a fold: the same when it resumes (or `epochs` is raised), new when FORCE=1 retrains it
+    (run.json's creation time changes). Names the fold's W&B run and tags its MLflow run."""
+    created = (read_json(run_dir / RECORD) or {}).get("created", "")
+    digest = hashlib.sha1(f"{cfg.name}/{fold}/{created}".encode()).hexdigest()[:12]
+    return f"fold{fold}-{digest}"
+
+
+def with_environment(defaults: dict[str, str]) -> dict[str, str | None]:
+    """Set each variable the user has not set; return the previous values, for `restore_environment`."""
+    previous = {}
+    for name, value in defaults.items():
+        if name not in os.environ:
+            previous[name] = None
+            os.environ[name] = value
+    return previous
+
+
+def restore_environment(previous: dict[str, str | None]) -> None:
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backends: each starts once, then logs the rows it has not logged
+# ----------------------------------------------------------------------------------------------------------------
+
+class Tracker:
+    """A backend. `start(history)` opens its run and returns the last epoch the run already holds (0 for none)."""
+
+    def __init__(self, cfg: Config, fold: int, run_dir: Path):
+        self.cfg, self.fold, self.run_dir = cfg, fold, run_dir
+        self.logged: int | None = None        # the last epoch logged; None until started
+
+    def log_epochs(self, history: list[dict]) -> None:
+        if self.logged is None:
+            self.logged = self.start(history)
+        for row in history:
+            if row["epoch"] > self.logged:
+                self.log_row(row)
+                self.logged = row["epoch"]
+        self.flush()
+
+    def start(self, history: list[dict]) -> int:
+        raise NotImplementedError
+
+    def log_row(self, row: dict) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, metrics: dict) -> None:
+        raise NotImplementedError
+
+    def close(self, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in the fold folder (`tensorboard --logdir runs/<experiment>` shows each fold as a run). They are
+    written anew from the history when a process starts logging, so a resumed fold has each epoch once."""
+
+    def __init__(self, cfg: Config, fold: int, run_dir: Path):
+        super().__init__(cfg, fold, run_dir)
+        require_package("tensorboard", "log.tensorboard: true")
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer_class, self.writer = SummaryWriter, None
+
+    def start(self, history: list[dict]) -> int:
+        for old in self.run_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+        self.writer = self.writer_class(log_dir=str(self.run_dir))
+        text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()))   # markdown code
+        return 0
+
+    def log_row(self, row: dict) -> None:
+        for key, value in numbers(row).items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, global_step=row["epoch"])
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def finish(self, metrics: dict) -> None:
+        for key in ("oof_auc", "best_val_auc"):
+            self.writer.add_scalar(key, metrics[key], global_step=metrics["epochs_trained"])
+        self.writer.flush()
+
+    def close(self, error: BaseException | None) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """A W&B run per fold attempt, grouped by experiment, its files in fold<k>/wandb/ (and wandb's own cache and
+    logs there too, not in ~). Online, a resumed fold continues its run; offline, its unsynced run is written anew."""
+
+    def __init__(self, cfg: Config, fold: int, run_dir: Path):
+        super().__init__(cfg, fold, run_dir)
+        self.wandb = require_package("wandb", "log.wandb.project")
+        self.run, self.environment = None, {}
+
+    def start(self, history: list[dict]) -> int:
+        settings, online = self.cfg.log.wandb, self.cfg.log.wandb.mode == "online"
+        key = attempt_key(self.cfg, self.fold, self.run_dir)
+        folder = self.run_dir / "wandb"
+        if not online:
+            for old in folder.glob(f"offline-run-*-{key}"):
+                shutil.rmtree(old)
+        # read when wandb starts its service; WANDB_DIR by `dir` below
+        self.environment = with_environment({"WANDB_CACHE_DIR": str(folder / "cache"),
+                                             "WANDB_DATA_DIR": str(folder / "data"),
+                                             "WANDB_ARTIFACT_DIR": str(folder / "artifacts")})
+        try:
+            self.run = self.wandb.init(
+                project=settings.project, entity=settings.entity or None, group=self.cfg.name,
+                name=f"{self.cfg.name}-fold{self.fold}", id=key, resume="allow" if online else None,
+                mode=settings.mode, dir=str(self.run_dir), config=to_dict(self.cfg), reinit="create_new",
+                settings=self.wandb.Settings(console="off", silent=True))
+        except Exception as err:
+            hint = "run `wandb login` or set WANDB_API_KEY, or use log.wandb.mode=offline" if online else \
+                "check log.wandb"
+            raise KitError(f"W&B could not start the run of fold {self.fold} ({first_line(err)}): {hint}") from None
+        return max(self.run.starting_step - 1, 0)       # steps are epochs; a resumed online run has its first ones
+
+    def log_row(self, row: dict) -> None:
+        self.run.log(numbers(row), step=row["epoch"])
+
+    def finish(self, metrics: dict) -> None:
+        self.run.summary.update({key: value for key, value in metrics.items() if value is not None})
+
+    def close(self, error: BaseException | None) -> None:
+        try:
+            if self.run is not None:
+                self.run.finish(exit_code=0 if error is None else 1)
+                if self.wandb.run is None:     # no run of the caller's own is active: end wandb's service, so the
+                    self.wandb.teardown()      # next fold's starts with that fold's folders
+        finally:
+            restore_environment(self.environment)
+
+
+class MlflowTracker(Tracker):
+    """An MLflow run per fold attempt in the configured store, tagged with the attempt: a resumed fold finds its run
+    and logs the epochs it lacks. The store is reached when the fold starts, so a wrong URI fails before training."""
+
+    def __init__(self, cfg: Config, fold: int, run_dir: Path):
+        super().__init__(cfg, fold, run_dir)
+        uri = cfg.log.mlflow.tracking_uri
+        # no usage reports and no ~/.config/mlflow; a file store is refused unless allowed (MLflow 3 prefers a
+        # database, which needs the full mlflow package)
+        self.environment = with_environment({"MLFLOW_DISABLE_TELEMETRY": "true",
+                                             **({"MLFLOW_ALLOW_FILE_STORE": "true"} if uri.startswith("file:") else {})})
+        try:
+            require_package("mlflow", "log.mlflow.tracking_uri")
+            from mlflow.entities import Metric, Param
+            from mlflow.tracking import MlflowClient
+
+            self.metric_class, self.param_class, self.run_id = Metric, Param, None
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self.experiment(cfg.log.mlflow.experiment or cfg.name)
+        except BaseException:
+            restore_environment(self.environment)
+            raise
+
+    def experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException:              # another fold's process created it meanwhile
+                return self.client.get_experiment_by_name(name).experiment_id
+        except Exception as err:
+            raise KitError(f"MLflow store {self.cfg.log.mlflow.tracking_uri} (log.mlflow.tracking_uri) did not "
+                           f"answer ({first_line(err)}): check the URI and that its server runs") from None
+
+    def start(self, history: list[dict]) -> int:
+        key = attempt_key(self.cfg, self.fold, self.run_dir)
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`kit.attempt` = '{key}'",
+                                        max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return max((m.step for m in self.client.get_metric_history(self.run_id, "val_auc")), default=0)
+        tags = {"kit.attempt": key, "kit.experiment": self.cfg.name, "kit.fold": str(self.fold)}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name}-fold{self.fold}",
+                                             tags=tags).info.run_id
+        # every key as a param (MLflow keeps at most 6,000 characters of one: longer lists only in config.yaml)
+        params = [self.param_class(key, str(value)) for key, value in flat_config(self.cfg, neutral=()).items()
+                  if len(str(value)) <= 6000]
+        for first in range(0, len(params), 100):             # at most 100 params a call
+            self.client.log_batch(self.run_id, params=params[first:first + 100])
+        self.client.log_text(self.run_id, yaml.safe_dump(to_dict(self.cfg), sort_keys=False), "config.yaml")
+        return 0
+
+    def log_metrics(self, values: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.metric_class(key, float(value), now, step)
+                                                    for key, value in values.items()])
+
+    def log_row(self, row: dict) -> None:
+        self.log_metrics({k: v for k, v in numbers(row).items() if k != "epoch"}, row["epoch"])
+
+    def finish(self, metrics: dict) -> None:
+        self.log_metrics(numbers(metrics), metrics["epochs_trained"])
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def close(self, error: BaseException | None) -> None:
+        try:
+            if self.run_id is not None and error is not None:
+                self.client.set_terminated(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else
+                                           "FAILED")
+        finally:
+            restore_environment(self.environment)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fold's trackers
+# ----------------------------------------------------------------------------------------------------------------
+
+class Trackers:
+    """The fold's trackers together; a context manager that ends their runs however the fold ends."""
+
+    def __init__(self, backends: list[Tracker]):
+        self.backends = backends
+
+    def log_epochs(self, history: list[dict]) -> None:
+        """Log the epochs of `history` not logged yet (call it once the epoch's checkpoint is written)."""
+        for backend in self.backends:
+            backend.log_epochs(history)
+
+    def finish(self, history: list[dict], metrics: dict) -> None:
+        """The fold is finished: any epoch not logged yet (a fold resumed only to finish), then its metrics."""
+        for backend in self.backends:
+            backend.log_epochs(history)
+            backend.finish(metrics)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End every backend's run (failed, when `error` ended the fold); a backend that fails to close never hides
+        `error`, nor stops the others closing."""
+        failure = None
+        for backend in self.backends:
+            try:
+                backend.close(error)
+            except Exception as err:
+                failure = failure or err
+        if failure is not None and error is None:
+            raise failure
+
+    def __enter__(self) -> Trackers:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error)
+
+
+def open_trackers(cfg: Config, fold: int, run_dir: Path, log=print) -> Trackers:
+    """The trackers `cfg.log` turns on for fold `fold`, whose final folder is `run_dir`, with a line saying where
+    each writes; none on a DDP rank other than 0. A missing package (or an MLflow store that does not answer) fails
+    here, before any training."""
+    if not distributed.current().is_main:
+        return Trackers([])
+    run_dir = Path(run_dir)
+    wanted = [(cfg.log.tensorboard, TensorBoardTracker, f"TensorBoard event files in {run_dir}"),
+              (bool(cfg.log.wandb.project), WandbTracker,
+               f"W&B {cfg.log.wandb.mode} run in project {cfg.log.wandb.project} (files in {run_dir / 'wandb'}"
+               + (f"; upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`)" if cfg.log.wandb.mode == "offline"
+                  else ")")),
+              (bool(cfg.log.mlflow.tracking_uri), MlflowTracker, f"MLflow run in {cfg.log.mlflow.tracking_uri}")]
+    backends, where = [], []
+    try:
+        for on, backend, line in wanted:
+            if on:
+                backends.append(backend(cfg, fold, run_dir))
+                where.append(line)
+    except BaseException as err:
+        Trackers(backends).close(err)
+        raise
+    if where:
+        log(f"tracking fold {fold} from its first checkpoint on: {'; '.join(where)}")
+    return Trackers(backends)
