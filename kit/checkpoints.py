@@ -12,7 +12,6 @@ and the one-line error for a damaged file are there too (`FoldRun.save_checkpoin
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +89,9 @@ def model_from_best(path: Path) -> tuple[nn.Module, Config]:
     comes from the checkpoint: the initial weights (hub or file) are not needed on this machine."""
     state = load_checkpoint(path)
     saved = from_dict(state["config"], source=str(path))
-    model = build_model(dataclasses.replace(saved.model, pretrained=False, pretrained_file=""))
+    # the architecture only; a hub model's config.json from the folder it was trained from when that is here, else
+    # from the Hugging Face cache
+    model = build_model(saved.model, initial_weights=False)
     if saved.train.frozen_features:                       # the head trained on frozen features (kit/features.py)
         set_frozen_head(model, saved.train.frozen_head)
     model.load_state_dict(state["model"])

@@ -125,9 +125,10 @@ def test_a_stopped_feature_build_continues_where_it_stopped(lite0_weights, tmp_p
     data = make_demo_data(tmp_path / "tiny", n_train=60, n_test=8, seed=3)
     monkeypatch.setattr(features, "FEATURE_CHUNK", 25)
 
+    model = set_frozen_head(build_model(frozen_config(data, tmp_path, lite0_weights).model), "linear").eval()
+
     def build(out, on_chunk=None):
         cfg = frozen_config(data, tmp_path / out, lite0_weights, **{"tta.views": "none"})
-        model = set_frozen_head(build_model(cfg.model), "linear").eval()
         images = load_split_images(data, "train", read_train_labels(data)["id"], cache_dir_for(cfg, data))
         return features.cached_features(cfg, model, images, torch.device("cpu"), None, on_chunk=on_chunk, **QUIET)
 
