@@ -17,7 +17,7 @@ def row(entry: str, seed: int, epochs: int = 4, machine: str = "GPU X; x86_64; t
 def test_results_are_merged_into_the_committed_page_never_replacing_it(tmp_path):
     page = tmp_path / "RESULTS.md"
     shutil.copyfile(REPO / "docs" / "RESULTS.md", page)
-    before, findings_before, machines_before, _ = read_results_md(page)
+    before, findings_before, machines_before, when_before = read_results_md(page)
     assert len(before) >= 9 and findings_before and machines_before
 
     write_results_md([row("effnet_b0", 0, epochs=2)], page)          # a new protocol: one row more
@@ -25,7 +25,7 @@ def test_results_are_merged_into_the_committed_page_never_replacing_it(tmp_path)
     assert {key: line for key, line in after.items() if key in before} == before, "every old row kept as it was"
     assert set(after) - set(before) == {("effnet_b0", "1 of 5 folds, 2 epochs", "1")}
     assert findings_after == findings_before and machines == machines_before | {"GPU X; x86_64; torch 2.11"}
-    assert when == "2026-12-01T20:00:00"
+    assert when == max(when_before, "2026-12-01T20:00:00")      # the newest row's time
 
     key = ("baseline_bn", "1 of 5 folds, 4 epochs", "5")            # the same key measured again: replaced in place
     write_results_md([row("baseline_bn", seed) for seed in range(5)], page)
