@@ -462,6 +462,17 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
     reset_peak_memory(setup.device)             # the TTA pass (views stacked into one forward) has its own peak
     probabilities = predict_held_out(cfg, setup, best_model, views=cfg.tta.views)
     tta_peak = peak_memory_mb(setup.device)
+    return write_fold_results(cfg, fold, run, data, progress, probabilities, setup.model, setup.device,
+                              setup.plateau_loss, log, processes=distributed.current().world,
+                              swa_val_auc=swa.get("swa_val_auc"), swa_bn_seconds=swa.get("swa_bn_seconds"),
+                              swa_bn_peak_memory_mb=swa.get("swa_bn_peak_memory_mb"), tta_peak_memory_mb=tta_peak)
+
+
+def write_fold_results(cfg: Config, fold: int, run: FoldRun, data: FoldData, progress: FoldProgress,
+                       probabilities: np.ndarray, model: nn.Module, device: torch.device, plateau_loss: float,
+                       log, **entries) -> dict:
+    """oof.csv (the held-out rows' TTA probabilities), then metrics.json: the fold is finished. `entries` are the
+    metrics of the way it was trained (SWA's, the TTA pass's peak, frozen features'). Both fold paths end here."""
     valid_labels = data.labels[data.valid_rows]
     oof_auc = float(roc_auc_score(valid_labels, probabilities))
     run.write_oof(pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels, "pred": probabilities}))
@@ -470,12 +481,10 @@ def finish_fold(cfg: Config, fold: int, run: FoldRun, setup: FoldSetup, progress
                "tta_views": tta_view_count(cfg.tta.views), "epochs_trained": len(progress.history),
                "stopped_early": progress.stopped_early, "train_images": int(len(data.train_rows)),
                "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
-               "parameters": count_parameters(setup.model), "device": str(setup.device),
-               "processes": distributed.current().world,
-               "ema": bool(cfg.train.ema_decay), "swa_val_auc": swa.get("swa_val_auc"),
-               "swa_bn_seconds": swa.get("swa_bn_seconds"), "swa_bn_peak_memory_mb": swa.get("swa_bn_peak_memory_mb"),
-               "tta_peak_memory_mb": tta_peak, "plateau_loss": setup.plateau_loss,
-               "stalled": is_stalled(progress.history[-1]["train_loss"], setup.plateau_loss)}
+               "parameters": count_parameters(model), "device": str(device), "processes": 1,
+               "ema": bool(cfg.train.ema_decay), "swa_val_auc": None, "swa_bn_seconds": None,
+               "swa_bn_peak_memory_mb": None, "tta_peak_memory_mb": None, "plateau_loss": plateau_loss,
+               "stalled": is_stalled(progress.history[-1]["train_loss"], plateau_loss), **entries}
     run.write_metrics(metrics)
     log(f"{cfg.name} fold {fold}: done, best val AUC {progress.best_auc:.4f} at epoch {progress.best_epoch}; "
         f"OOF AUC with {tta_view_count(cfg.tta.views)} TTA views {oof_auc:.4f} → {run.directory}")

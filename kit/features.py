@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -45,9 +44,16 @@ from .checkpoints import FoldProgress, save_best
 from .config import Config, to_dict
 from .data import batches_per_epoch, cache_dir_for, check_data_dir, fits_resident, resident_images
 from .device import autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory, select_device
-from .engine import HISTORY_COLUMNS, FoldData, interrupted_fold, prepare_fold_data, seed_everything
+from .engine import (
+    HISTORY_COLUMNS,
+    FoldData,
+    interrupted_fold,
+    prepare_fold_data,
+    seed_everything,
+    write_fold_results,
+)
 from .errors import Interrupted, KitError, SharedError
-from .inference import TTA_TRANSFORMS, model_outputs, tta_view_count
+from .inference import TTA_TRANSFORMS, model_outputs
 from .io import WHERE_TO_WRITE, atomic_write_json, atomic_write_text, free_bytes, human_bytes, process_lock
 from .models import (
     BASELINES,
@@ -64,7 +70,6 @@ from .recipe import (
     build_training_parts,
     constant_prediction_loss,
     head_lr,
-    is_stalled,
     set_backbone_trainable,
     stall_warning,
     train_one_epoch,
@@ -506,23 +511,9 @@ def finish_head_fold(cfg: Config, fold: int, run: FoldRun, setup: HeadSetup, pro
     head.load_state_dict(setup.best_head)
     save_best(run, cfg, fold, setup.model, progress.best_epoch, progress.best_auc)
     probabilities = tta_probabilities(head, setup.valid_features, setup.device)
-    valid_labels = data.labels[data.valid_rows]
-    oof_auc = float(roc_auc_score(valid_labels, probabilities))
-    run.write_oof(pd.DataFrame({"id": data.ids[data.valid_rows], "label": valid_labels, "pred": probabilities}))
-    metrics = {"experiment": cfg.name, "fold": fold, "best_val_auc": progress.best_auc,
-               "best_epoch": progress.best_epoch, "oof_auc": oof_auc, "tta": cfg.tta.views,
-               "tta_views": tta_view_count(cfg.tta.views), "epochs_trained": len(progress.history),
-               "stopped_early": progress.stopped_early, "train_images": int(len(data.train_rows)),
-               "valid_images": int(len(data.valid_rows)), "model": cfg.model.name,
-               "parameters": count_parameters(setup.model), "device": str(setup.device), "processes": 1,
-               "ema": bool(cfg.train.ema_decay), "swa_val_auc": None, "swa_bn_seconds": None,
-               "swa_bn_peak_memory_mb": None, "tta_peak_memory_mb": None, "plateau_loss": setup.plateau_loss,
-               "stalled": is_stalled(progress.history[-1]["train_loss"], setup.plateau_loss),
-               "frozen_features": True, "frozen_head": cfg.train.frozen_head,
-               "head_parameters": count_parameters(setup.step_model), "feature_width": feature_width(setup.model),
-               "feature_key": setup.cache.key, "feature_seconds": setup.cache.seconds,
-               "features_computed": setup.cache.computed, "tta_combine": "mean of the views' probabilities"}
-    run.write_metrics(metrics)
-    log(f"{cfg.name} fold {fold}: done, best val AUC {progress.best_auc:.4f} at epoch {progress.best_epoch}; "
-        f"OOF AUC with {tta_view_count(cfg.tta.views)} TTA views {oof_auc:.4f} → {run.directory}")
-    return metrics
+    return write_fold_results(cfg, fold, run, data, progress, probabilities, setup.model, setup.device,
+                              setup.plateau_loss, log, frozen_features=True, frozen_head=cfg.train.frozen_head,
+                              head_parameters=count_parameters(setup.step_model),
+                              feature_width=feature_width(setup.model), feature_key=setup.cache.key,
+                              feature_seconds=setup.cache.seconds, features_computed=setup.cache.computed,
+                              tta_combine="mean of the views' probabilities")

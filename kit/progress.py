@@ -184,11 +184,12 @@ class FoldsBar:
                 return
             self.bar = progress_bar(total=self.folds, initial=self.folds - self.pending, desc=f"{self.name} folds",
                                     unit="fold", leave=False, hidden=self.hidden,
-                                    bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {postfix}")
+                                    bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}|{postfix}")   # tqdm writes the postfix as ", …"
         waves = -(-left_folds // self.workers)           # rounds of `workers` folds still to run
         self.bar.set_postfix_str(f"~{duration(waves * float(np.mean(self.fold_seconds)))} left" if left_folds
                                  else "done", refresh=False)
         self.bar.update(1)
+        self.bar.refresh()          # a fold's end is rare: draw it now (tqdm skips draws within mininterval)
 
     def close(self) -> None:
         if self.bar is not None:

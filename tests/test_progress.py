@@ -41,7 +41,7 @@ def test_the_first_steps_estimate_each_fold_and_the_folds_after_it_within_a_quar
     epoch_lines = [line for _, line in lines if re.match(r"fold 0 epoch \d/3:", line)]
     assert [("left" in line) for line in epoch_lines] == [True, True, False]
     # the bar over the folds (stderr), drawn once fold 0 has finished: 1 of 2, the time left from fold 0's
-    bar = re.search(r"demo folds: 1/2 \|.*\| ~([\d.]+ \w+) left", capsys.readouterr().err)
+    bar = re.search(r"demo folds: 1/2 \|[^|]*\|, ~([\d.]+ \w+) left", capsys.readouterr().err)
     assert bar and seconds_in(bar.group(1)) == pytest.approx(fold_0, rel=0.05)
 
 
