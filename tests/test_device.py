@@ -109,7 +109,8 @@ def test_swa_recomputes_batchnorm_in_the_training_precision_and_times_it(quick_c
 
     monkeypatch.setattr(kit.engine, "update_bn", recording_update_bn)
     monkeypatch.setattr(kit.engine, "autocast_dtype", lambda *args: torch.bfloat16)     # as on an A100 or later
-    cfg = quick_config(epochs=1, **{"train.swa_epochs": 1, "tta.views": "none"})
+    cfg = quick_config(epochs=1, max_train_images=64, **{"train.swa_epochs": 1, "tta.views": "none",
+                                                        "folds.n_splits": 4})      # bf16 on a CPU is slow
     metrics = train_fold(cfg, 0, log=lambda *_: None)
     assert seen == [(True, torch.bfloat16)], "update_bn runs under the training's autocast"
     assert metrics["swa_bn_seconds"] > 0 and metrics["swa_val_auc"] is not None

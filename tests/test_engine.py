@@ -10,7 +10,7 @@ from kit.runs import fold_dir, load_checkpoint
 def test_short_training_learns(quick_config):
     cfg = quick_config(epochs=4, batch_size=16)
     metrics = train_fold(cfg, fold=0, log=lambda *_: None)
-    # 300 held-out patches of generated data: chance is 0.5
+    # 160 held-out patches of generated data: chance is 0.5
     assert metrics["best_val_auc"] > 0.9
     out = fold_dir(cfg, 0)
     for name in ("best.pt", "last.pt", "history.csv", "oof.csv", "metrics.json", "config.yaml"):

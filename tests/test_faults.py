@@ -89,13 +89,13 @@ def test_read_only_out_is_named_before_training(quick_config, tmp_path, capsys, 
 
 
 def test_read_only_and_full_disks_for_real(quick_config, tmp_path, capsys):
-    """On a real 24 MB tmpfs: the 16.6 MB train cache is refused up front on a 10 MB one; with room for the cache but
+    """On a real 24 MB tmpfs: the 8.9 MB train cache is refused up front on a 5 MB one; with room for the cache but
     not for a checkpoint, the write fails as one line and no half file stays; remounted read-only, OUT is named."""
-    with tiny_disk(tmp_path / "small", "10m") as small:
+    with tiny_disk(tmp_path / "small", "5m") as small:
         cfg = quick_config(out_dir=str(small / "runs"))
         assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
         err = one_line_error(capsys)
-        assert "not enough disk for the train cache: 600 images need 16.6 MB in " in err and " free there" in err
+        assert "not enough disk for the train cache: 320 images need 8.9 MB in " in err and " free there" in err
         assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
 
     with tiny_disk(tmp_path / "medium", "24m") as medium:
@@ -148,7 +148,7 @@ def test_disk_full_inside_the_cache_workers_is_one_line(quick_config, capsys, mo
     monkeypatch.setattr(kit.data, "write_rows", full)        # the forked workers inherit it
     assert main(["cache"] + experiment_args(cfg)) == 2
     err = one_line_error(capsys)
-    assert "error: disk full writing " in err and "/train-600-" in err and "free on that disk" in err
+    assert "error: disk full writing " in err and "/train-320-" in err and "free on that disk" in err
     assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
 
 
@@ -158,7 +158,7 @@ def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config
     cfg = quick_config()
     cache_dir = cache_dir_for(cfg, cfg.data_dir)
     cache_dir.mkdir(parents=True)
-    leftover = cache_dir / ".train-600-0123456789abcdef.npy.k2x9q1.tmp"        # what `kill -9` mid-build leaves
+    leftover = cache_dir / ".train-320-0123456789abcdef.npy.k2x9q1.tmp"        # what `kill -9` mid-build leaves
     leftover.write_bytes(b"\0" * 1000)
     ids = read_train_labels(cfg.data_dir)["id"]
 
@@ -171,7 +171,7 @@ def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config
         time.sleep(1.0)
         assert waiter.is_alive() and leftover.exists(), "waits for the live build and leaves its file alone"
     waiter.join(timeout=60)
-    assert not leftover.exists() and len(result["images"]) == 600
+    assert not leftover.exists() and len(result["images"]) == 320
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted(["train.lock", Path(result["images"].filename).name])
 
 

@@ -87,8 +87,8 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     from kit.gpu_check import read_rows, run_gpu_check
 
     lines = []
-    path, passed = run_gpu_check(tmp_path / "check", images=400, test_images=48, configs=("baseline_bn",), compiled=(),
-                                 device="cpu", bench_images=64, bench_seconds=0.0, scale_out_processes=2,
+    path, passed = run_gpu_check(tmp_path / "check", images=200, test_images=24, configs=("baseline_bn",), compiled=(),
+                                 device="cpu", bench_images=32, bench_seconds=0.0, scale_out_processes=2,
                                  log=lines.append)
     report = json.loads(path.read_text())
     rows = read_rows(path.with_suffix(".jsonl"))           # every row, as it finished

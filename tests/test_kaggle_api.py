@@ -165,7 +165,7 @@ def test_make_data_downloads_unzips_verifies_and_feeds_training(fake_kaggle, dem
     data_dir = tmp_path / "downloaded"
     assert main(["data", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
-    assert "verified: 600 train / 48 test images" in out
+    assert "verified: 320 train / 48 test images" in out
     assert not (data_dir / "histopathologic-cancer-detection.zip").exists()
     assert sorted(p.name for p in (data_dir / "train").iterdir()) == sorted(p.name for p in (demo_data / "train").iterdir())
 
@@ -210,10 +210,10 @@ def test_make_data_finds_every_bad_image_and_re_extracts_it_from_the_zip(fake_ka
     cv2.imwrite(str(victims[2]), np.zeros((64, 64, 3), np.uint8))
     assert main(["data", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
-    assert f"3 of 648 images in {data_dir} cannot be used: " in out and "re-extracting them" in out
+    assert f"3 of 368 images in {data_dir} cannot be used: " in out and "re-extracting them" in out
     assert f"train/{victims[0].name} (empty file, 0 bytes)" in out
     assert f"test/{victims[2].name} (64×64×3 uint8, not 96×96×3 uint8 RGB)" in out
-    assert "unzipped 3 of 650 files" in out and "verified: 600 train / 48 test images, every one decodes" in out
+    assert "unzipped 3 of 370 files" in out and "verified: 320 train / 48 test images, every one decodes" in out
     for victim in victims:
         assert victim.read_bytes() == (demo_data / victim.parent.name / victim.name).read_bytes()
 
@@ -226,7 +226,7 @@ def test_make_data_names_the_files_the_zip_cannot_repair(fake_kaggle, demo_data,
     data_dir = Path(shutil.copytree(broken, tmp_path / "data"))
     assert main(["data", "--data-dir", str(data_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: 1 of 648 images in {data_dir} cannot be used: train/{victim.name} (empty file")
+    assert err.startswith(f"error: 1 of 368 images in {data_dir} cannot be used: train/{victim.name} (empty file")
     assert "holds them this way too (it is kept)" in err and "replace those files by hand" in err
     assert (data_dir / "histopathologic-cancer-detection.zip").is_file()
 

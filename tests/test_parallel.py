@@ -36,7 +36,7 @@ def test_two_folds_are_trained_by_two_processes_on_data_built_once(quick_config)
         assert f"fold {fold} epoch 1/1" in (experiment_dir(cfg) / f"fold{fold}.log").read_text()
         assert any(m.startswith(f"[fold {fold}] ") and "done, best val AUC" in m for m in messages), messages
     pooled = pd.concat([pd.read_csv(fold_dir(cfg, fold) / "oof.csv") for fold in (0, 1)])
-    assert len(pooled) == 600 and cv_auc == pytest.approx(roc_auc_score(pooled["label"], pooled["pred"]))
+    assert len(pooled) == 320 and cv_auc == pytest.approx(roc_auc_score(pooled["label"], pooled["pred"]))
     assert messages[-1] == f"demo: CV AUC {cv_auc:.4f} (pooled out-of-fold predictions with hflip TTA, 2 folds)"
     messages.clear()
     api.train_all(cfg, parallel=2, log=messages.append)

@@ -32,7 +32,7 @@ QUIET = {"log": lambda *_: None}
 def test_each_shipped_config_builds_its_model_and_trains_a_few_steps(name, demo_data, tmp_path):
     cfg = load_config(REPO / "configs" / f"{name}.yaml", {
         "model.pretrained": False, "data_dir": str(demo_data), "out_dir": str(tmp_path), "epochs": 1,
-        "max_train_images": 32, "batch_size": 16, "eval_batch_size": 100, "folds.n_splits": 10})   # 60 held out
+        "max_train_images": 16, "batch_size": 8, "eval_batch_size": 64, "folds.n_splits": 10})   # 32 held out
     metrics = train_fold(cfg, 0, **QUIET)
     assert metrics["epochs_trained"] == 1 and 0 <= metrics["best_val_auc"] <= 1
     model = build_model(cfg.model)
