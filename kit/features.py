@@ -66,12 +66,12 @@ from .models import (
 )
 from .progress import progress_bar
 from .recipe import (
-    StepEma,
     build_training_parts,
     constant_prediction_loss,
     head_lr,
     set_backbone_trainable,
     stall_warning,
+    step_ema,
     train_one_epoch,
     validation_loss,
 )
@@ -388,8 +388,7 @@ def set_up_head(cfg: Config, fold: int, log) -> HeadSetup:
     # the head trains in fp32 (it is tiny); its EMA averages the head alone, not a copy of the whole model
     no_ema = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.0))
     parts = build_training_parts(no_ema, model, len(batches), None)
-    if cfg.train.ema_decay:
-        parts.ema = StepEma(step_model, cfg.train.ema_decay)
+    parts.ema = step_ema(step_model, cfg.train.ema_decay)
     return HeadSetup(device, amp_dtype, model, step_model, data, cache,
                      [np.asarray(a[data.valid_rows]) for a in cache.arrays], batches, parts,
                      constant_prediction_loss(cfg.loss, train_labels), copy.deepcopy(step_model.head.state_dict()))

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.ops import sigmoid_focal_loss
 
 from . import distributed
 from .config import Config, LossConfig
@@ -27,6 +26,9 @@ from .device import intended_sync, sync_debug
 from .errors import KitError
 from .models import head_parameter_names
 from .progress import progress_bar
+
+if TYPE_CHECKING:
+    from .ema import StepEma
 
 
 def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
@@ -130,28 +132,13 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class StepEma(ModelEmaV3):
-    """timm's ModelEmaV3, warmed up by the optimizer step (decay 1 - (1 + step)^-2/3, capped at `decay`), so the
-    average forgets the initial weights (random head included) within the first few hundred steps; and with its
-    tensor lists gathered once, not walked out of `state_dict()` at every step. The lists alias the live tensors:
-    optimizer steps and `load_state_dict` update them in place."""
+def step_ema(model: nn.Module, decay: float) -> StepEma | None:
+    """The EMA of `model`'s weights at `decay` (kit/ema.py), or None when `train.ema_decay` is 0."""
+    if not decay:
+        return None
+    from .ema import StepEma  # timm loads only for a run that averages (kit/ema.py)
 
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__(model, decay=decay, use_warmup=True)
-        self._pairs = None
-
-    def apply_update_(self, model: nn.Module, decay: float) -> None:
-        if self._pairs is None or self._pairs[0] is not model:
-            frozen = getattr(model, "frozen_parameter_names", set())     # model.trainable_blocks: equal for good
-            pairs = [(ema, live) for (name, ema), live in zip(self.module.state_dict().items(),
-                                                               model.state_dict().values()) if name not in frozen]
-            floating = [(ema, live) for ema, live in pairs if ema.is_floating_point()]
-            self._pairs = (model, [ema for ema, _ in floating], [live for _, live in floating],
-                           [(ema, live) for ema, live in pairs if not ema.is_floating_point()])
-        _, ema_values, live_values, counters = self._pairs
-        torch._foreach_lerp_(ema_values, live_values, weight=1.0 - decay)    # same dtypes: the EMA is a copy
-        if counters:                     # BatchNorm's num_batches_tracked: copied, one kernel for all
-            torch._foreach_copy_([ema for ema, _ in counters], [live for _, live in counters])
+    return StepEma(model, decay)
 
 
 LOSSES = ("bce", "focal")
@@ -165,6 +152,8 @@ def build_loss(loss_cfg: LossConfig, device: torch.device):
         if loss_cfg.label_smoothing:
             targets = targets * (1 - loss_cfg.label_smoothing) + 0.5 * loss_cfg.label_smoothing
         if loss_cfg.name == "focal":
+            from torchvision.ops import sigmoid_focal_loss  # torchvision loads only for the focal loss
+
             return sigmoid_focal_loss(logits, targets, alpha=loss_cfg.focal_alpha, gamma=loss_cfg.focal_gamma,
                                       reduction="mean")
         return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
@@ -250,7 +239,7 @@ def build_training_parts(cfg: Config, model: nn.Module, steps_per_epoch: int,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         loss_fn=build_loss(cfg.loss, device),
         grad_clip=cfg.optimizer.grad_clip,
-        ema=StepEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None)
+        ema=step_ema(model, cfg.train.ema_decay))
 
 
 def train_one_epoch(model, batches, parts: TrainingParts, device, amp_dtype, desc: str | None,

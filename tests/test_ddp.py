@@ -30,7 +30,7 @@ WORKER = REPO / "tests" / "ddp_worker.py"
 
 def overrides(demo_data, out_dir, **more) -> dict:
     values = {"data_dir": str(demo_data), "out_dir": str(out_dir), "epochs": 2, "batch_size": 32,
-              "folds.n_splits": 2, "eval_batch_size": 128, "max_train_images": 256, "train.ema_decay": 0.9,
+              "folds.n_splits": 2, "eval_batch_size": 128, "max_train_images": 64, "train.ema_decay": 0.9,
               "train.freeze_backbone_epochs": 1, "tta.views": "hflip"}
     values.update(more)
     return values

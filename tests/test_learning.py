@@ -76,7 +76,7 @@ def test_the_stall_detector_warns_when_the_loss_stays_at_the_prior(quick_config)
     assert metrics["stalled"]
 
     messages = []
-    metrics = train_fold(quick_config(epochs=2, name="learns", **{"model.name": "baseline_bn"}), 0,
+    metrics = train_fold(quick_config(epochs=2, name="learns", max_train_images=0, **{"model.name": "baseline_bn"}), 0,
                          log=messages.append)
     assert not any(m.startswith("warning:") for m in messages) and not metrics["stalled"]
 

@@ -67,7 +67,8 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
                PYTHONDONTWRITEBYTECODE="1",
                PYTHONPATH="")            # the kit must come from the attached input, not from this checkout
     # two folds at once, as on T4 x2: the worker processes must import the kit from the read-only input too
-    parameters = ('CONFIG = "demo"\nOVERRIDES = {"epochs": 1, "folds.n_splits": 2}\nFOLDS = "all"\nPARALLEL = 2\n'
+    parameters = ('CONFIG = "demo"\nOVERRIDES = {"epochs": 1, "folds.n_splits": 2, "max_train_images": 64, '
+                  '"tta.views": "hflip"}\nFOLDS = "all"\nPARALLEL = 2\n'
                   'SUBMIT = False\n')
     result = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(kit_input / "notebooks" / "kaggle.ipynb"),
                              parameters], cwd=working, env=env, capture_output=True, text=True, timeout=600)

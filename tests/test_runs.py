@@ -15,11 +15,12 @@ from timm.utils import ModelEmaV3
 import kit.engine as engine
 from kit import api
 from kit.config import load_config
+from kit.ema import StepEma
 from kit.engine import train_fold
 from kit.errors import KitError
 from kit.inference import predict_tta_probabilities
 from kit.models import build_model
-from kit.recipe import StepEma, build_optimizer
+from kit.recipe import build_optimizer
 from kit.runs import (
     BEST,
     LAST,
