@@ -16,7 +16,7 @@ def run_cli(capsys, *argv):
 def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo_data, tmp_path, capsys):
     cfg = quick_config(epochs=1)
     common = ["--config", "configs/demo.yaml", "--data-dir", str(demo_data), "--out", cfg.out_dir,
-              "epochs=1", "folds.n_splits=2", f"submissions_dir={cfg.submissions_dir}"]
+              "epochs=1", "folds.n_splits=2", "max_train_images=64", f"submissions_dir={cfg.submissions_dir}"]
 
     code, out, err = run_cli(capsys, "train", "--fold", "0", *common)
     assert code == 0 and "1,732,257 parameters" in out and "val_auc" in out
