@@ -26,8 +26,9 @@ FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 # worker's torch gets its share of the cores (tests/conftest.py).
 XDIST := -n auto --dist loadfile
 # On a CPU, glibc's malloc hands each training step's freed tensors back to the kernel and faults them in again at the
-# next: a quarter of a CPU run's time went to the kernel (measured, a demo fold on one thread: 14.5 s → 11.8 s, kernel
-# time 5.0 s → 2.4 s with these). The tests and `make demo`, and every process they start, keep freed memory instead.
+# next: a quarter of a CPU run's time went to the kernel (measured, a demo fold on one thread, two runs each way:
+# 14.5–15.2 s → 11.7–11.9 s, the process's kernel time 5.0–5.6 s → 2.1–2.6 s with these). The tests and `make demo`,
+# and every process they start, keep freed memory instead.
 CPU_MALLOC := MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432
 
 # The oldest versions requirements-kaggle.txt admits (requirements-oldest.txt), over .venv's torch: a light venv whose
@@ -75,7 +76,7 @@ test: lint $(OLDEST_STAMP)    ## lint, every test but the learning-evidence runs
 	$(CPU_MALLOC) $(PY) -m pytest -q $(XDIST) -m "not evidence" tests
 	$(OLDEST_PYTEST)
 
-test-all: lint $(OLDEST_STAMP)    ## make test with the learning-evidence runs (about 3 minutes more)
+test-all: lint $(OLDEST_STAMP)    ## make test with the 3 learning-evidence runs (188 s of test time, measured on 2 cores)
 	$(CPU_MALLOC) $(PY) -m pytest -q $(XDIST) tests
 	$(OLDEST_PYTEST)
 
