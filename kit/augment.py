@@ -402,9 +402,6 @@ class InputChoice:
     why: str                               # for the log line
 
 
-INPUT_PATHS = ("auto", "batch", "albumentations")     # train.input
-
-
 def choose_input(requested: str, transform: A.Compose | None, key: str) -> InputChoice:
     """`train.input`: batch or albumentations as asked; auto = batch when every transform has a batch equivalent."""
     if requested == "albumentations":

@@ -52,6 +52,10 @@ class FoldsConfig:
     groups_csv: str = ""         # id → group (e.g. the PCam slide of each patch): folds never split a group
 
 
+# model.global_pool: timm's pooling choices ("" = the model's own; catavgmax = fast.ai's concat pooling)
+GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")
+
+
 @dataclass
 class ModelConfig:
     # "baseline_bn" (the default) = the seed notebook's CNN with BatchNorm (learns on every seed); "baseline" = the
@@ -77,6 +81,9 @@ class ModelConfig:
                                  # the rest of the backbone frozen; 0 = all train
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")          # kit/recipe.py: OPTIMIZER_CLASSES
+
+
 @dataclass
 class OptimizerConfig:
     name: str = "adam"           # adam | adamw | sgd
@@ -90,12 +97,20 @@ class OptimizerConfig:
     grad_clip: float = 0.0       # clip the gradient norm to this; 0 = off
 
 
+SCHEDULES = ("constant", "cosine", "onecycle")    # kit/recipe.py: SCHEDULE_FACTORS (per-step lr factors)
+# Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
+EXTENSIBLE_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class ScheduleConfig:
     name: str = "constant"       # constant (the seed) | cosine (after a linear warm-up) | onecycle; all per step
     warmup_epochs: float = 0.0   # constant/cosine: linear warm-up from lr/100, in epochs (fractions allowed)
     min_lr: float = 0.0          # cosine floor
     pct_start: float = 0.25      # onecycle: share of the steps spent rising to lr
+
+
+LOSSES = ("bce", "focal")                       # kit/recipe.py: LOSS_FUNCTIONS
 
 
 @dataclass
@@ -105,6 +120,12 @@ class LossConfig:
     focal_gamma: float = 2.0
     focal_alpha: float = -1.0    # focal: weight of positives in [0, 1]; -1 = none
     label_smoothing: float = 0.0  # targets 0/1 → ε/2, 1-ε/2
+
+
+INPUT_PATHS = ("auto", "batch", "albumentations")   # train.input (kit/augment.py: choose_input)
+# train.frozen_head: what fills a timm model's classifier slot when only the head trains on frozen features
+# (kit/models.py: FROZEN_HEAD_BUILDERS)
+FROZEN_HEADS = ("linear", "mlp")
 
 
 @dataclass
@@ -138,10 +159,16 @@ class AugmentConfig:
     valid: list = field(default_factory=list)
 
 
+TTA_VIEWS = ("d4", "flip4", "hflip", "none")    # kit/inference.py: TTA_TRANSFORMS
+
+
 @dataclass
 class TTAConfig:
     # d4 = 8 views (flips × 90° rotations) | flip4 = 4 views (none, h, v, both flips) | hflip = 2 | none = 1 view
     views: str = "d4"
+
+
+WANDB_MODES = ("online", "offline")              # kit/tracking.py: WANDB_MODE_NOTES
 
 
 @dataclass
@@ -167,6 +194,10 @@ class LogConfig:
     tensorboard: bool = False    # event files in each fold folder: `tensorboard --logdir runs/<experiment>`
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+DEVICES = ("auto", "cpu", "cuda")               # kit/device.py: select_device
+AMP_CHOICES = ("auto", "bf16", "fp16")          # amp_dtype: by the card, or one forced (kit/device.py: AMP_DTYPES)
 
 
 @dataclass
@@ -197,15 +228,8 @@ class Config:
 
 
 def choices() -> dict[str, tuple]:
-    """Each option list, read from the module that implements it (imported when a config is checked, so this module
-    loads without torch)."""
-    from .augment import INPUT_PATHS
-    from .device import AMP_CHOICES, DEVICES
-    from .inference import TTA_VIEWS
-    from .models import FROZEN_HEADS, GLOBAL_POOLS
-    from .recipe import LOSSES, OPTIMIZERS, SCHEDULES
-    from .tracking import WANDB_MODES
-
+    """Each choice field's allowed names (declared beside its dataclass above); the module that implements a choice
+    keys its dispatch by the same names, and tests/test_config.py checks that the two sets are equal."""
     return {"device": DEVICES, "amp_dtype": AMP_CHOICES, "optimizer.name": OPTIMIZERS, "schedule.name": SCHEDULES,
             "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS,
             "train.frozen_head": FROZEN_HEADS, "log.wandb.mode": WANDB_MODES}
@@ -398,10 +422,37 @@ def _check_value(key: str, value, hint, source: str):
     if key in ("model.mean", "model.std"):
         value = _check_channel_values(key, value, source)
     if key == "model.timm_kwargs":
-        from .models import checked_timm_kwargs
-
         value = checked_timm_kwargs(value, source)
     return value
+
+
+# model.timm_kwargs: a dotted name under one of these prefixes becomes the object it names; nothing else is imported
+TIMM_OBJECT_PREFIXES = ("timm.", "torch.")
+DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# timm keywords the kit sets itself, and the key that sets each
+KIT_TIMM_KEYWORDS = {"num_classes": "the kit (one logit per patch)", "drop_rate": "model.dropout",
+                     "drop_path_rate": "model.drop_path", "global_pool": "model.global_pool",
+                     "pretrained": "model.pretrained", "pretrained_cfg": "the model's own config",
+                     "checkpoint_path": "model.pretrained_file", "cache_dir": "HF_HUB_CACHE"}
+
+
+def checked_timm_kwargs(values: dict, source: str) -> dict:
+    """`model.timm_kwargs` checked without importing anything (the config check needs no timm and no network):
+    numbers YAML read as text (1e-5) become numbers, a dotted name must lie under timm. or torch., and the keys the
+    kit sets itself are refused naming the key that sets them."""
+    checked = {}
+    for key, value in values.items():
+        where = f"{source}: `model.timm_kwargs.{key}`"
+        if key in KIT_TIMM_KEYWORDS:
+            raise KitError(f"{where}: set by {KIT_TIMM_KEYWORDS[key]}, not here; drop it from model.timm_kwargs")
+        if isinstance(value, str) and NUMBER.fullmatch(value):
+            value = float(value)
+        elif isinstance(value, str) and DOTTED_NAME.fullmatch(value) and not value.startswith(TIMM_OBJECT_PREFIXES):
+            raise KitError(f"{where}: {value!r} names an object outside timm. and torch.; only those are imported "
+                           f"(e.g. timm.layers.SwiGLUPacked, torch.nn.SiLU)")
+        checked[str(key)] = value
+    return checked
 
 
 def _check_channel_values(key: str, value: list, source: str) -> list:

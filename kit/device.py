@@ -18,8 +18,6 @@ from .errors import KitError
 BF16_CAPABILITY = (8, 0)      # Ampere and later: bf16 tensor cores and cuDNN bf16 convolutions
 PICK_INSTEAD = "pick a T4 or an L4 (on Kaggle: Settings → Accelerator), or run with device=cpu"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_CHOICES = ("auto", *AMP_DTYPES)     # amp_dtype: by the card, or one forced
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def select_device(requested: str) -> torch.device:

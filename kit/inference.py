@@ -29,7 +29,6 @@ TTA_TRANSFORMS = {
     "hflip": ttach.aliases.hflip_transform,    # 2 views
     "none": None,
 }
-TTA_VIEWS = tuple(TTA_TRANSFORMS)
 
 
 class Probability(nn.Module):

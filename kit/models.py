@@ -18,15 +18,13 @@ import torch
 from torch import nn
 
 from .competition import CHANNELS, IMAGE_SIZE
-from .config import ModelConfig
+from .config import DOTTED_NAME, TIMM_OBJECT_PREFIXES, ModelConfig
 from .errors import KitError, first_line
 
-# model.global_pool: timm's pooling choices ("" = the model's own; catavgmax = fast.ai's concat pooling)
-GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")
-# train.frozen_head: what fills a timm model's classifier slot when only the head trains on frozen features
-# (kit/features.py): timm's own Linear, or a small MLP (`set_frozen_head`, which best.pt's rebuild calls too)
-FROZEN_HEADS = ("linear", "mlp")
 MLP_HIDDEN = 256
+# model.global_pool (config.GLOBAL_POOLS) → timm's create_model options ("" = the model's own pooling)
+GLOBAL_POOL_OPTIONS = {"": {}, "avg": {"global_pool": "avg"}, "max": {"global_pool": "max"},
+                       "avgmax": {"global_pool": "avgmax"}, "catavgmax": {"global_pool": "catavgmax"}}
 
 
 class BaselineCNN(nn.Sequential):
@@ -144,8 +142,7 @@ def _build_timm_model(model_cfg: ModelConfig, initial_weights: bool = True) -> P
     options = {"num_classes": 1, "drop_rate": model_cfg.dropout}
     if model_cfg.drop_path:
         options["drop_path_rate"] = model_cfg.drop_path
-    if model_cfg.global_pool:                 # one of GLOBAL_POOLS
-        options["global_pool"] = model_cfg.global_pool
+    options.update(GLOBAL_POOL_OPTIONS[model_cfg.global_pool])
     options.update(resolved_timm_kwargs(model_cfg.timm_kwargs))
     if not initial_weights or (not model_cfg.pretrained and weights_file is None):
         net = create_timm_model(model_cfg, source, options, pretrained=False)
@@ -346,35 +343,6 @@ def weights_in(path: Path) -> Path:
     return found[0]
 
 
-# model.timm_kwargs: a dotted name under one of these prefixes becomes the object it names; nothing else is imported
-TIMM_OBJECT_PREFIXES = ("timm.", "torch.")
-DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
-NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-# timm keywords the kit sets itself, and the key that sets each
-KIT_TIMM_KEYWORDS = {"num_classes": "the kit (one logit per patch)", "drop_rate": "model.dropout",
-                     "drop_path_rate": "model.drop_path", "global_pool": "model.global_pool",
-                     "pretrained": "model.pretrained", "pretrained_cfg": "the model's own config",
-                     "checkpoint_path": "model.pretrained_file", "cache_dir": "HF_HUB_CACHE"}
-
-
-def checked_timm_kwargs(values: dict, source: str) -> dict:
-    """`model.timm_kwargs` checked without importing anything (the config check needs no timm and no network):
-    numbers YAML read as text (1e-5) become numbers, a dotted name must lie under timm. or torch., and the keys the
-    kit sets itself are refused naming the key that sets them."""
-    checked = {}
-    for key, value in values.items():
-        where = f"{source}: `model.timm_kwargs.{key}`"
-        if key in KIT_TIMM_KEYWORDS:
-            raise KitError(f"{where}: set by {KIT_TIMM_KEYWORDS[key]}, not here; drop it from model.timm_kwargs")
-        if isinstance(value, str) and NUMBER.fullmatch(value):
-            value = float(value)
-        elif isinstance(value, str) and DOTTED_NAME.fullmatch(value) and not value.startswith(TIMM_OBJECT_PREFIXES):
-            raise KitError(f"{where}: {value!r} names an object outside timm. and torch.; only those are imported "
-                           f"(e.g. timm.layers.SwiGLUPacked, torch.nn.SiLU)")
-        checked[str(key)] = value
-    return checked
-
-
 def resolved_timm_kwargs(values: dict) -> dict:
     """`model.timm_kwargs` as timm takes them: each dotted timm./torch. name imported (mlp_layer:
     timm.layers.SwiGLUPacked → the class), every other value as written."""
@@ -514,11 +482,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def set_frozen_head(model: PatchClassifier, kind: str) -> PatchClassifier:
-    """`train.frozen_head: mlp` puts Linear → ReLU → Dropout → Linear (MLP_HIDDEN wide) in the timm model's classifier
-    slot; `linear` keeps timm's Linear. Called where the model is built for frozen features and where best.pt is
-    rebuilt (kit/checkpoints.py), so the architecture follows from the saved config alone."""
-    if kind == "linear":
-        return model
+    """The `train.frozen_head` head in the model's classifier slot. Called where the model is built for frozen
+    features and where best.pt is rebuilt (kit/checkpoints.py), so the architecture follows from the saved config
+    alone."""
+    return FROZEN_HEAD_BUILDERS[kind](model)
+
+
+def mlp_head(model: PatchClassifier) -> PatchClassifier:
+    """Linear → ReLU → Dropout → Linear (MLP_HIDDEN wide) in the timm model's classifier slot."""
+    kind = "mlp"
     net = model.net
     slot = getattr(net, "pretrained_cfg", {}).get("classifier")
     if not isinstance(slot, str):
@@ -531,3 +503,7 @@ def set_frozen_head(model: PatchClassifier, kind: str) -> PatchClassifier:
     setattr(parent, name, nn.Sequential(nn.Linear(features, MLP_HIDDEN), nn.ReLU(inplace=True),
                                         nn.Dropout(dropout), nn.Linear(MLP_HIDDEN, 1)))
     return model
+
+
+# train.frozen_head (config.FROZEN_HEADS) → what puts that head in the classifier slot: timm's own Linear, or an MLP
+FROZEN_HEAD_BUILDERS = {"linear": lambda model: model, "mlp": mlp_head}

@@ -3,9 +3,9 @@
 Parameter groups (backbone/head, decay/no decay), the optimizer, the per-step schedule with its warm-up, the loss,
 the EMA of the weights, freezing the backbone (by `requires_grad`, or by a zero learning rate under compile or DDP),
 and the stall check against the loss of predicting the prior. `build_training_parts` assembles them, and
-`train_one_epoch` runs them over ready batches, for a fold (kit/engine.py) and for `make bench` alike. Each option
-list (OPTIMIZERS, SCHEDULES, LOSSES) is defined here, next to the code that implements it; the config schema reads
-it from here.
+`train_one_epoch` runs them over ready batches, for a fold (kit/engine.py) and for `make bench` alike. Each option's
+names are declared by the config schema (config.OPTIMIZERS, SCHEDULES, LOSSES); this module keys its implementations
+by the same names (OPTIMIZER_CLASSES, SCHEDULE_FACTORS, LOSS_FUNCTIONS).
 """
 
 from __future__ import annotations
@@ -80,7 +80,12 @@ def layer_decay_scales(cfg: Config, model: nn.Module) -> dict[str, tuple[int, fl
     return {f"net.{name}": (layer, decay ** (top - layer)) for name, layer in layers.items()}
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+# optimizer.name → (the torch class, its keyword arguments from the config)
+OPTIMIZER_CLASSES = {
+    "adam": (torch.optim.Adam, lambda opt: {}),
+    "adamw": (torch.optim.AdamW, lambda opt: {}),
+    "sgd": (torch.optim.SGD, lambda opt: {"momentum": opt.momentum, "nesterov": opt.momentum > 0}),
+}
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -88,10 +93,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     with fp16 the GradScaler's inf check stays on the device instead of a sync per step)."""
     opt, groups = cfg.optimizer, parameter_groups(cfg, model)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.momentum > 0, **fused)
-    optimizer_class = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=opt.lr, **fused)
+    optimizer_class, options = OPTIMIZER_CLASSES[opt.name]
+    return optimizer_class(groups, lr=opt.lr, **options(opt), **fused)
 
 
 def head_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -106,28 +109,34 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(round(cfg.schedule.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps))
 
 
-SCHEDULES = ("constant", "cosine", "onecycle")
-# Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
-EXTENSIBLE_SCHEDULES = ("constant", "cosine")
+def constant_after_warmup(cfg: Config, progress: float) -> float:
+    return 1.0
+
+
+def cosine_after_warmup(cfg: Config, progress: float) -> float:
+    floor = cfg.schedule.min_lr / cfg.optimizer.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# schedule.name → the lr factor after the warm-up at `progress` (0 → 1 over the remaining steps); None: one-cycle,
+# torch's OneCycleLR, with its own rise
+SCHEDULE_FACTORS = {"constant": constant_after_warmup, "cosine": cosine_after_warmup, "onecycle": None}
 
 
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     """Per-step schedule: constant or cosine (each after a linear warm-up from lr/100, at most 20% of the run), or
     one-cycle."""
     total_steps = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.schedule.name == "onecycle":
+    after_warmup = SCHEDULE_FACTORS[cfg.schedule.name]
+    if after_warmup is None:
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total_steps, pct_start=cfg.schedule.pct_start)
     warmup = warmup_steps(cfg, steps_per_epoch)
-    floor = cfg.schedule.min_lr / cfg.optimizer.lr
 
     def factor(step: int) -> float:
         if step < warmup:
             return 0.01 + 0.99 * step / warmup
-        if cfg.schedule.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return after_warmup(cfg, min(1.0, (step - warmup) / max(1, total_steps - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -141,22 +150,30 @@ def step_ema(model: nn.Module, decay: float) -> StepEma | None:
     return StepEma(model, decay)
 
 
-LOSSES = ("bce", "focal")
+def bce_loss(loss_cfg: LossConfig, device: torch.device):
+    pos_weight = torch.tensor(loss_cfg.pos_weight, device=device)     # made once, not per step
+    return lambda logits, targets: nn.functional.binary_cross_entropy_with_logits(logits, targets,
+                                                                                  pos_weight=pos_weight)
+
+
+def focal_loss(loss_cfg: LossConfig, device: torch.device):
+    from torchvision.ops import sigmoid_focal_loss  # torchvision loads only for the focal loss (start-up time)
+
+    return lambda logits, targets: sigmoid_focal_loss(logits, targets, alpha=loss_cfg.focal_alpha,
+                                                      gamma=loss_cfg.focal_gamma, reduction="mean")
+
+
+LOSS_FUNCTIONS = {"bce": bce_loss, "focal": focal_loss}     # loss.name → a builder of the loss on logits
 
 
 def build_loss(loss_cfg: LossConfig, device: torch.device):
-    """Training loss on logits: BCE (with `pos_weight`) or focal, after optional label smoothing."""
-    pos_weight = torch.tensor(loss_cfg.pos_weight, device=device)
+    """Training loss on logits (LOSS_FUNCTIONS), after optional label smoothing."""
+    loss = LOSS_FUNCTIONS[loss_cfg.name](loss_cfg, device)
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if loss_cfg.label_smoothing:
             targets = targets * (1 - loss_cfg.label_smoothing) + 0.5 * loss_cfg.label_smoothing
-        if loss_cfg.name == "focal":
-            from torchvision.ops import sigmoid_focal_loss  # torchvision loads only for the focal loss
-
-            return sigmoid_focal_loss(logits, targets, alpha=loss_cfg.focal_alpha, gamma=loss_cfg.focal_gamma,
-                                      reduction="mean")
-        return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+        return loss(logits, targets)
 
     return loss_fn
 

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .config import Config, from_dict, save_config, to_dict
+from .config import EXTENSIBLE_SCHEDULES, Config, from_dict, save_config, to_dict
 from .data import check_data_dir, read_train_labels
 from .errors import KitError
 from .folds import describe_label_change, split_path
@@ -51,7 +51,6 @@ from .io import (
     process_lock,
     remove_temp_files,
 )
-from .recipe import EXTENSIBLE_SCHEDULES
 
 LAST, BEST, HISTORY, OOF, METRICS, CONFIG, RECORD = (
     "last.pt", "best.pt", "history.csv", "oof.csv", "metrics.json", "config.yaml", "run.json")

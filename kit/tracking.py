@@ -26,7 +26,9 @@ from .config import Config, to_dict
 from .errors import KitError, first_line
 from .runs import RECORD, flat_config, read_json
 
-WANDB_MODES = ("online", "offline")
+# log.wandb.mode (config.WANDB_MODES) → what to do when W&B cannot start a run in that mode
+WANDB_START_HINTS = {"online": "run `wandb login` or set WANDB_API_KEY, or use log.wandb.mode=offline",
+                     "offline": "check log.wandb"}
 
 # What to install for each backend: the versions the tests run (requirements.txt).
 PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0", "mlflow": "mlflow-skinny==3.17.2"}
@@ -172,9 +174,8 @@ class WandbTracker(Tracker):
                 mode=settings.mode, dir=str(self.run_dir), config=to_dict(self.cfg), reinit="create_new",
                 settings=self.wandb.Settings(console="off", silent=True))
         except Exception as err:
-            hint = "run `wandb login` or set WANDB_API_KEY, or use log.wandb.mode=offline" if online else \
-                "check log.wandb"
-            raise KitError(f"W&B could not start the run of fold {self.fold} ({first_line(err)}): {hint}") from None
+            raise KitError(f"W&B could not start the run of fold {self.fold} ({first_line(err)}): "
+                           f"{WANDB_START_HINTS[settings.mode]}") from None
         return max(self.run.starting_step - 1, 0)       # steps are epochs; a resumed online run has its first ones
 
     def log_row(self, row: dict) -> None:

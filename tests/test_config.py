@@ -4,6 +4,7 @@ import sys
 import pytest
 import yaml
 
+from kit import config
 from kit.config import load_config, save_config
 from kit.errors import KitError
 
@@ -76,3 +77,45 @@ def test_cli_reports_a_config_error_in_one_line_and_exits_nonzero(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {path}: unknown config key `epoch`; did you mean epochs?"]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+# ---- each choice's names: declared by the schema, implemented under the same names --------------------------------
+
+def test_every_optimizer_schedule_and_loss_name_has_an_implementation_and_no_other():
+    from kit import recipe
+
+    assert set(config.OPTIMIZERS) == set(recipe.OPTIMIZER_CLASSES)
+    assert set(config.SCHEDULES) == set(recipe.SCHEDULE_FACTORS)
+    assert set(config.LOSSES) == set(recipe.LOSS_FUNCTIONS)
+    assert set(config.EXTENSIBLE_SCHEDULES) < set(config.SCHEDULES)
+
+
+def test_every_tta_view_set_global_pool_and_frozen_head_has_an_implementation_and_no_other():
+    from kit import inference, models
+
+    assert set(config.TTA_VIEWS) == set(inference.TTA_TRANSFORMS)
+    assert set(config.GLOBAL_POOLS) == set(models.GLOBAL_POOL_OPTIONS)
+    assert set(config.FROZEN_HEADS) == set(models.FROZEN_HEAD_BUILDERS)
+
+
+def test_every_precision_and_wandb_mode_has_an_implementation_and_no_other():
+    from kit import device, tracking
+
+    assert set(config.AMP_CHOICES) == {"auto", *device.AMP_DTYPES}
+    assert set(config.WANDB_MODES) == set(tracking.WANDB_START_HINTS)
+
+
+def test_every_device_and_input_path_name_is_one_the_code_accepts():
+    import torch
+
+    from kit.augment import build_transform, choose_input
+    from kit.device import select_device
+
+    assert select_device("auto").type in ("cpu", "cuda") and select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(KitError, match="no GPU"):
+            select_device("cuda")
+    assert set(config.DEVICES) == {"auto", "cpu", "cuda"}
+    flips = build_transform([{"name": "HorizontalFlip", "p": 0.5}], "augment.train")
+    assert {name: choose_input(name, flips, "augment.train").path for name in config.INPUT_PATHS} == {
+        "auto": "batch", "batch": "batch", "albumentations": "albumentations"}
