@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kit import api, features
+from kit import api, feature_cache
 from kit.checkpoints import model_from_best
 from kit.config import load_config
 from kit.data import cache_dir_for, load_split_images, read_train_labels
@@ -86,7 +86,7 @@ def test_another_experiment_on_the_same_backbone_reuses_the_cache(frozen_fold, m
     cfg = frozen_fold
     before = {path: path.stat().st_mtime_ns for path in feature_files(cfg)}
     backbone_passes = []
-    monkeypatch.setattr(features, "model_outputs", lambda *args, **kwargs: backbone_passes.append(1))
+    monkeypatch.setattr(feature_cache, "model_outputs", lambda *args, **kwargs: backbone_passes.append(1))
     logged = []
     other = load_config("effnet_b0", {**_overrides(cfg), "name": "frozen_mlp", "train.frozen_head": "mlp",
                                       "epochs": 2})
@@ -123,14 +123,14 @@ def test_best_pt_predicts_on_images_what_the_head_gave_on_the_cached_features(na
 
 def test_a_stopped_feature_build_continues_where_it_stopped(lite0_weights, tmp_path, monkeypatch):
     data = make_demo_data(tmp_path / "tiny", n_train=60, n_test=8, seed=3)
-    monkeypatch.setattr(features, "FEATURE_CHUNK", 25)
+    monkeypatch.setattr(feature_cache, "FEATURE_CHUNK", 25)
 
     model = set_frozen_head(build_model(frozen_config(data, tmp_path, lite0_weights).model), "linear").eval()
 
     def build(out, on_chunk=None):
         cfg = frozen_config(data, tmp_path / out, lite0_weights, **{"tta.views": "none"})
         images = load_split_images(data, "train", read_train_labels(data)["id"], cache_dir_for(cfg, data))
-        return features.cached_features(cfg, model, images, torch.device("cpu"), None, on_chunk=on_chunk, **QUIET)
+        return feature_cache.cached_features(cfg, model, images, torch.device("cpu"), None, on_chunk=on_chunk, **QUIET)
 
     def stop_after_first_chunk(view, done):
         raise KeyboardInterrupt
