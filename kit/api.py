@@ -148,7 +148,7 @@ def bench(out_dir: str | Path = "runs/bench", log=print, **options) -> Path:
 
 def train(cfg: Config, fold: int, force: bool = False, log=print) -> dict:
     """Train (or resume) one fold; a finished fold is skipped unless `force`."""
-    from .engine import train_fold
+    from .fold import train_fold
 
     return train_fold(cfg, fold, force=force, log=log)
 
@@ -180,7 +180,7 @@ def train_folds_in_turn(cfg: Config, force: bool, log) -> None:
     import time
 
     from .distributed import launched_rank
-    from .engine import train_fold
+    from .fold import train_fold
     from .progress import FoldsBar
     from .runs import folds_to_train
 

@@ -3,39 +3,29 @@
 
 The fold contract is fine-tuning's (kit/runs.py's rules, kit/checkpoints.py's best.pt): best.pt holds the backbone
 with the trained head in its classifier slot, so `make predict` and the Kaggle notebook run it on images, with the
-TTA views averaged as probabilities, which is what oof.csv holds too. last.pt holds only the head's state.
+TTA views averaged as probabilities, which is what oof.csv holds too. last.pt holds only the head's state and the
+key of the features it was trained on (a changed backbone is never resumed into).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from . import distributed
-from .checkpoints import FoldProgress, save_best
-from .config import Config, to_dict
+from .checkpoints import save_best
+from .config import Config
 from .data import batches_per_epoch, fits_resident
-from .device import autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory, select_device
-from .engine import (
-    HISTORY_COLUMNS,
-    FoldData,
-    interrupted_fold,
-    prepare_fold_data,
-    seed_everything,
-    write_fold_results,
-)
-from .errors import Interrupted, KitError, SharedError
-from .feature_cache import FeatureCache, cached_features, feature_width
+from .device import autocast_dtype, card_name, precision_name, reset_peak_memory, select_device
+from .errors import KitError, SharedError
+from .feature_cache import cached_features, feature_width
+from .fold_data import TrainingSet, fold_data
 from .models import (
     BASELINES,
-    PatchClassifier,
     build_model,
     count_parameters,
     set_frozen_head,
@@ -44,14 +34,14 @@ from .models import (
 from .recipe import (
     build_training_parts,
     constant_prediction_loss,
-    head_lr,
+    seed_everything,
     set_backbone_trainable,
-    stall_warning,
     step_ema,
     train_one_epoch,
-    validation_loss,
 )
-from .runs import LAST, FoldRun
+from .runs import FoldRun
+
+METHOD = "frozen-features"     # last.pt's `method` (kit/checkpoints.py)
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the mode accepts
@@ -143,168 +133,112 @@ def tta_probabilities(head: nn.Module, view_features: list[np.ndarray], device: 
                    axis=0)
 
 
-@dataclass
-class HeadSetup:
-    """What a fold's head epochs need, built before the run folder is touched."""
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    model: PatchClassifier       # the backbone with the head in its classifier slot (best.pt's model)
-    step_model: HeadOnFeatures   # that head, fed features
-    data: FoldData
-    cache: FeatureCache
-    valid_features: list[np.ndarray]   # per view: the held-out rows' features
-    batches: FeatureBatches
-    parts: object
-    plateau_loss: float
-    best_head: dict              # the best epoch's head weights (written into best.pt once the epochs are done)
+class HeadOnFrozenFeatures:
+    """The model with the `train.frozen_head` head, the fold's rows, the features (computed on first need) and the
+    head's recipe; built before the run folder is touched."""
 
+    kind = METHOD
+    speed_unit = "features/s"
+    # a head on fixed features is a convex (linear) or shallow problem: it stalls from too little rate, not too much
+    stall_advice = "a higher optimizer.lr (a head on frozen features takes 1e-3 to 1e-2), or check model.pretrained_file"
 
-def set_up_head(cfg: Config, fold: int, log) -> HeadSetup:
-    """The model, the fold's rows, the features (computed on first need) and the head's recipe; no run folder."""
-    check_frozen_config(cfg)
-    device = select_device(cfg.device)
-    amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
-    seed_everything(cfg.seed * 1000 + fold)
-    model = set_frozen_head(build_model(cfg.model), cfg.train.frozen_head).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.eval()
-    set_backbone_trainable(model, False)
-    data = prepare_fold_data(cfg, fold)
-    train_labels = data.labels[data.train_rows]
-    start_head_neutral(model, float(train_labels.mean()))
-    cache = cached_features(cfg, model, data.images, device, amp_dtype, log)
-    train_features = torch.from_numpy(np.stack([np.asarray(a[data.train_rows]) for a in cache.arrays]))
-    batches = FeatureBatches(train_features, train_labels, cfg.batch_size, device)
-    step_model = HeadOnFeatures(model.net.get_classifier())
-    # the head trains in fp32 (it is tiny); its EMA averages the head alone, not a copy of the whole model
-    no_ema = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.0))
-    parts = build_training_parts(no_ema, model, len(batches), None)
-    parts.ema = step_ema(step_model, cfg.train.ema_decay)
-    return HeadSetup(device, amp_dtype, model, step_model, data, cache,
-                     [np.asarray(a[data.valid_rows]) for a in cache.arrays], batches, parts,
-                     constant_prediction_loss(cfg.loss, train_labels), copy.deepcopy(step_model.head.state_dict()))
+    def __init__(self, cfg: Config, fold: int, training: TrainingSet, log=print):
+        check_frozen_config(cfg)
+        self.cfg, self.fold = cfg, fold
+        self.device = device = select_device(cfg.device)
+        self.amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
+        seed_everything(cfg.seed * 1000 + fold)
+        model = set_frozen_head(build_model(cfg.model), cfg.train.frozen_head).to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.eval()
+        set_backbone_trainable(model, False)
+        self.model = model           # the backbone with the head in its classifier slot (best.pt's model)
+        self.data = data = fold_data(cfg, fold, training)
+        start_head_neutral(model, float(data.train_labels.mean()))
+        self.cache = cached_features(cfg, model, data.images, device, self.amp_dtype, log)
+        train_features = torch.from_numpy(np.stack([np.asarray(a[data.train_rows]) for a in self.cache.arrays]))
+        self.batches = FeatureBatches(train_features, data.train_labels, cfg.batch_size, device)
+        self.valid_features = [np.asarray(a[data.valid_rows]) for a in self.cache.arrays]   # per view
+        self.step_model = HeadOnFeatures(model.net.get_classifier())    # that head, fed features
+        # the head trains in fp32 (it is tiny); its EMA averages the head alone, not a copy of the whole model
+        no_ema = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.0))
+        self.parts = build_training_parts(no_ema, model, len(self.batches), None)
+        self.parts.ema = step_ema(self.step_model, cfg.train.ema_decay)
+        self.plateau_loss = constant_prediction_loss(cfg.loss, data.train_labels)
+        # the best epoch's head weights (written into best.pt once the epochs are done)
+        self.best_head = copy.deepcopy(self.step_model.head.state_dict())
 
+    # ---- what the lifecycle asks ----------------------------------------------------------------------------
 
-def evaluated_head(setup: HeadSetup) -> nn.Module:
-    return setup.parts.ema.module.head if setup.parts.ema is not None else setup.step_model.head
+    def describe(self, log) -> None:
+        cfg, data, views = self.cfg, self.data, self.cache.views
+        device = card_name(self.device) if self.device.type == "cuda" else "cpu"
+        log(f"{cfg.name} fold {self.fold} (of 0–{cfg.folds.n_splits - 1}): frozen features of {cfg.model.name} "
+            f"({count_parameters(self.model):,} parameters, {precision_name(self.amp_dtype)}): "
+            f"{feature_width(self.model):,} features × {len(views)} view(s); {cfg.train.frozen_head} head "
+            f"({count_parameters(self.step_model):,} parameters) trained on {len(data.train_rows):,} train × "
+            f"{len(views)} views, {len(data.valid_rows):,} valid images, device {device}")
+        if cfg.augment.train:
+            log(f"frozen features: augment.train is not used; the head sees the backbone's features of the "
+                f"{len(views)} TTA view(s) of tta.views={cfg.tta.views} (each a training sample) and nothing else")
 
+    @property
+    def evaluated_head(self) -> nn.Module:
+        return self.parts.ema.module.head if self.parts.ema is not None else self.step_model.head
 
-def save_head_resume(run: FoldRun, cfg: Config, setup: HeadSetup, progress: FoldProgress) -> None:
-    """last.pt of a frozen-features fold: the head's state only (the backbone is in best.pt and the config)."""
-    parts = setup.parts
-    run.save_checkpoint(LAST, {
-        "frozen_features": True, "head": setup.step_model.head.state_dict(), "best_head": setup.best_head,
-        "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-        "ema": parts.ema.state_dict() if parts.ema is not None else None, "torch_rng": torch.get_rng_state(),
-        "amp_dtype": precision_name(setup.amp_dtype), "world_size": 1, "epoch": progress.epoch,
-        "history": progress.history, "best_auc": progress.best_auc, "best_epoch": progress.best_epoch,
-        "config": to_dict(cfg)})
-
-
-def load_head_resume(state: dict, setup: HeadSetup, label: str) -> FoldProgress:
-    if not state.get("frozen_features"):
-        raise KitError(f"{label}'s last.pt was written by fine-tuning, not by train.frozen_features: retrain it "
-                       f"with FORCE=1")
-    setup.step_model.head.load_state_dict(state["head"])
-    setup.parts.optimizer.load_state_dict(state["optimizer"])
-    setup.parts.scheduler.load_state_dict(state["scheduler"])
-    if setup.parts.ema is not None and state.get("ema") is not None:
-        setup.parts.ema.load_state_dict(state["ema"])
-    setup.best_head = state["best_head"]
-    torch.set_rng_state(state["torch_rng"])
-    return FoldProgress(history=state["history"], best_auc=state["best_auc"], best_epoch=state["best_epoch"],
-                        epoch=state["epoch"])
-
-
-def train_head_fold(cfg: Config, fold: int, run: FoldRun, plan, log=print) -> dict:
-    """kit/engine.py's `train_fold` for `train.frozen_features`, after the run folder's rules decided (`plan`,
-    holding the fold's lock): features from the cache, the head's epochs, then best.pt, oof.csv and metrics.json."""
-    setup = set_up_head(cfg, fold, log)
-    progress = FoldProgress()
-    if plan.state is not None:
-        progress = load_head_resume(plan.state, setup, run.label)
-        log(f"{cfg.name} fold {fold}: resuming the head after epoch {progress.epoch} (best val AUC "
-            f"{progress.best_auc:.4f})")
-    else:
-        run.start_fresh(keep_existing=plan.keep_existing)
-    try:
-        run.write_identity(setup.data.split.record, plan.extension if plan.state is not None else None)
-        describe_head_setup(cfg, fold, setup, log)
-        progress.stopped_early = run_head_epochs(cfg, fold, run, setup, progress, log)
-        return finish_head_fold(cfg, fold, run, setup, progress, log)
-    except KeyboardInterrupt as err:
-        staged = run.directory == run.staging_dir
-        run.discard_staging()
-        raise err if isinstance(err, Interrupted) else interrupted_fold(cfg, fold, run, progress, staged) from None
-    except BaseException:
-        run.discard_staging()
-        raise
-
-
-def describe_head_setup(cfg: Config, fold: int, setup: HeadSetup, log) -> None:
-    device = card_name(setup.device) if setup.device.type == "cuda" else "cpu"
-    views = setup.cache.views
-    log(f"{cfg.name} fold {fold}/{cfg.folds.n_splits - 1}: frozen features of {cfg.model.name} "
-        f"({count_parameters(setup.model):,} parameters, {precision_name(setup.amp_dtype)}): "
-        f"{feature_width(setup.model):,} features × {len(views)} view(s); {cfg.train.frozen_head} head "
-        f"({count_parameters(setup.step_model):,} parameters) trained on {len(setup.data.train_rows):,} train × "
-        f"{len(views)} views, {len(setup.data.valid_rows):,} valid images, device {device}")
-    if cfg.augment.train:
-        log(f"frozen features: augment.train is not used; the head sees the backbone's features of the "
-            f"{len(views)} TTA view(s) of tta.views={cfg.tta.views} (each a training sample) and nothing else")
-
-
-def run_head_epochs(cfg: Config, fold: int, run: FoldRun, setup: HeadSetup, progress: FoldProgress, log) -> bool:
-    """The head's epochs on the cached features, validated on the identity view, saved after each; returns whether
-    early stopping ended them."""
-    valid_labels = setup.data.labels[setup.data.valid_rows]
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        epoch_seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch
-        setup.batches.set_seed(epoch_seed)
+    def start_epoch(self, epoch: int, epoch_seed: int) -> None:
+        self.batches.set_seed(epoch_seed)
         torch.manual_seed(epoch_seed)                      # the MLP head's dropout
-        reset_peak_memory(setup.device)
-        started = time.perf_counter()
-        train_loss, per_s = train_one_epoch(setup.step_model, setup.batches, setup.parts, setup.device, None,
-                                            desc=f"fold {fold} head epoch {epoch}/{cfg.epochs}")
-        head = evaluated_head(setup)
-        valid_logits = head_logits(head, setup.valid_features[0], setup.device)
-        row = {"epoch": epoch, "train_loss": train_loss,
-               "val_loss": validation_loss(setup.parts.loss_fn, valid_logits, valid_labels, setup.device),
-               "val_auc": float(roc_auc_score(valid_labels, valid_logits)), "lr": head_lr(setup.parts.optimizer),
-               "images_per_s": per_s, "seconds": time.perf_counter() - started,
-               "peak_memory_mb": peak_memory_mb(setup.device)}
-        progress.history.append(row)
-        improved = row["val_auc"] > progress.best_auc
-        if improved:
-            progress.best_auc, progress.best_epoch = row["val_auc"], epoch
-            setup.best_head = copy.deepcopy(head.state_dict())
-        run.write_history(progress.history, HISTORY_COLUMNS)
-        progress.epoch = epoch
-        save_head_resume(run, cfg, setup, progress)
-        run.commit_staging()
-        log(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {per_s:,.0f} features/s  "
-            f"{row['seconds']:.1f}s")
-        warning = stall_warning(cfg, fold, epoch, train_loss, setup.plateau_loss)
-        if warning:
-            log(warning)
-        if cfg.train.early_stopping and epoch - progress.best_epoch >= cfg.train.early_stopping:
-            log(f"fold {fold}: no better val AUC for {cfg.train.early_stopping} epochs; stopping early")
-            return True
-    return False
+        reset_peak_memory(self.device)
 
+    def train_epoch(self, epoch: int, desc: str | None, on_check) -> tuple[float, float]:
+        return train_one_epoch(self.step_model, self.batches, self.parts, self.device, None, desc=desc,
+                               on_check=on_check)
 
-def finish_head_fold(cfg: Config, fold: int, run: FoldRun, setup: HeadSetup, progress: FoldProgress, log) -> dict:
-    """The best head into the model's classifier slot → best.pt (a model that runs on images); its TTA-mean
-    probabilities on the held-out rows → oof.csv; then metrics.json: the fold is finished."""
-    data, head = setup.data, setup.model.net.get_classifier()
-    head.load_state_dict(setup.best_head)
-    save_best(run, cfg, fold, setup.model, progress.best_epoch, progress.best_auc)
-    probabilities = tta_probabilities(head, setup.valid_features, setup.device)
-    return write_fold_results(cfg, fold, run, data, progress, probabilities, setup.model, setup.device,
-                              setup.plateau_loss, log, frozen_features=True, frozen_head=cfg.train.frozen_head,
-                              head_parameters=count_parameters(setup.step_model),
-                              feature_width=feature_width(setup.model), feature_key=setup.cache.key,
-                              feature_seconds=setup.cache.seconds, features_computed=setup.cache.computed,
-                              tta_combine="mean of the views' probabilities")
+    def validation_logits(self) -> np.ndarray:
+        """The identity view's features through the head."""
+        return head_logits(self.evaluated_head, self.valid_features[0], self.device)
+
+    def keep_best(self, run: FoldRun, epoch: int, val_auc: float) -> None:
+        self.best_head = copy.deepcopy(self.evaluated_head.state_dict())
+
+    def resume_state(self) -> dict:
+        """The head's state only (the backbone is in the config), and the key of the features it trained on."""
+        parts = self.parts
+        return {"head": self.step_model.head.state_dict(), "best_head": self.best_head,
+                "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                "ema": parts.ema.state_dict() if parts.ema is not None else None, "feature_key": self.cache.key}
+
+    def load_resume_state(self, state: dict) -> None:
+        """Refused when the features changed since (another weights file at the same path, other mean/std, views
+        or precision): the head was trained on features this backbone no longer computes."""
+        if state.get("feature_key") != self.cache.key:
+            was = state.get("feature_key") or "not recorded (a kit before the key was saved)"
+            raise KitError(f"fold {self.fold} of `{self.cfg.name}`: its head was trained on other features (feature "
+                           f"key {was}, now {self.cache.key}: the backbone's weights, mean/std, views or precision "
+                           f"changed), so it cannot be resumed; retrain it with FORCE=1")
+        self.step_model.head.load_state_dict(state["head"])
+        self.parts.optimizer.load_state_dict(state["optimizer"])
+        self.parts.scheduler.load_state_dict(state["scheduler"])
+        if self.parts.ema is not None and state.get("ema") is not None:
+            self.parts.ema.load_state_dict(state["ema"])
+        self.best_head = state["best_head"]
+
+    def finish(self, run: FoldRun, progress, log) -> tuple[np.ndarray, dict]:
+        """The best head into the model's classifier slot → best.pt (a model that runs on images); its TTA-mean
+        probabilities on the held-out rows: oof.csv's."""
+        head = self.model.net.get_classifier()
+        head.load_state_dict(self.best_head)
+        save_best(run, self.cfg, self.fold, self.model, progress.best_epoch, progress.best_auc)
+        probabilities = tta_probabilities(head, self.valid_features, self.device)
+        return probabilities, {"frozen_features": True, "frozen_head": self.cfg.train.frozen_head,
+                               "head_parameters": count_parameters(self.step_model),
+                               "feature_width": feature_width(self.model), "feature_key": self.cache.key,
+                               "feature_seconds": self.cache.seconds, "features_computed": self.cache.computed,
+                               "tta_combine": "mean of the views' probabilities"}
+
+    def clock_work(self) -> dict:
+        views = len(self.cache.views)
+        return {"train_images": len(self.data.train_rows) * views, "valid_images": len(self.data.valid_rows),
+                "tta_views": views, "swa": False}

@@ -39,8 +39,8 @@ from .config import CONFIGS_DIR, load_config
 from .demo_data import make_demo_data
 from .device import autocast_dtype, card_name, precision_name, select_device, spare_memory, sync_debug_error
 from .errors import KitError, first_line
+from .hub import is_hub_name
 from .io import atomic_write_csv, atomic_write_json, read_json_lines, timestamp
-from .models import is_hub_name
 from .runs import HISTORY, fold_dir
 
 # hub models (hf-hub:…) are left out: their weights need the network (and, gated, the user's own token)
@@ -110,7 +110,7 @@ def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compil
     """Fold 0 of `config` (`check_config`) under sync-debug "error": its numbers, or the error. A compiled row's
     images/s and epoch seconds are the second epoch's; compile_seconds is how much longer the first one took."""
     from .data import resident_bytes
-    from .engine import train_fold
+    from .fold import train_fold
 
     cfg = check_config(config, data_dir, out_dir, device, amp_dtype, compiled, swa)
     row = {"config": config, "precision": amp_dtype, "compiled": compiled, "swa": swa, "batch_size": cfg.batch_size}

@@ -11,6 +11,7 @@ by the same names (OPTIMIZER_CLASSES, SCHEDULE_FACTORS, LOSS_FUNCTIONS).
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -99,6 +100,12 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 def head_lr(optimizer: torch.optim.Optimizer) -> float:
     return next(g["lr"] for g in optimizer.param_groups if g["name"].startswith("head"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 MAX_WARMUP_SHARE = 0.2    # a warm-up never takes more than this share of the run, so a short run trains at full rate
@@ -204,12 +211,15 @@ def is_stalled(train_loss: float, plateau: float) -> bool:
     return train_loss >= plateau * (1 - STALL_TOLERANCE)
 
 
-def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau: float) -> str | None:
+def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau: float,
+                  advice: str | None = None) -> str | None:
+    """One line when the train loss sits at the prior's; `advice`: what the training method suggests instead of
+    the recipe's own."""
     if not is_stalled(train_loss, plateau):
         return None
-    advice = ("model.name=baseline_bn (the same CNN with normalisation layers, which leaves the plateau on every "
-              "seed), or optimizer.lr=3e-4" if cfg.model.name == "baseline" else
-              "a lower optimizer.lr, a warm-up (schedule.warmup_epochs), or check model.pretrained_file")
+    advice = advice or ("model.name=baseline_bn (the same CNN with normalisation layers, which leaves the plateau "
+                        "on every seed), or optimizer.lr=3e-4" if cfg.model.name == "baseline" else
+                        "a lower optimizer.lr, a warm-up (schedule.warmup_epochs), or check model.pretrained_file")
     return (f"warning: fold {fold} epoch {epoch}: train loss {train_loss:.4f} is within {STALL_TOLERANCE:.0%} of "
             f"{plateau:.4f}, the loss of predicting the prior for every patch: the model has not started learning; "
             f"try {advice}")

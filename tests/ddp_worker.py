@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kit import data, engine
+from kit import data, engine, fold
 from kit.cli import run_reporting_errors
 from kit.config import load_config
 from kit.distributed import current
@@ -58,12 +58,12 @@ def main() -> int:
         return gather(images, picked, device)
     data.gather_batch = recording_gather
 
-    finish = engine.finish_fold
+    finish = engine.FineTuning.finish
 
-    def keep_weights(cfg, fold, run, setup, *rest, **options):
-        torch.save(setup.model.state_dict(), record / f"rank{rank}.pt")
-        return finish(cfg, fold, run, setup, *rest, **options)
-    engine.finish_fold = keep_weights
+    def keep_weights(method, *rest, **options):
+        torch.save(method.model.state_dict(), record / f"rank{rank}.pt")
+        return finish(method, *rest, **options)
+    engine.FineTuning.finish = keep_weights
 
     def on_epoch_end(epoch, row):
         epochs.append(row)
@@ -72,7 +72,7 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     try:
-        return run_reporting_errors(lambda: engine.train_fold(cfg, 0, on_epoch_end=on_epoch_end))
+        return run_reporting_errors(lambda: fold.train_fold(cfg, 0, on_epoch_end=on_epoch_end))
     finally:
         dump(record, rank, writes, rows, epochs)
 

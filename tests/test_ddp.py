@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from kit import distributed
+from kit.checkpoints import load_checkpoint
 from kit.data import CachedBatches, SeededBatchSampler, read_train_labels
-from kit.engine import check_ddp_config, train_fold
+from kit.engine import check_ddp_config
 from kit.errors import KitError
+from kit.fold import train_fold
 from kit.folds import load_split
 from kit.models import build_model, head_parameter_names
-from kit.runs import fold_dir, load_checkpoint
+from kit.runs import fold_dir
 
 from conftest import REPO
 

@@ -13,15 +13,16 @@ from torch.overrides import TorchFunctionMode
 import kit.device
 import kit.engine
 from kit.augment import batch_equivalent, build_transform
+from kit.checkpoints import load_checkpoint
 from kit.config import Config, ModelConfig, histology_augmentation
 from kit.data import CachedBatches
 from kit.device import autocast_dtype, has_kernels, select_device, spare_memory
-from kit.engine import train_fold
 from kit.errors import KitError
+from kit.fold import train_fold
 from kit.inference import predict_tta_probabilities
 from kit.models import build_model, head_parameter_names
 from kit.recipe import TrainingParts, build_loss, build_optimizer, build_scheduler, hold_backbone, train_one_epoch
-from kit.runs import LAST, fold_dir, load_checkpoint
+from kit.runs import LAST, fold_dir
 
 CPU = torch.device("cpu")
 KAGGLE_TORCH_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]

@@ -2,8 +2,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kit.engine import train_fold
-from kit.runs import fold_dir, load_checkpoint
+from kit.checkpoints import load_checkpoint
+from kit.fold import train_fold
+from kit.runs import fold_dir
 
 
 @pytest.mark.slow

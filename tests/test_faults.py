@@ -20,8 +20,8 @@ import torch
 import kit.io
 from kit.cli import main
 from kit.data import cache_dir_for, load_split_images, read_train_labels
-from kit.engine import train_fold
 from kit.errors import Interrupted, KitError
+from kit.fold import train_fold
 from kit.runs import LAST, fold_dir
 
 from conftest import REPO, as_from_a_terminal, lock_held_elsewhere

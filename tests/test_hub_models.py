@@ -10,10 +10,11 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay
 
+from kit.backbones import resolved_timm_kwargs
 from kit.config import ModelConfig, load_config
-from kit.engine import train_fold
 from kit.errors import KitError
-from kit.models import build_model, resolved_timm_kwargs
+from kit.fold import train_fold
+from kit.models import build_model
 from kit.predict import predict_test
 from kit.recipe import build_training_parts, parameter_groups, set_backbone_trainable, train_step
 

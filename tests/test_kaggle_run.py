@@ -191,7 +191,7 @@ def test_local_folds_are_never_overwritten_by_a_kernels(finished_kernel, experim
 
 def test_folds_trained_on_kaggle_predict_here_and_are_never_retrained(fake_kaggle, quick_config, tmp_path):
     from kit import api
-    from kit.engine import train_fold
+    from kit.fold import train_fold
     from kit.runs import fold_dir
 
     on_kaggle = quick_config(epochs=1, out_dir=str(tmp_path / "kaggle-side"))

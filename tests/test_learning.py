@@ -11,8 +11,10 @@ import torch
 
 from kit.config import load_config
 from kit.demo_data import SLIDES_CSV, TEST_LABELS_CSV
-from kit.engine import set_up_fold, train_fold
-from kit.models import is_hub_name
+from kit.engine import FineTuning
+from kit.fold import train_fold
+from kit.fold_data import read_training_set
+from kit.hub import is_hub_name
 from kit.recipe import build_scheduler
 from kit.weights import LITE0_TIMM_NAME, write_lite0_imagenet_weights
 
@@ -32,7 +34,7 @@ def test_a_fresh_head_starts_at_the_prior_so_the_first_loss_on_balanced_data_is_
     cfg = load_config(REPO / "configs" / f"{name}.yaml", {
         "model.pretrained": False, "data_dir": str(data_copy), "out_dir": str(tmp_path), "folds.n_splits": 2,
         "batch_size": 32, "loss.name": "bce", "loss.label_smoothing": 0.0})
-    setup = set_up_fold(cfg, 0)
+    setup = FineTuning(cfg, 0, read_training_set(cfg))
     inputs, targets = next(iter(setup.batches))
     setup.model.train()
     with torch.no_grad():

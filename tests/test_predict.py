@@ -2,8 +2,8 @@ import pandas as pd
 import pytest
 
 from kit.cli import main
-from kit.engine import train_fold
 from kit.errors import KitError
+from kit.fold import train_fold
 
 
 def run_cli(capsys, *argv):

@@ -13,13 +13,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from kit.augment import build_transform, worst_centre_overlap
+from kit.checkpoints import load_checkpoint
 from kit.cli import main
 from kit.config import ModelConfig, histology_augmentation, load_config
-from kit.engine import train_fold
 from kit.errors import KitError
-from kit.models import BASELINES, build_model, head_parameter_names, is_hub_name
+from kit.fold import train_fold
+from kit.hub import is_hub_name
+from kit.models import BASELINES, build_model, head_parameter_names
 from kit.predict import blend, choose_blend_weights, weight_grid
-from kit.runs import fold_dir, load_checkpoint
+from kit.runs import fold_dir
 
 from conftest import REPO
 

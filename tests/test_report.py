@@ -8,12 +8,15 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+import kit.figures as figures
+import kit.metrics as metrics
 import kit.report as report
 from kit.cli import main
 from kit.config import load_config
 from kit.data import read_train_labels
 from kit.demo_data import make_demo_data
-from kit.engine import HISTORY_COLUMNS
+from kit.errors import KitError
+from kit.fold import HISTORY_COLUMNS
 from kit.folds import load_split
 from kit.runs import BEST, LAST, FoldRun, fold_dir
 
@@ -90,14 +93,14 @@ def test_numbers_equal_scikit_learns(gallery_data):
     oof = oof_predictions(gallery_data)
     labels, scores = oof["label"].to_numpy(), oof["pred"].to_numpy()
 
-    aucs = report.auc_summary(oof)
+    aucs = metrics.auc_summary(oof)
     assert aucs.overall == pytest.approx(roc_auc_score(labels, scores))
     per_fold = [roc_auc_score(rows["label"], rows["pred"]) for _, rows in oof.groupby("fold")]
     assert list(aucs.per_fold.values()) == pytest.approx(per_fold)
     assert len(set(np.round(per_fold, 6))) > 1, "folds must differ for the mean and std to mean much"
     assert (aucs.mean, aucs.std) == pytest.approx((np.mean(per_fold), np.std(per_fold)))
 
-    table = report.classification_table(labels, scores)
+    table = metrics.classification_table(labels, scores)
     predicted = (scores >= 0.5).astype(int)
     precision, recall, f1, support = precision_recall_fscore_support(labels, predicted)
     np.testing.assert_allclose(table.iloc[:2][["precision", "recall", "f1-score"]].to_numpy(),
@@ -107,7 +110,7 @@ def test_numbers_equal_scikit_learns(gallery_data):
 
     test_scores = np.random.default_rng(1).uniform(0, 1, 50)
     for threshold in (0.5, 0.3, 0.81):
-        point = report.operating_point(labels, scores, threshold, "t", test_scores)
+        point = metrics.operating_point(labels, scores, threshold, "t", test_scores)
         tn, fp, fn, tp = confusion_matrix(labels, scores >= threshold).ravel()
         assert (point.tn, point.fp, point.fn, point.tp) == (tn, fp, fn, tp)
         assert point.sensitivity == pytest.approx(tp / (tp + fn))
@@ -137,33 +140,80 @@ def test_thresholds_are_chosen_correctly_on_constructed_cases():
     # negatives (J = 0.6); everything else is lower
     labels = [0, 0, 0, 0, 0, 1, 1, 1, 1]
     scores = [0.1, 0.2, 0.3, 0.6, 0.65, 0.4, 0.7, 0.8, 0.9]
-    assert report.youden_threshold(labels, scores) == 0.7
+    assert metrics.youden_threshold(labels, scores) == 0.7
     # a tie (J = 0.75 at 0.7 and at 0.4 once 0.65 is gone) goes to the higher threshold
-    assert report.youden_threshold(labels[:4] + labels[5:], scores[:4] + scores[5:]) == 0.7
+    assert metrics.youden_threshold(labels[:4] + labels[5:], scores[:4] + scores[5:]) == 0.7
 
     # F1 by hand, scores falling: 0.9 .33, 0.8 .57, 0.7 .50, 0.6 .67, 0.5 .80, 0.4 .73, 0.3 .67, 0.2 .77, 0.1 .71
     scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     labels = [1, 1, 0, 1, 1, 0, 0, 1, 0]
-    assert report.max_f1_threshold(labels, scores) == 0.5
+    assert metrics.max_f1_threshold(labels, scores) == 0.5
     # a tie: F1 is 2/3 both at 0.9 (one of two tumours, no false positive) and at 0.6 (both, two false positives)
-    assert report.max_f1_threshold([1, 0, 0, 1], [0.9, 0.8, 0.7, 0.6]) == 0.9
+    assert metrics.max_f1_threshold([1, 0, 0, 1], [0.9, 0.8, 0.7, 0.6]) == 0.9
 
     # 20 tumours: sensitivity 0.95 needs 19 of them, so the threshold is the 19th highest tumour score
     rng = np.random.default_rng(0)
     tumour_scores = np.sort(rng.uniform(0.2, 1.0, 20))[::-1]
     labels = np.r_[np.ones(20, int), np.zeros(30, int)]
     scores = np.r_[tumour_scores, rng.uniform(0.0, 0.8, 30)]
-    assert report.sensitivity_threshold(labels, scores, 0.95) == tumour_scores[18]
-    assert report.sensitivity_threshold(labels, scores, 0.90) == tumour_scores[17]
-    assert report.sensitivity_threshold(labels, scores, 0.999) == tumour_scores[19]
+    assert metrics.sensitivity_threshold(labels, scores, 0.95) == tumour_scores[18]
+    assert metrics.sensitivity_threshold(labels, scores, 0.90) == tumour_scores[17]
+    assert metrics.sensitivity_threshold(labels, scores, 0.999) == tumour_scores[19]
 
     # and on a larger random case, against an exhaustive search
     labels = rng.integers(0, 2, 300)
     scores = np.round(np.clip(0.25 * labels + rng.normal(0.4, 0.2, 300), 0, 1), 3)   # rounding makes ties
     expected = brute_force_thresholds(labels, scores, 0.9)
-    assert report.youden_threshold(labels, scores) == expected["youden"]
-    assert report.max_f1_threshold(labels, scores) == expected["f1"]
-    assert report.sensitivity_threshold(labels, scores, 0.9) == expected["sensitivity"]
+    assert metrics.youden_threshold(labels, scores) == expected["youden"]
+    assert metrics.max_f1_threshold(labels, scores) == expected["f1"]
+    assert metrics.sensitivity_threshold(labels, scores, 0.9) == expected["sensitivity"]
+
+
+def folds_on_two_scales(shifted: bool, patches_per_fold: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Two folds of OOF predictions, half tumour. `shifted`: each fold separates its own classes perfectly (AUC 1),
+    but fold 1's scores sit higher, its negatives above fold 0's tumours, as two folds calibrated differently do;
+    otherwise both folds draw overlapping scores from one distribution."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for fold in (0, 1):
+        labels = np.arange(patches_per_fold) % 2
+        if shifted:
+            low, high = (0.0, 0.3) if fold == 0 else (0.45, 0.7)
+            scores = np.where(labels == 1, rng.uniform(high - 0.15, high, len(labels)) + 0.05,
+                              rng.uniform(low, high - 0.2, len(labels)))
+        else:
+            scores = 1 / (1 + np.exp(-(1.5 * (2 * labels - 1) + rng.normal(0, 1.5, len(labels)))))
+        frames.append(pd.DataFrame({"id": [f"f{fold}p{i:03d}" for i in range(len(labels))], "label": labels,
+                                    "pred": scores, "fold": fold}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def pair_auc(oof: pd.DataFrame, same_fold: bool) -> float:
+    """Share of (tumour, no tumour) pairs ordered right (a tie counts half), over pairs within or across folds."""
+    positives, negatives = oof[oof["label"] == 1], oof[oof["label"] == 0]
+    right = total = 0.0
+    for _, tumour in positives.iterrows():
+        others = negatives[(negatives["fold"] == tumour["fold"]) == same_fold]
+        right += np.sum(tumour["pred"] > others["pred"]) + 0.5 * np.sum(tumour["pred"] == others["pred"])
+        total += len(others)
+    return right / total
+
+
+def test_the_pooled_auc_splits_into_pairs_within_and_across_folds_and_flags_folds_on_two_scales():
+    rng = np.random.default_rng(4)
+    oof = pd.DataFrame({"label": rng.integers(0, 2, 60), "pred": np.round(rng.uniform(0, 1, 60), 1),
+                        "fold": np.arange(60) % 3})                   # rounded: ties count half
+    aucs = metrics.auc_summary(oof)
+    assert aucs.within_folds == pytest.approx(pair_auc(oof, same_fold=True))
+    assert aucs.across_folds == pytest.approx(pair_auc(oof, same_fold=False))
+
+    shifted = metrics.auc_summary(folds_on_two_scales(shifted=True))
+    assert list(shifted.per_fold.values()) == [1.0, 1.0] and shifted.within_folds == 1.0
+    assert shifted.overall < 0.95 and shifted.across_folds < shifted.overall and shifted.folds_disagree
+    agreeing = metrics.auc_summary(folds_on_two_scales(shifted=False))
+    assert 0.7 < agreeing.overall < 0.95 and not agreeing.folds_disagree
+    # the issue's case: every fold 1.0000, pooled 0.9942 on 220,000 patches, is far beyond noise
+    assert metrics.NOISE_STANDARD_ERRORS * metrics.auc_standard_error(0.9942, 90_000, 130_000) < 0.001
 
 
 def test_newest_test_prediction_of_the_experiment_is_found(tmp_path):
@@ -188,7 +238,7 @@ def test_report_writes_every_figure_and_embeds_it(gallery_data, tmp_path):
     write_test_prediction(cfg, "20260101-000000", np.full(8, 0.99))                 # older: ignored
     test_scores = np.linspace(0.05, 0.95, 8)
     write_test_prediction(cfg, "20260102-000000", test_scores)
-    false_negatives, false_positives = report.confident_mistakes(oof)
+    false_negatives, false_positives = metrics.confident_mistakes(oof)
     assert len(false_negatives) and len(false_positives), "the gallery needs both kinds of mistake"
 
     logged = []
@@ -206,12 +256,92 @@ def test_report_writes_every_figure_and_embeds_it(gallery_data, tmp_path):
     auc = roc_auc_score(labels, scores)
     assert f"OOF ROC AUC {auc:.4f}" in logged[0] and f"OOF ROC AUC {auc:.4f}" in page
     assert "3 of 3 folds" in logged[0] and "Missing folds" not in page
-    youden = report.youden_threshold(labels, scores)
+    youden = metrics.youden_threshold(labels, scores)
     assert f"max Youden J | {youden:.4g} |" in page
-    target = report.sensitivity_threshold(labels, scores, 0.95)
+    target = metrics.sensitivity_threshold(labels, scores, 0.95)
     assert any(line.startswith(f"  sensitivity ≥ 0.95: threshold {target:.4g}") for line in logged)
     assert f"{np.mean(test_scores >= 0.5):.1%} |" in page and "demo-20260102-000000.csv" in page
     assert false_negatives["id"].iloc[0] in page and false_positives["id"].iloc[0] in page
+
+
+def test_the_headline_leads_with_auc_and_the_chosen_thresholds_sensitivity_and_specificity(gallery_data, tmp_path):
+    cfg = experiment(tmp_path, tmp_path / "no-data")
+    oof = oof_predictions(gallery_data)
+    write_run(cfg, oof)
+    logged = []
+    page = report.write_report(cfg, target_sensitivity=0.95, log=logged.append).read_text()
+    labels, scores = oof["label"].to_numpy(), oof["pred"].to_numpy()
+    youden = metrics.operating_point(labels, scores, metrics.youden_threshold(labels, scores), "max Youden J")
+    first = (f"demo: OOF ROC AUC {roc_auc_score(labels, scores):.4f} (3 of 3 folds; per fold ")
+    chosen = (f"at the max Youden J threshold {youden.threshold:.4g}: sensitivity {youden.sensitivity:.4f}, "
+              f"specificity {youden.specificity:.4f}")
+    assert logged[0].startswith(first) and logged[0].endswith(chosen) and "accuracy" not in logged[0]
+    assert page.split("```\n")[1].startswith(first)                  # the page's summary leads the same way
+    assert page.index("## Thresholds") < page.index("## The seed's classification report at threshold 0.5")
+
+
+def test_the_report_says_when_the_folds_and_the_pooled_auc_disagree_and_why(tmp_path):
+    notes = {}
+    for shifted in (True, False):
+        cfg = experiment(tmp_path / str(shifted), tmp_path / "no-data", n_splits=2)
+        oof = folds_on_two_scales(shifted)
+        write_run(cfg, oof)
+        logged = []
+        page = report.write_report(cfg, target_sensitivity=0.95, log=logged.append).read_text()
+        notes[shifted] = ([line for line in logged if "folds and pooled disagree" in line],
+                          "**Folds and pooled disagree:**" in page)
+        if shifted:
+            pooled = roc_auc_score(oof["label"], oof["pred"])
+            assert "| 0 | 200 | 50.0% | 1.0000 |" in page and "| 1 | 200 | 50.0% | 1.0000 |" in page
+            assert f"the pooled OOF AUC {pooled:.4f} is below the folds' own (1.0000" in notes[True][0][0]
+            assert "calibrated differently, so pooling mixes their scales" in page
+    assert len(notes[True][0]) == 1 and notes[True][1]
+    assert notes[False] == ([], False)
+
+
+def test_the_roc_figure_zooms_on_the_top_left_corner():
+    oof = folds_on_two_scales(shifted=False, seed=1)
+    oof["pred"] = np.where(oof["label"] == 1, oof["pred"] ** 0.05, oof["pred"] ** 8)      # a strong model
+    figure = figures.roc_figure(figures.curve_series(oof))
+    full, corner = figure.axes
+    assert full.get_xlim() == pytest.approx((-0.01, 1.01))
+    assert corner.get_xlim() == (0, 0.1) and corner.get_ylim()[0] == pytest.approx(0.9)
+    assert len(corner.get_lines()) == len(full.get_lines()) - 1        # every curve, without the diagonal
+    figures.plt.close(figure)
+
+    oof = folds_on_two_scales(shifted=False, seed=1)                   # a weak model: the corner widens to show it
+    figure = figures.roc_figure(figures.curve_series(oof))
+    bottom = figure.axes[1].get_ylim()[0]
+    fpr, tpr = figure.axes[1].get_lines()[-1].get_data()
+    assert bottom < 0.9 and np.any((fpr <= 0.1) & (tpr > bottom))
+    figures.plt.close(figure)
+
+
+def test_rules_that_pick_the_same_threshold_share_one_confusion_matrix():
+    labels, scores = [0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]     # separated: three rules pick 0.7
+    points = metrics.operating_points(labels, scores, target_sensitivity=0.95)
+    assert [point.threshold for point in points] == [0.5, 0.7, 0.7, 0.7]
+    figure = figures.confusion_matrices_figure(points)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert len(titles) == 2
+    assert titles[1].startswith("max Youden J = max F1 = sensitivity ≥ 0.95\nt = 0.7: sens 1.000, spec 1.000")
+    figures.plt.close(figure)
+
+
+def test_the_mistakes_gallery_draws_no_empty_row_and_readable_tiles(gallery_data):
+    oof = oof_predictions(gallery_data)
+    false_negatives, _ = metrics.confident_mistakes(oof)
+    shown = false_negatives.head(3)
+    images = [np.zeros((96, 96, 3), np.uint8)] * len(shown)
+    one_row = figures.gallery_figure([("false negatives", shown, images), ("false positives", oof.iloc[:0], [])])
+    assert len(one_row.axes) == len(shown)                             # a tile per patch, nothing for no patch
+    for ax in one_row.axes:
+        tile = ax.get_position()
+        assert tile.width * one_row.get_figwidth() * figures.FIGURE_DPI >= 2 * 96       # over twice a patch
+        assert tile.height * one_row.get_figheight() * figures.FIGURE_DPI >= 2 * 96
+    two_rows = figures.gallery_figure([("false negatives", shown, images), ("false positives", shown, images)])
+    assert two_rows.get_figheight() == pytest.approx(2 * one_row.get_figheight())
+    figures.plt.close("all")
 
 
 def test_missing_folds_are_reported_and_left_out(gallery_data, tmp_path):
@@ -259,7 +389,7 @@ def test_side_by_side_writes_one_table_and_one_roc_plot(gallery_data, tmp_path, 
         assert f"{cfg.name} (AUC {auc:.4f})" in legends["roc.png"]
     assert "`other`: fold 1 (unfinished" in page
 
-    with pytest.raises(report.KitError, match="more than once"):
+    with pytest.raises(KitError, match="more than once"):
         report.write_comparison([first, first], target_sensitivity=0.95)
 
 

@@ -14,10 +14,11 @@ from timm.utils import ModelEmaV3
 
 import kit.engine as engine
 from kit import api
+from kit.checkpoints import load_checkpoint
 from kit.config import load_config
 from kit.ema import StepEma
-from kit.engine import train_fold
 from kit.errors import KitError
+from kit.fold import train_fold
 from kit.inference import predict_tta_probabilities
 from kit.models import build_model
 from kit.recipe import build_optimizer
@@ -32,7 +33,6 @@ from kit.runs import (
     fold_dir,
     fold_lock,
     folds_to_train,
-    load_checkpoint,
 )
 
 from conftest import REPO, lock_held_elsewhere

@@ -1,13 +1,17 @@
 """The trackers (`log:`): one fold trained with TensorBoard, W&B (offline) and MLflow (a file store) on at once,
-interrupted after its first epoch and resumed, then read back with each library's own reader."""
+interrupted after its first epoch and resumed, then read back with each library's own reader; then each backend
+failing at each stage (start, log, finish, close), an MLflow server that does not answer, and the tracking URIs
+MLflow takes or refuses."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import struct
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -15,13 +19,14 @@ import pytest
 
 from kit import distributed, tracking
 from kit.config import apply_overrides, load_config
-from kit.engine import train_fold
-from kit.errors import KitError
+from kit.errors import Interrupted, KitError
+from kit.fold import train_fold
 from kit.runs import config_differences, fold_dir
 
 from conftest import REPO
 
 SECRET = "0123456789abcdef0123456789abcdef01234567"     # a W&B API key that must never reach a file
+REAL_CONNECT = socket.socket.connect
 HISTORY_COLUMNS = ["train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "peak_memory_mb"]
 
 
@@ -38,16 +43,20 @@ def quick_tracked_config(demo_data: Path, root: Path, **overrides):
     return load_config(REPO / "configs" / "demo.yaml", values)
 
 
-def no_network(monkeypatch) -> None:
-    """Any internet connection from this process fails the test (wandb's own service speaks over a Unix socket)."""
-    connect = socket.socket.connect
+def no_network(monkeypatch, allowed: tuple = ()) -> list:
+    """Any internet connection from this process fails the test (wandb's own service speaks over a Unix socket),
+    but one to an `allowed` (host, port) of the test's own; returns the list those attempts are recorded in."""
+    attempts = []
 
     def local_only(self, address):
         if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"a tracker tried to reach {address}")
-        return connect(self, address)
+            if tuple(address[:2]) not in allowed:
+                raise AssertionError(f"a tracker tried to reach {address}")
+            attempts.append(address)
+        return REAL_CONNECT(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", local_only)
+    return attempts
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +229,259 @@ def test_only_rank_0_of_a_ddp_run_logs(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(rank=0, world=2))
     with tracking.open_trackers(cfg, 0, tmp_path) as trackers:
         assert [type(b).__name__ for b in trackers.backends] == ["TensorBoardTracker"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tracker never stops the fold: failures, an unreachable server, tracking URIs
+# ----------------------------------------------------------------------------------------------------------------
+
+HISTORY = [{"epoch": epoch, "train_loss": 0.7 - epoch / 10, "val_loss": 0.6 - epoch / 10, "val_auc": 0.7 + epoch / 10,
+            "lr": 1e-3, "images_per_s": 100.0, "seconds": 1.0, "peak_memory_mb": None} for epoch in (1, 2)]
+METRICS = {"oof_auc": 0.85, "best_val_auc": 0.9, "best_epoch": 2, "epochs_trained": 2}
+OFF = " is off: "                    # in the one line that says a tracker is off
+
+
+@pytest.fixture
+def tracker_environment(monkeypatch, tmp_path):
+    """No W&B or MLflow variable of the user's, an empty HOME, no internet."""
+    for name in list(os.environ):
+        if name.startswith(("WANDB_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    no_network(monkeypatch)
+
+
+class FakeSummary(dict):
+    pass
+
+
+class FakeWandbRun:
+    """What the W&B tracker calls of a run: `wandb.init` returns it (a real one starts wandb's service: seconds)."""
+    starting_step = 0
+
+    def __init__(self):
+        self.steps, self.summary, self.exit_code = [], FakeSummary(), None
+
+    def log(self, values, step):
+        self.steps.append(step)
+
+    def finish(self, exit_code=None):
+        self.exit_code = exit_code
+
+
+class BackendDown(ConnectionError):
+    """The faked failure of a backend's call."""
+
+
+def make_fail(monkeypatch, target, name, when=lambda *args, **kwargs: True, after=False) -> None:
+    """`target.name` raises BackendDown when `when(args…)` holds (after doing its work, if `after`)."""
+    original = getattr(target, name)
+
+    def failing(*args, **kwargs):
+        if not when(*args, **kwargs):
+            return original(*args, **kwargs)
+        if after:
+            original(*args, **kwargs)
+        raise BackendDown("the backend is down")
+
+    monkeypatch.setattr(target, name, failing)
+
+
+def fake_failure(monkeypatch, backend: str, stage: str) -> None:
+    """The call of `backend` that `stage` makes fail."""
+    import wandb
+    from mlflow.tracking import MlflowClient
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = {
+        ("TensorBoard", "start"): (SummaryWriter, "add_text", {}),
+        ("TensorBoard", "log"): (SummaryWriter, "add_scalar", {}),
+        ("TensorBoard", "finish"): (SummaryWriter, "add_scalar", {"when": lambda self, tag, *a, **k: tag == "oof_auc"}),
+        ("TensorBoard", "close"): (SummaryWriter, "close", {"after": True}),
+        ("W&B", "start"): (wandb, "init", {}),
+        ("W&B", "log"): (FakeWandbRun, "log", {}),
+        ("W&B", "finish"): (FakeSummary, "update", {}),
+        ("W&B", "close"): (FakeWandbRun, "finish", {"after": True}),
+        ("MLflow", "start"): (MlflowClient, "create_run", {}),
+        ("MLflow", "log"): (MlflowClient, "log_batch", {"when": lambda self, run_id, metrics=(), **k: bool(metrics)}),
+        ("MLflow", "finish"): (MlflowClient, "set_terminated",
+                               {"when": lambda self, run_id, status=None, **k: status == "FINISHED"}),
+        ("MLflow", "close"): (MlflowClient, "set_terminated", {}),
+    }
+    target, name, options = calls[(backend, stage)]
+    make_fail(monkeypatch, target, name, **options)
+
+
+def mlflow_run(uri: str, monkeypatch):
+    """The one run in an MLflow store, read back with MLflow's client, and its val_auc steps."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=uri)
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert len(runs) == 1
+    return runs[0].info.status, [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_auc")]
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [s.step for s in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+STAGE_WORDS = {"start": "starting its run", "log": "logging epoch 1", "finish": "logging the fold's final metrics",
+               "close": "ending its run"}
+
+
+@pytest.mark.parametrize("stage", ["start", "log", "finish", "close"])
+@pytest.mark.parametrize("failing", ["TensorBoard", "W&B", "MLflow"])
+def test_a_failing_tracker_is_one_line_and_the_others_log_everything(demo_data, tmp_path, monkeypatch,
+                                                                      tracker_environment, failing, stage):
+    import wandb
+
+    wandb_run = FakeWandbRun()
+    monkeypatch.setattr(wandb, "init", lambda **options: wandb_run)
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = quick_tracked_config(demo_data, tmp_path, **{
+        "log.tensorboard": True, "log.wandb.project": "p", "log.wandb.mode": "offline",
+        "log.mlflow.tracking_uri": uri})
+    fake_failure(monkeypatch, failing, stage)
+    run_dir, lines = tmp_path / "fold0", []
+    run_dir.mkdir()
+    fold_error = RuntimeError("the fold's own error")
+    # the fold logs two epochs, then finishes, or (to close with an error) fails
+    with pytest.raises(RuntimeError) if stage == "close" else nullcontext() as raised:
+        with tracking.open_trackers(cfg, 0, run_dir, log=lines.append) as trackers:
+            trackers.log_epochs(HISTORY[:1])
+            assert [backend.logged for backend in trackers.backends] == [1] * (3 - (stage in ("start", "log"))), \
+                "the others log the epoch as it ends, not one later"
+            trackers.log_epochs(HISTORY)
+            if stage == "close":
+                raise fold_error
+            trackers.finish(HISTORY, METRICS)
+    if stage == "close":
+        assert raised.value is fold_error, "a tracker failing to close never hides the fold's own error"
+    (off,) = [line for line in lines if OFF in line]
+    assert off.startswith(f"{failing} tracking of fold 0 is off: {STAGE_WORDS[stage]} failed (the backend is down)")
+    assert "\n" not in off
+    if (failing, stage) == ("W&B", "start"):
+        assert tracking.WANDB_START_HINTS["offline"] in off
+    finished = stage != "close"
+    if failing != "TensorBoard":
+        assert tensorboard_steps(run_dir, "val_auc") == [1, 2]
+        assert tensorboard_steps(run_dir, "oof_auc") == ([2] if finished else [])
+    if failing != "W&B":
+        assert wandb_run.steps == [1, 2] and ("oof_auc" in wandb_run.summary) == finished
+        assert wandb_run.exit_code == (0 if finished else 1)
+    elif stage in ("log", "finish"):
+        assert wandb_run.exit_code == 1, "the run of a W&B tracker turned off ends as failed"
+    status, steps = mlflow_run(uri, monkeypatch) if (failing, stage) != ("MLflow", "start") else (None, None)
+    if failing != "MLflow":
+        assert (status, steps) == ("FINISHED" if finished else "FAILED", [1, 2])
+    elif stage in ("log", "finish"):
+        assert status == "FAILED", "the run of an MLflow tracker turned off ends as failed"
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "KILLED"), (Interrupted("stopped"), "KILLED"),
+                                           (RuntimeError("the fold failed"), "FAILED")])
+def test_an_interrupted_folds_run_is_killed_and_a_failed_ones_failed(demo_data, tmp_path, monkeypatch,
+                                                                      tracker_environment, error, status):
+    import wandb
+
+    wandb_run = FakeWandbRun()
+    monkeypatch.setattr(wandb, "init", lambda **options: wandb_run)
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = quick_tracked_config(demo_data, tmp_path, **{"log.wandb.project": "p", "log.wandb.mode": "offline",
+                                                       "log.mlflow.tracking_uri": uri})
+    with pytest.raises(type(error)):
+        with tracking.open_trackers(cfg, 0, tmp_path, log=lambda *_: None) as trackers:
+            trackers.log_epochs(HISTORY[:1])
+            raise error
+    assert mlflow_run(uri, monkeypatch) == (status, [1])
+    assert wandb_run.exit_code == 1
+
+
+def refusing_address():
+    """A loopback address that refuses connections: a TCP socket bound by the test and never listening (its port
+    stays the test's own until the socket is closed)."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    return held, held.getsockname()
+
+
+def test_an_unreachable_mlflow_server_is_one_line_after_a_few_tries_and_the_fold_goes_on(
+        demo_data, tmp_path, monkeypatch, tracker_environment):
+    from urllib3.util.retry import Retry
+
+    held, address = refusing_address()
+    attempts = no_network(monkeypatch, allowed=(address,))
+    backoffs = []                                  # urllib3's waits between tries: recorded, not slept
+    monkeypatch.setattr(Retry, "_sleep_backoff", lambda retry: backoffs.append(retry.get_backoff_time()))
+    cfg = quick_tracked_config(demo_data, tmp_path, **{"log.tensorboard": True,
+                                                       "log.mlflow.tracking_uri": f"http://{address[0]}:{address[1]}"})
+    lines = []
+    with held, tracking.open_trackers(cfg, 0, tmp_path, log=lines.append) as trackers:
+        assert [type(backend).__name__ for backend in trackers.backends] == ["TensorBoardTracker"]
+        trackers.log_epochs(HISTORY)
+        trackers.finish(HISTORY, METRICS)
+    (off,) = [line for line in lines if OFF in line]
+    assert off == ("MLflow tracking of fold 0 is off: reaching its store failed (Connection refused); check "
+                   "`log.mlflow.tracking_uri` and that its server runs; the fold trains on without it")
+    assert lines[-1] == f"tracking fold 0 from its first checkpoint on: TensorBoard event files in {tmp_path}"
+    box = {name: float(value) for name, value in tracking.MLFLOW_TIME_BOX.items()}
+    retries = int(box["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    assert 1 <= len(attempts) <= 1 + retries, "one time-boxed request, then the tracker is off (MLflow: 8 tries)"
+    assert sum(backoffs) <= retries * (box["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] * 2 ** retries
+                                       + box["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+    assert not any(name.startswith("MLFLOW_") for name in os.environ), "the time box is lifted once it is off"
+    assert tensorboard_steps(tmp_path, "val_auc") == [1, 2]
+
+
+def test_mlflow_takes_a_folder_path_as_its_tracking_uri(demo_data, tmp_path, monkeypatch, tracker_environment):
+    monkeypatch.chdir(tmp_path)
+    cfg = quick_tracked_config(demo_data, tmp_path, **{"log.mlflow.tracking_uri": "./mlruns"})
+    lines = []
+    with tracking.open_trackers(cfg, 0, tmp_path / "fold0", log=lines.append) as trackers:
+        trackers.log_epochs(HISTORY)
+        trackers.finish(HISTORY, METRICS)
+    assert not [line for line in lines if OFF in line]
+    assert mlflow_run("./mlruns", monkeypatch) == ("FINISHED", [1, 2])
+    assert (tmp_path / "mlruns").is_dir()
+
+
+def test_a_database_tracking_uri_works_or_is_one_line_naming_the_key(demo_data, tmp_path, monkeypatch,
+                                                                      tracker_environment):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = quick_tracked_config(demo_data, tmp_path, **{"log.mlflow.tracking_uri": uri})
+    if importlib.util.find_spec("sqlalchemy") is None:       # mlflow-skinny alone has no database store
+        with pytest.raises(KitError) as err:
+            train_fold(cfg, fold=0, log=lambda *_: None)
+        assert str(err.value) == (
+            f"config `log.mlflow.tracking_uri` {uri}: this MLflow has no store for `sqlite:` URIs (a database store "
+            f"needs the full package: pip install mlflow); set a folder it can write (./mlruns or "
+            f"file:///path/mlruns), an http(s):// server, or \"\" to turn MLflow off")
+        assert not (fold_dir(cfg, 0) / "last.pt").exists()
+    else:
+        with tracking.open_trackers(cfg, 0, tmp_path / "fold0", log=lambda *_: None) as trackers:
+            trackers.log_epochs(HISTORY)
+            trackers.finish(HISTORY, METRICS)
+        assert mlflow_run(uri, monkeypatch) == ("FINISHED", [1, 2])
+
+
+@pytest.mark.parametrize("make_uri, why", [
+    (lambda root: (root / "a-file" / "mlruns").as_uri(), "MLflow cannot open it as a store: Not a directory"),
+    (lambda root: "nosuchscheme://host/store", "this MLflow has no store for `nosuchscheme:` URIs;"),
+])
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line_naming_the_key_before_training(
+        demo_data, tmp_path, tracker_environment, make_uri, why):
+    (tmp_path / "a-file").write_text("in the way of a folder")
+    uri = make_uri(tmp_path)
+    cfg = quick_tracked_config(demo_data, tmp_path, **{"log.mlflow.tracking_uri": uri})
+    with pytest.raises(KitError) as err:
+        train_fold(cfg, fold=0, log=lambda *_: None)
+    message = str(err.value)
+    assert message.startswith(f"config `log.mlflow.tracking_uri` {uri}: {why}") and "\n" not in message
+    assert "OUT=" not in message
+    assert not (fold_dir(cfg, 0) / "last.pt").exists()
