@@ -52,7 +52,7 @@ def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] |
 def keep_outputs(cfg: Config, destination: str | Path = "runs", log=print) -> list[Path]:
     """Copy the experiment's results (every fold's files but last.pt; the report) to `destination`/<experiment>/:
     in a Kaggle notebook, from scratch space to the working directory that its output saves."""
-    from .runs import copy_outputs
+    from .experiment import copy_outputs
 
     written = copy_outputs(cfg, destination)
     if written:
@@ -157,9 +157,9 @@ def train_all(cfg: Config, force: bool = False, parallel: int | str = 1, log=pri
     """Train (or resume) every fold: one after another, or `parallel` at a time (one process per GPU, or a share of
     the CPU cores; "auto" = the number of GPUs). Returns the CV AUC of the pooled out-of-fold predictions."""
     from .distributed import launched_rank, quiet
+    from .experiment import finished_folds
     from .parallel import resolve_parallel, train_folds_parallel
     from .predict import oof_auc
-    from .runs import finished_folds
 
     if launched_rank() != 0:        # under torchrun (NPROC): each fold on every rank, rank 0 alone speaks
         log = quiet
@@ -180,9 +180,9 @@ def train_folds_in_turn(cfg: Config, force: bool, log) -> None:
     import time
 
     from .distributed import launched_rank
+    from .experiment import folds_to_train
     from .fold import train_fold
     from .progress import FoldsBar
-    from .runs import folds_to_train
 
     pending = folds_to_train(cfg, force)
     bar = FoldsBar(cfg.name, cfg.folds.n_splits, len(pending), hidden=launched_rank() != 0)

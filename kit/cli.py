@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="shipped configs, or lite0_imagenet / lite0_random (default: %(default)s)")
     results.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per config (default %(default)s)")
     results.add_argument("--folds", type=int, default=0, help="train only the first N folds (default: all)")
+    results.add_argument("--out", help="folder of the raw rows (results.jsonl) and the study's runs (default "
+                                       "runs/results under the current folder)")
+    results.add_argument("--page", help="the results page to write (default docs/RESULTS.md under the current "
+                                        "folder)")
+    results.add_argument("--rewrite", action="store_true",
+                         help="only rewrite the page from the stored rows (results.jsonl and the page's own)")
     results.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
     bundle = commands.add_parser("bundle", help="zip the kit for upload as a Kaggle dataset")
@@ -184,10 +190,14 @@ def run(args) -> None:
             raise KitError(f"gpu-check: some runs failed (marked FAILED above; details in {path})")
     elif args.command == "results":
         from .config import parse_overrides
-        from .results import run_study
+        from .results import RESULTS_DIR, rewrite_results_md, run_study
 
-        print(run_study(args.configs.replace(",", " ").split(), args.seeds, args.folds,
-                        parse_overrides(args.overrides)))
+        out_dir = args.out or RESULTS_DIR
+        if args.rewrite:
+            print(rewrite_results_md(out_dir, args.page))
+        else:
+            print(run_study(args.configs.replace(",", " ").split(), args.seeds, args.folds,
+                            parse_overrides(args.overrides), out_dir=out_dir, results_md=args.page))
     elif args.command == "bundle":
         from .bundle import write_bundle
 

@@ -168,7 +168,7 @@ class TTAConfig:
     views: str = "d4"
 
 
-WANDB_MODES = ("online", "offline")              # kit/tracking.py: WANDB_MODE_NOTES
+WANDB_MODES = ("online", "offline")              # kit/tracking.py: WANDB_START_HINTS
 
 
 @dataclass
@@ -227,13 +227,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def choices() -> dict[str, tuple]:
-    """Each choice field's allowed names (declared beside its dataclass above); the module that implements a choice
-    keys its dispatch by the same names, and tests/test_config.py checks that the two sets are equal."""
-    return {"device": DEVICES, "amp_dtype": AMP_CHOICES, "optimizer.name": OPTIMIZERS, "schedule.name": SCHEDULES,
-            "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS,
-            "train.frozen_head": FROZEN_HEADS, "log.wandb.mode": WANDB_MODES}
-
+# Each choice field's allowed names (declared beside its dataclass above); the module that implements a choice keys
+# its dispatch by the same names, and tests/test_config.py checks that the two sets are equal.
+CHOICES = {"device": DEVICES, "amp_dtype": AMP_CHOICES, "optimizer.name": OPTIMIZERS, "schedule.name": SCHEDULES,
+           "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS,
+           "train.frozen_head": FROZEN_HEADS, "log.wandb.mode": WANDB_MODES}
 
 # An experiment name is one path component: runs/<name>/ and submissions/<name>-<time>.csv stay inside their folders.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -403,7 +401,7 @@ def _check_value(key: str, value, hint, source: str):
     if key == "name" and value and not is_plain_name(value):
         raise KitError(f"{source}: experiment name {value!r} must be one folder name ({PLAIN_NAME_RULE}): it names "
                        f"runs/<name>/ and the submission file; e.g. name={suggest_name(value)}")
-    options = choices().get(key)
+    options = CHOICES.get(key)
     if options is not None and value not in options:
         raise KitError(f"{source}: `{key}` must be one of {', '.join(options)}, got {value!r}")
     if key in MINIMUMS:
@@ -457,23 +455,12 @@ def checked_timm_kwargs(values: dict, source: str) -> dict:
 
 def _check_channel_values(key: str, value: list, source: str) -> list:
     """model.mean / model.std: empty (the model's own) or one number per RGB channel; a std above 0."""
-    if not value:
-        return []
-    numbers = [float(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) and _is_number(v) else None
-               for v in value]
-    if len(value) != 3 or None in numbers or (key == "model.std" and min(numbers) <= 0):
+    numbers = [float(v) for v in value if not isinstance(v, bool) and NUMBER.fullmatch(str(v).strip())]
+    if value and (len(value) != 3 or len(numbers) != 3 or (key == "model.std" and min(numbers) <= 0)):
         rule = "three numbers above 0" if key == "model.std" else "three numbers"
         raise KitError(f"{source}: `{key}` must be [] (the model's own) or {rule}, one per RGB channel on [0, 1] "
                        f"input (e.g. [0.485, 0.456, 0.406]); got {value!r}")
     return numbers
-
-
-def _is_number(value) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _unknown_key_message(key: str, known, source: str, prefix: str = "") -> str:

@@ -38,6 +38,7 @@ from .data import check_test_images
 from .device import peak_memory_mb, select_device
 from .engine import FineTuning
 from .errors import Interrupted, KitError
+from .experiment import check_split_against_data
 from .features import HeadOnFrozenFeatures
 from .fold_data import TrainingSet, check_fold_number, prepare_shared, read_training_set
 from .inference import tta_view_count
@@ -46,7 +47,7 @@ from .kaggle_notebook import in_kaggle_notebook
 from .models import count_parameters
 from .progress import FoldClock, FoldWork
 from .recipe import head_lr, is_stalled, stall_warning, validation_loss
-from .runs import LAST, FoldRun, check_split_against_data, fold_lock
+from .runs import LAST, FoldRun, fold_lock
 from .tracking import Trackers, open_trackers
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds", "peak_memory_mb"]

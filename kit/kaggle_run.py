@@ -7,7 +7,7 @@
 4. its outputs downloaded: submission.csv into submissions/<experiment>-kaggle-<time>.csv, each fold's results into
    runs/<experiment>/ (what the notebook keeps: best.pt, metrics, OOF, history; not the cache), or into
    runs/<experiment>-kaggle-v<n>/ when a local fold there differs: local work is never overwritten
-   (`runs.bring_in_folds`); outputs of another experiment are refused;
+   (`bring_in_folds`); outputs of another experiment are refused;
 5. with SUBMIT=1, that CSV submitted as `make submit` does.
 
 What was pushed is recorded in runs/<experiment>/kaggle-run.json: run again after an interruption and it follows the
@@ -16,6 +16,7 @@ same kernel version instead of pushing a new one (FORCE=1 pushes anew).
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import pprint
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .bundle import REPO, write_bundle
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
-from .config import Config
+from .config import Config, from_dict, to_dict
 from .errors import KitError
 from .io import atomic_path, atomic_write_json, atomic_write_text, path_inside, timestamp
 from .kaggle_api import (
@@ -40,7 +41,7 @@ from .kaggle_api import (
     upload_dataset,
     upload_kernel,
 )
-from .runs import bring_in_folds, experiment_dir, flat_config
+from .runs import experiment_dir, flat_config, fold_dir
 from .submission import read_submission_details
 
 DATASET_SLUG = "hcd-kit"
@@ -124,6 +125,63 @@ def push_dataset(api, user: str, work: Path, log) -> str:
     return ref
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Folds trained elsewhere (a Kaggle kernel's outputs)
+# ----------------------------------------------------------------------------------------------------------------
+
+def same_files(first: Path, second: Path) -> bool:
+    """Two folders with the same files, byte for byte."""
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p for p in root.rglob("*") if p.is_file()}
+    ours, theirs = files(first), files(second)
+    return ours.keys() == theirs.keys() and all(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours)
+
+
+def bring_in_folds(cfg: Config, source: Path, elsewhere: str, log=print) -> Config:
+    """Move the fold folders under `source` (another machine's runs/<experiment>/, e.g. a Kaggle kernel's outputs,
+    on the same disk as out_dir) into this experiment, never over a local fold: when a local fold<k>/ holds other
+    files than the incoming one, everything goes to the experiment `elsewhere` instead (one name per source, so it
+    never meets a conflict of its own). A fold already here byte for byte is left as it is. Returns the config of
+    the experiment that received them (cfg, or cfg with name=elsewhere): its folds predict, report and blend like
+    local ones (they have no last.pt, so they cannot be extended)."""
+    incoming = sorted(p for p in source.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
+
+    def conflicts(target: Config) -> list[int]:
+        clashing = []
+        for fold_source in incoming:
+            local = fold_dir(target, int(fold_source.name[4:]))
+            if local.is_dir() and any(local.iterdir()) and not same_files(fold_source, local):
+                clashing.append(int(fold_source.name[4:]))
+        return clashing
+
+    target = cfg
+    clashing = conflicts(cfg)
+    if clashing:
+        target = from_dict(dict(to_dict(cfg), name=elsewhere), source="kaggle-run")
+        if conflicts(target):
+            raise KitError(f"{experiment_dir(target)} already holds other folds {conflicts(target)}: nothing was "
+                           f"replaced; move it away and run `make kaggle-run` again")
+        log(f"local fold(s) {', '.join(map(str, clashing))} of `{cfg.name}` differ from the kernel's: kept as they "
+            f"are; the kernel's folds go to `{target.name}` (predict them with ARGS='name={target.name}')")
+    destination = experiment_dir(target)
+    destination.mkdir(parents=True, exist_ok=True)
+    for fold_source in incoming:
+        final = fold_dir(target, int(fold_source.name[4:]))
+        if final.exists() and any(final.iterdir()):
+            continue                                   # the same files, from an earlier download
+        staged = destination / f".{fold_source.name}.incoming"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.move(fold_source, staged)              # a rename on one disk; a copy across disks
+        if final.exists():
+            final.rmdir()                              # empty
+        staged.rename(final)
+    for path in source.iterdir():                      # the experiment's report and figures, where there are none
+        if path.is_file() and not (destination / path.name).exists():
+            with atomic_path(destination / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+    return target
+
+
 def wait_until_ready(api, ref: str, poll_seconds: float, log, limit_seconds: float = 1800) -> None:
     """Kaggle processes a new dataset version before notebooks see it: a kernel pushed earlier would attach the old
     bundle."""
@@ -173,7 +231,7 @@ def follow(api, kernel: str, poll_seconds: float, log) -> None:
 def download_outputs(api, cfg: Config, pushed: dict, log) -> Path:
     """The kernel's outputs: submission.csv → submissions/<experiment>-kaggle-<time>.csv (with its details JSON),
     runs/<experiment>/fold<k>/ → runs/<experiment>/ where no local fold differs (else runs/<experiment>-kaggle-v<n>/:
-    `runs.bring_in_folds`); returns the CSV's path. Outputs of another experiment are refused."""
+    `bring_in_folds`); returns the CSV's path. Outputs of another experiment are refused."""
     kernel = pushed["kernel"]
     version = pushed.get("version")
     run_label = f"v{version}" if isinstance(version, int) else "".join(c for c in pushed["pushed"] if c.isdigit())

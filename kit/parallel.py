@@ -200,8 +200,6 @@ def stop_workers(running: list[Worker], grace_seconds: float = 60.0) -> None:
     """Stop every worker as Ctrl-C would (each keeps its saved epochs and exits), then wait; kill what does not
     stop. A terminal's Ctrl-C has reached them already (one process group): they get a moment to end on their own
     before being sent one (a notebook's interrupt reaches only this process)."""
-    for w in running:
-        w.process.kill()
     deadline = time.monotonic() + 2.0
     while any(w.process.poll() is None for w in running) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -18,8 +18,9 @@ from .config import Config
 from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
 from .device import autocast_dtype, select_device
 from .errors import KitError
+from .experiment import FinishedFold, check_split_against_data, epochs_note, finished_folds
 from .inference import predict_tta_probabilities, tta_view_count
-from .runs import RECORD, FinishedFold, check_split_against_data, epochs_note, finished_folds, fold_dir, read_json
+from .runs import RECORD, fold_dir, read_json
 
 
 def find_fold_checkpoints(cfg: Config, allow_missing_folds: bool) -> list[FinishedFold]:

@@ -163,6 +163,7 @@ def run_study(entries: list[str], seeds: int, folds: int = 0, overrides: dict | 
               out_dir: str = RESULTS_DIR, results_md: str | Path | None = None, log=print) -> Path:
     """Run every (entry, seed) not yet in `out_dir`/results.jsonl, rewriting the page (default docs/RESULTS.md under
     the current folder) after each. `folds` 0 = all."""
+    check_study_arguments(entries, seeds, folds)
     overrides = overrides or {}
     results_md = Path(results_md or RESULTS_PAGE)
     from .api import make_demo_data

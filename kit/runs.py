@@ -25,12 +25,11 @@ Every file is written atomically, and checkpoints hold only tensors and plain da
 
 from __future__ import annotations
 
-import filecmp
 import functools
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -38,11 +37,8 @@ import pandas as pd
 import yaml
 
 from .config import EXTENSIBLE_SCHEDULES, Config, from_dict, save_config, to_dict
-from .data import check_data_dir, read_train_labels
 from .errors import KitError
-from .folds import describe_label_change, split_path
 from .io import (
-    atomic_path,
     atomic_torch_save,
     atomic_write_csv,
     atomic_write_json,
@@ -84,26 +80,6 @@ def fold_log_path(cfg: Config, fold: int) -> Path:
 
 def fold_dir(cfg: Config, fold: int) -> Path:
     return experiment_dir(cfg) / f"fold{fold}"
-
-
-def copy_outputs(cfg: Config, destination: str | Path) -> list[Path]:
-    """The experiment's results copied to `destination`/<experiment>/: every fold's files but last.pt (resume state,
-    2-3× the weights), and the experiment's report and figures. What a Kaggle notebook keeps as its output while
-    its runs live in scratch space. Returns the files written."""
-    source, target = experiment_dir(cfg), path_inside(destination, cfg.name)
-    if source.resolve() == target.resolve():
-        return []
-    written = []
-    wanted = [path for path in source.glob("*") if path.is_file() and path.suffix in (".md", ".png", ".json")]
-    for fold in range(cfg.folds.n_splits):
-        wanted += [fold_dir(cfg, fold) / name for name in OUTPUT_FILES if (fold_dir(cfg, fold) / name).is_file()]
-    for path in wanted:
-        copy = target / path.relative_to(source)
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(copy) as tmp:
-            shutil.copyfile(path, tmp)
-        written.append(copy)
-    return written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,163 +402,3 @@ def fold_lock(cfg: Config, fold: int):
     return process_lock(experiment_dir(cfg) / f"fold{fold}.lock",
                         f"fold {fold} of `{cfg.name}` is being trained by {{holder}} ({{path}}); wait for it to end "
                         f"or stop it, then rerun")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# An experiment's finished folds (what predict and report use)
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class FinishedFold:
-    fold: int
-    directory: Path
-    metrics: dict
-    oof: pd.DataFrame = field(repr=False)
-    history: pd.DataFrame | None = field(default=None, repr=False)
-
-    @property
-    def best(self) -> Path:
-        return self.directory / BEST
-
-
-def check_split(cfg: Config, split_key: str, labels: pd.DataFrame, folds=None) -> None:
-    """Refuse when a fold (of `folds`, else any) was trained on a split made from other labels than `labels`."""
-    stale = []
-    for fold in range(cfg.folds.n_splits) if folds is None else folds:
-        record = read_json(fold_dir(cfg, fold) / RECORD) or {}
-        if record.get("split", {}).get("key", split_key) != split_key:
-            stale.append(fold)
-    if stale:
-        record = read_json(fold_dir(cfg, stale[0]) / RECORD)
-        change = describe_label_change(Path(cfg.out_dir) / "folds" / record["split"]["file"], labels)
-        raise KitError(f"train_labels.csv changed since fold {', '.join(map(str, stale))} of `{cfg.name}` was split "
-                       f"({change}): those models saw rows that are now in other folds' validation sets; start "
-                       f"afresh with `make train-all FORCE=1`, or train under a new name (name=<new name>)")
-
-
-def check_split_against_data(cfg: Config, folds=None, labels: pd.DataFrame | None = None) -> None:
-    """`check_split` with the key of the split that `cfg.data_dir`'s train_labels.csv (and groups) make today
-    (`labels`: that file, when the caller has read it already)."""
-    labels = read_train_labels(check_data_dir(cfg.data_dir)) if labels is None else labels
-    _, key, _ = split_path(labels, cfg.folds, Path(cfg.out_dir) / "folds", log=lambda *_: None)
-    check_split(cfg, key, labels, folds)
-
-
-def folds_to_train(cfg: Config, force: bool = False) -> list[int]:
-    """The folds `train-all` has work for: all with `force`, else those not finished under this config (a fold
-    finished under another config is included: training it says why it is refused)."""
-    pending = []
-    for fold in range(cfg.folds.n_splits):
-        try:
-            skip = FoldRun(cfg, fold).decide(force).action == "skip"
-        except KitError:
-            skip = False          # refused: the fold's own run says why, in its log
-        if not skip:
-            pending.append(fold)
-    return pending
-
-
-def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[FinishedFold], dict[int, str]]:
-    """The experiment's finished folds (trained with this config) and, for the others, why they are not counted.
-
-    A fold counts when the run it was started for finished, whatever `epochs` says now (`epochs_note` tells the
-    user); a fold trained with another config is refused, naming the keys: its numbers would describe a model
-    other than the one asked for. (`check_split` then tells whether their split still fits the labels.)
-    """
-    found, missing = [], {}
-    for fold in range(cfg.folds.n_splits):
-        run = FoldRun(cfg, fold)
-        status = run.status()
-        comparison = run.compare(status, neutral | {"epochs"})
-        if not status.complete:
-            if status.run_finished:
-                missing[fold] = f"finished but lacks {', '.join(status.missing_outputs)}"
-            elif status.metrics is not None and status.recorded is None:
-                missing[fold] = f"has {METRICS} but no {CONFIG} saying what trained it"
-            elif status.recorded is None and not status.has_checkpoint:
-                missing[fold] = "not trained"
-            else:
-                target = status.recorded.epochs if status.recorded is not None else cfg.epochs
-                missing[fold] = f"unfinished, {status.epochs_trained} of {target} epochs"
-            continue
-        if comparison.differences:
-            raise run.mismatch_error(comparison)
-        history = status.directory / HISTORY
-        found.append(FinishedFold(fold, status.directory, status.metrics, read_oof(status.directory / OOF),
-                                  pd.read_csv(history) if history.is_file() else None))
-    return found, missing
-
-
-def epochs_note(cfg: Config, folds: list[FinishedFold]) -> str | None:
-    """One line when finished folds ran for another number of epochs than the config now says (and did not stop
-    early): they are used as they are, and `make train-all` would extend them."""
-    other = {}
-    for fold in folds:
-        trained = int(fold.metrics.get("epochs_trained", cfg.epochs))
-        if trained != cfg.epochs and not fold.metrics.get("stopped_early"):
-            other.setdefault(trained, []).append(str(fold.fold))
-    if not other:
-        return None
-    parts = "; ".join(f"fold{'s' if len(f) > 1 else ''} {', '.join(f)} for {n}" for n, f in sorted(other.items()))
-    shorter = any(n < cfg.epochs for n in other)
-    hint = (f"; `make train-all` would extend the shorter ones to {cfg.epochs} epochs"
-            if shorter and cfg.schedule.name in EXTENSIBLE_SCHEDULES else "")
-    return (f"note: `{cfg.name}` uses its finished folds as trained, not for the config's {cfg.epochs} epochs "
-            f"({parts}){hint}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Folds trained elsewhere (a Kaggle kernel's outputs)
-# ----------------------------------------------------------------------------------------------------------------
-
-def same_files(first: Path, second: Path) -> bool:
-    """Two folders with the same files, byte for byte."""
-    def files(root: Path) -> dict:
-        return {p.relative_to(root): p for p in root.rglob("*") if p.is_file()}
-    ours, theirs = files(first), files(second)
-    return ours.keys() == theirs.keys() and all(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours)
-
-
-def bring_in_folds(cfg: Config, source: Path, elsewhere: str, log=print) -> Config:
-    """Move the fold folders under `source` (another machine's runs/<experiment>/, e.g. a Kaggle kernel's outputs,
-    on the same disk as out_dir) into this experiment, never over a local fold: when a local fold<k>/ holds other
-    files than the incoming one, everything goes to the experiment `elsewhere` instead (one name per source, so it
-    never meets a conflict of its own). A fold already here byte for byte is left as it is. Returns the config of
-    the experiment that received them (cfg, or cfg with name=elsewhere): its folds predict, report and blend like
-    local ones (they have no last.pt, so they cannot be extended)."""
-    incoming = sorted(p for p in source.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
-
-    def conflicts(target: Config) -> list[int]:
-        clashing = []
-        for fold_source in incoming:
-            local = fold_dir(target, int(fold_source.name[4:]))
-            if local.is_dir() and any(local.iterdir()) and not same_files(fold_source, local):
-                clashing.append(int(fold_source.name[4:]))
-        return clashing
-
-    target = cfg
-    clashing = conflicts(cfg)
-    if clashing:
-        target = from_dict(dict(to_dict(cfg), name=elsewhere), source="kaggle-run")
-        if conflicts(target):
-            raise KitError(f"{experiment_dir(target)} already holds other folds {conflicts(target)}: nothing was "
-                           f"replaced; move it away and run `make kaggle-run` again")
-        log(f"local fold(s) {', '.join(map(str, clashing))} of `{cfg.name}` differ from the kernel's: kept as they "
-            f"are; the kernel's folds go to `{target.name}` (predict them with ARGS='name={target.name}')")
-    destination = experiment_dir(target)
-    destination.mkdir(parents=True, exist_ok=True)
-    for fold_source in incoming:
-        final = fold_dir(target, int(fold_source.name[4:]))
-        if final.exists() and any(final.iterdir()):
-            continue                                   # the same files, from an earlier download
-        staged = destination / f".{fold_source.name}.incoming"
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.move(fold_source, staged)              # a rename on one disk; a copy across disks
-        if final.exists():
-            final.rmdir()                              # empty
-        staged.rename(final)
-    for path in source.iterdir():                      # the experiment's report and figures, where there are none
-        if path.is_file() and not (destination / path.name).exists():
-            with atomic_path(destination / path.name) as tmp:
-                shutil.copyfile(path, tmp)
-    return target

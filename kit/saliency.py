@@ -4,7 +4,8 @@ package), and the share of that evidence inside the centre 32×32 that decides t
 A patch is labelled by its centre 32×32 alone, so a model whose evidence lies in the outer ring has learned
 something the labels do not say (the hard generated set plants tumour-like clusters outside the centre of half its
 negatives). The maps explain the kit's one logit per image; `centre_share` turns them into one number, to read
-against a flat map's `UNIFORM_CENTRE_SHARE` (32² / 96² ≈ 0.111).
+against a flat map's `UNIFORM_CENTRE_SHARE` (32² / 96² ≈ 0.111). `centre_evidence` measures it over a finished
+run: each fold's best.pt on a bounded sample of the patches it held out.
 
 HiResCAM rather than Grad-CAM: Grad-CAM weighs each channel by its gradient averaged over the map, so in the seed
 CNNs, whose dense layer weighs every position on its own, a blob detector lights up wherever a blob is, whether the
@@ -16,16 +17,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .competition import CENTRE, CENTRE_SIZE, CHANNELS, IMAGE_SIZE
-from .data import to_model_input
+from .checkpoints import model_from_best
+from .competition import CENTRE, CENTRE_SIZE, CHANNELS, IMAGE_SIZE, TRAIN_DIR
+from .config import Config
+from .data import image_paths, read_image, to_model_input
+from .device import select_device
 from .errors import KitError
+from .metrics import DEFAULT_THRESHOLD
 from .models import BASELINES, PatchClassifier
+from .runs import BEST, fold_dir
 
 UNIFORM_CENTRE_SHARE = CENTRE_SIZE ** 2 / IMAGE_SIZE ** 2     # 0.111: the share of a map that looks everywhere alike
 SALIENCY_IMAGES = 64        # validation patches per fold behind the share: bounded, so a report stays cheap on a CPU
@@ -179,3 +187,92 @@ def share_sample(oof: pd.DataFrame, per_fold: int, threshold: float, seed: int =
     called = oof[oof["pred"] >= threshold]
     return pd.concat([rows.sample(min(per_fold, len(rows)), random_state=seed) for _, rows in called.groupby("fold")]
                      + [oof.iloc[:0]], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The centre evidence of a run's folds
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CentreEvidence:
+    """The share of the models' evidence for tumour inside the centre 32×32, over a sample of each fold's
+    validation patches called tumour, and the maps of the gallery's patches."""
+    share: float                          # pooled over every fold's sample (NaN: no evidence anywhere)
+    per_fold: dict[int, tuple[int, float]]   # fold → (patches in its sample, its share)
+    layer: str                            # where the maps are read, in the first fold's model
+    gallery_maps: dict[str, list[np.ndarray]]   # gallery row title → one map per patch
+
+    @property
+    def images(self) -> int:
+        return sum(count for count, _ in self.per_fold.values())
+
+    @property
+    def shown(self) -> str:
+        return share_text(self.share)
+
+    def line(self) -> str:
+        """The summary's line."""
+        return (f"centre evidence share {self.shown} (over {self.images:,} validation patches called tumour; "
+                f"a flat map gives {UNIFORM_CENTRE_SHARE:.3f})")
+
+
+def share_text(share: float) -> str:
+    """A share to three decimals, or "none" when the maps hold no evidence (or there are no maps)."""
+    return "none" if np.isnan(share) else f"{share:.3f}"
+
+
+def fold_model(cfg: Config, fold: int) -> PatchClassifier:
+    """Fold `fold`'s best.pt as a model, or one line saying why it is none."""
+    path = fold_dir(cfg, fold) / BEST
+    try:
+        model, _ = model_from_best(path)
+    except KitError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise KitError(f"{path} does not rebuild a model ({type(err).__name__}: {err}); retrain fold {fold} "
+                       f"(`make train FOLD={fold} FORCE=1`)") from None
+    return model
+
+
+def read_patches(image_dir: Path, ids) -> np.ndarray:
+    """The training patches of `ids`, uint8 (N, 96, 96, 3)."""
+    return np.stack([read_image(path) for path in image_paths(image_dir, ids)])
+
+
+def centre_evidence(cfg: Config, oof: pd.DataFrame, images_per_fold: int = SALIENCY_IMAGES,
+                    gallery: dict[str, pd.DataFrame] | None = None) -> CentreEvidence:
+    """Class-activation maps of up to `images_per_fold` validation patches per fold that its best.pt calls tumour
+    (at the default threshold), each fold's model on its own held-out patches (`oof`: id, label, pred, fold); plus
+    the maps of the `gallery`'s patches (title → OOF rows). Raises KitError saying why when there can be none (no
+    images, no grad-cam, …)."""
+    if images_per_fold <= 0:
+        raise KitError("--saliency-images 0 leaves the maps out")
+    hirescam_class()                                  # grad-cam missing: say so before loading any model
+    image_dir = Path(cfg.data_dir) / TRAIN_DIR
+    if not image_dir.is_dir():
+        raise KitError(f"the training images are not available ({image_dir} not found)")
+    sample = share_sample(oof, images_per_fold, DEFAULT_THRESHOLD)
+    gallery = gallery or {}
+    device = select_device(cfg.device)
+    folds = sorted(set(sample["fold"]).union(*(set(frame["fold"]) for frame in gallery.values())))
+    per_fold, sample_maps, layer = {}, [], ""
+    gallery_maps = {title: [None] * len(frame) for title, frame in gallery.items()}
+    for fold in folds:
+        model = fold_model(cfg, int(fold))
+        if not layer:
+            found, _ = target_layer(model)
+            layer = next(name for name, module in model.named_modules() if module is found)
+
+        rows = sample[sample["fold"] == fold]
+        if len(rows):
+            maps = evidence_maps(model, read_patches(image_dir, rows["id"]), device)
+            per_fold[int(fold)] = (len(rows), centre_share(maps))
+            sample_maps.append(maps)
+        for title, frame in gallery.items():
+            own = np.flatnonzero(frame["fold"].to_numpy() == fold)
+            if len(own):
+                maps = evidence_maps(model, read_patches(image_dir, frame["id"].iloc[own]), device)
+                for position, evidence in zip(own, maps):
+                    gallery_maps[title][position] = evidence
+    share = centre_share(np.concatenate(sample_maps)) if sample_maps else float("nan")
+    return CentreEvidence(share, per_fold, layer, gallery_maps)

@@ -120,7 +120,7 @@ def test_results_runs_seeds_and_writes_mean_and_std(tmp_path):
     assert [(r["entry"], r["seed"], r["folds"]) for r in rows] == [("baseline_bn", 0, 1), ("baseline_bn", 1, 1)]
     assert all(0 <= r["test_auc"] <= 1 and 0 <= r["cv_auc"] <= 1 for r in rows)
     cv = [r["cv_auc"] for r in rows]
-    assert f"| `baseline_bn` | 1 of 5 folds, 1 epochs, tta.views=none | 2 | {np.mean(cv):.4f} ± {np.std(cv):.4f} |" \
+    assert f"| `baseline_bn` | 1 of 5 folds, 1 epochs, tta.views=none | 2 | {np.mean(cv):.4f} ± {np.std(cv, ddof=1):.4f} |" \
         in page.read_text()
     run_study(["baseline_bn"], seeds=2, folds=1, overrides={"epochs": 1, "tta.views": "none"}, data_dir=str(data),
               out_dir=str(tmp_path / "runs"), results_md=page, **QUIET)

@@ -1,9 +1,16 @@
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from kit.checkpoints import model_from_best
 from kit.cli import main
+from kit.data import read_image
 from kit.errors import KitError
 from kit.fold import train_fold
+from kit.runs import fold_dir
 
 
 def run_cli(capsys, *argv):
@@ -44,6 +51,22 @@ def test_train_all_then_predict_writes_a_validated_submission(quick_config, demo
 
     code, out, err = run_cli(capsys, "submit", "--file", path, "--dry-run")   # sample found via the .json sidecar
     assert code == 0 and "valid" in out and "nothing sent" in out
+
+    # the values: the mean over both folds' best.pt of each one's mean probability over the 8 D4 views
+    expected = np.mean([d4_probabilities(fold_dir(cfg, fold) / "best.pt", demo_data, sample["id"])
+                        for fold in (0, 1)], axis=0)
+    np.testing.assert_allclose(submission["label"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def d4_probabilities(best: Path, data_dir: Path, ids) -> np.ndarray:
+    """The 8 D4 views (4 rotations, each also transposed) of each test image through the checkpoint's model,
+    written out here rather than through ttach, and their probabilities averaged."""
+    model, _ = model_from_best(best)
+    images = np.stack([read_image(data_dir / "test" / f"{image_id}.tif") for image_id in ids])
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    views = [torch.rot90(image, k, dims=(2, 3)) for image in (batch, batch.transpose(2, 3)) for k in range(4)]
+    with torch.no_grad():
+        return np.mean([torch.sigmoid(model.eval()(view).float()).reshape(-1).numpy() for view in views], axis=0)
 
 
 def test_a_blend_of_experiments_with_other_folds_is_refused_before_predicting(quick_config, monkeypatch):

@@ -18,6 +18,7 @@ from kit.checkpoints import load_checkpoint
 from kit.config import load_config
 from kit.ema import StepEma
 from kit.errors import KitError
+from kit.experiment import folds_to_train
 from kit.fold import train_fold
 from kit.inference import predict_tta_probabilities
 from kit.models import build_model
@@ -32,7 +33,6 @@ from kit.runs import (
     experiment_dir,
     fold_dir,
     fold_lock,
-    folds_to_train,
 )
 
 from conftest import REPO, lock_held_elsewhere

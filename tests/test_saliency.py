@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_report import experiment, write_fold
 
+import kit.figures as figures
 import kit.report as report
 from kit.checkpoints import save_best
 from kit.competition import CENTRE_SIZE, CENTRE_START, IMAGE_SIZE, SAMPLE_SUBMISSION_CSV, TRAIN_LABELS_CSV
@@ -95,6 +96,26 @@ def test_the_centre_evidence_share_tells_a_model_that_reads_the_centre_from_one_
     assert shares["centre"] > 0.3 and shares["ring"] < 0.15, shares
     assert UNIFORM_CENTRE_SHARE == pytest.approx(0.111, abs=5e-4)
     assert centre_share(np.ones((2, IMAGE_SIZE, IMAGE_SIZE))) == pytest.approx(UNIFORM_CENTRE_SHARE)
+
+
+def test_the_saliency_gallery_lays_each_map_over_its_patch_and_draws_no_empty_row():
+    centre_only = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    centre_only[CENTRE_START:CENTRE_START + CENTRE_SIZE, CENTRE_START:CENTRE_START + CENTRE_SIZE] = 1.0
+    flat = np.ones((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    patch = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
+    oof = pd.DataFrame({"id": ["a" * 40, "b" * 40, "c" * 40], "label": [1, 1, 1], "pred": [0.9, 0.8, 0.2],
+                        "fold": [0, 1, 0]})
+    rows = [("true positives", oof.iloc[:2], [patch, patch]), ("false positives", oof.iloc[:0], []),
+            ("false negatives", oof.iloc[2:], [patch])]
+    figure = figures.gallery_figure(rows, maps=[[centre_only, flat], [], [flat]])
+    assert len(figure.axes) == 3 and all(len(ax.get_images()) == 2 for ax in figure.axes)   # patch, map over it
+    captions = [ax.texts[0].get_text() for ax in figure.axes]
+    assert captions[0].endswith("centre 100%") and captions[1].endswith("centre 11%")
+    row_titles = [text.get_text() for text in figure.texts]
+    assert row_titles == ["true positives", "false negatives"]           # the empty kind draws no row
+    one_row = figures.gallery_figure(rows[:1], maps=[[centre_only, flat]])
+    assert figure.get_figheight() == pytest.approx(2 * one_row.get_figheight())
+    figures.plt.close("all")
 
 
 def write_data(folder, images: np.ndarray, labels: np.ndarray, rng) -> list[str]:

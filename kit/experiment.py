@@ -1,0 +1,152 @@
+"""An experiment's folds taken together: which are finished (what predict, report and blend use), which
+`train-all` has work for, whether every fold still sits on the split today's labels make, and the experiment's
+results copied elsewhere (a Kaggle notebook's outputs). One fold's folder and its rules are kit/runs.py's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .config import EXTENSIBLE_SCHEDULES, Config
+from .data import check_data_dir, read_train_labels
+from .errors import KitError
+from .folds import describe_label_change, split_path
+from .io import atomic_path, path_inside
+from .runs import (
+    BEST,
+    CONFIG,
+    HISTORY,
+    METRICS,
+    OOF,
+    OUTPUT_FILES,
+    PREDICT_NEUTRAL_KEYS,
+    RECORD,
+    FoldRun,
+    experiment_dir,
+    fold_dir,
+    read_json,
+    read_oof,
+)
+
+
+@dataclass
+class FinishedFold:
+    fold: int
+    directory: Path
+    metrics: dict
+    oof: pd.DataFrame = field(repr=False)
+    history: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def best(self) -> Path:
+        return self.directory / BEST
+
+
+def check_split(cfg: Config, split_key: str, labels: pd.DataFrame, folds=None) -> None:
+    """Refuse when a fold (of `folds`, else any) was trained on a split made from other labels than `labels`."""
+    stale = []
+    for fold in range(cfg.folds.n_splits) if folds is None else folds:
+        record = read_json(fold_dir(cfg, fold) / RECORD) or {}
+        if record.get("split", {}).get("key", split_key) != split_key:
+            stale.append(fold)
+    if stale:
+        record = read_json(fold_dir(cfg, stale[0]) / RECORD)
+        change = describe_label_change(Path(cfg.out_dir) / "folds" / record["split"]["file"], labels)
+        raise KitError(f"train_labels.csv changed since fold {', '.join(map(str, stale))} of `{cfg.name}` was split "
+                       f"({change}): those models saw rows that are now in other folds' validation sets; start "
+                       f"afresh with `make train-all FORCE=1`, or train under a new name (name=<new name>)")
+
+
+def check_split_against_data(cfg: Config, folds=None, labels: pd.DataFrame | None = None) -> None:
+    """`check_split` with the key of the split that `cfg.data_dir`'s train_labels.csv (and groups) make today
+    (`labels`: that file, when the caller has read it already)."""
+    labels = read_train_labels(check_data_dir(cfg.data_dir)) if labels is None else labels
+    _, key, _ = split_path(labels, cfg.folds, Path(cfg.out_dir) / "folds", log=lambda *_: None)
+    check_split(cfg, key, labels, folds)
+
+
+def folds_to_train(cfg: Config, force: bool = False) -> list[int]:
+    """The folds `train-all` has work for: all with `force`, else those not finished under this config (a fold
+    finished under another config is included: training it says why it is refused)."""
+    pending = []
+    for fold in range(cfg.folds.n_splits):
+        try:
+            skip = FoldRun(cfg, fold).decide(force).action == "skip"
+        except KitError:
+            skip = False          # refused: the fold's own run says why, in its log
+        if not skip:
+            pending.append(fold)
+    return pending
+
+
+def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[FinishedFold], dict[int, str]]:
+    """The experiment's finished folds (trained with this config) and, for the others, why they are not counted.
+
+    A fold counts when the run it was started for finished, whatever `epochs` says now (`epochs_note` tells the
+    user); a fold trained with another config is refused, naming the keys: its numbers would describe a model
+    other than the one asked for. (`check_split` then tells whether their split still fits the labels.)
+    """
+    found, missing = [], {}
+    for fold in range(cfg.folds.n_splits):
+        run = FoldRun(cfg, fold)
+        status = run.status()
+        comparison = run.compare(status, neutral | {"epochs"})
+        if not status.complete:
+            if status.run_finished:
+                missing[fold] = f"finished but lacks {', '.join(status.missing_outputs)}"
+            elif status.metrics is not None and status.recorded is None:
+                missing[fold] = f"has {METRICS} but no {CONFIG} saying what trained it"
+            elif status.recorded is None and not status.has_checkpoint:
+                missing[fold] = "not trained"
+            else:
+                target = status.recorded.epochs if status.recorded is not None else cfg.epochs
+                missing[fold] = f"unfinished, {status.epochs_trained} of {target} epochs"
+            continue
+        if comparison.differences:
+            raise run.mismatch_error(comparison)
+        history = status.directory / HISTORY
+        found.append(FinishedFold(fold, status.directory, status.metrics, read_oof(status.directory / OOF),
+                                  pd.read_csv(history) if history.is_file() else None))
+    return found, missing
+
+
+def epochs_note(cfg: Config, folds: list[FinishedFold]) -> str | None:
+    """One line when finished folds ran for another number of epochs than the config now says (and did not stop
+    early): they are used as they are, and `make train-all` would extend them."""
+    other = {}
+    for fold in folds:
+        trained = int(fold.metrics.get("epochs_trained", cfg.epochs))
+        if trained != cfg.epochs and not fold.metrics.get("stopped_early"):
+            other.setdefault(trained, []).append(str(fold.fold))
+    if not other:
+        return None
+    parts = "; ".join(f"fold{'s' if len(f) > 1 else ''} {', '.join(f)} for {n}" for n, f in sorted(other.items()))
+    shorter = any(n < cfg.epochs for n in other)
+    hint = (f"; `make train-all` would extend the shorter ones to {cfg.epochs} epochs"
+            if shorter and cfg.schedule.name in EXTENSIBLE_SCHEDULES else "")
+    return (f"note: `{cfg.name}` uses its finished folds as trained, not for the config's {cfg.epochs} epochs "
+            f"({parts}){hint}")
+
+
+def copy_outputs(cfg: Config, destination: str | Path) -> list[Path]:
+    """The experiment's results copied to `destination`/<experiment>/: every fold's files but last.pt (resume state,
+    2-3× the weights), and the experiment's report and figures. What a Kaggle notebook keeps as its output while
+    its runs live in scratch space. Returns the files written."""
+    source, target = experiment_dir(cfg), path_inside(destination, cfg.name)
+    if source.resolve() == target.resolve():
+        return []
+    written = []
+    wanted = [path for path in source.glob("*") if path.is_file() and path.suffix in (".md", ".png", ".json")]
+    for fold in range(cfg.folds.n_splits):
+        wanted += [fold_dir(cfg, fold) / name for name in OUTPUT_FILES if (fold_dir(cfg, fold) / name).is_file()]
+    for path in wanted:
+        copy = target / path.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(copy) as tmp:
+            shutil.copyfile(path, tmp)
+        written.append(copy)
+    return written
