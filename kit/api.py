@@ -46,7 +46,28 @@ def load_config(name_or_path: str | Path = "baseline_bn", overrides: list[str] |
     merged = config_module.parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     merged.update({key.replace("__", "."): value for key, value in keyword_overrides.items()})
     cfg = config_module.load_config(name_or_path, merged)
-    return kaggle_environment(cfg, explicit=merged)
+    return note_explicit_keys(kaggle_environment(cfg, explicit=merged), merged)
+
+
+# The keys a call of `load_config` set (its overrides; the CLI's --data-dir and --out arrive as data_dir and out_dir),
+# noted on the Config it returns: predict, report and blend take every other key from the folds' recorded config.
+_EXPLICIT_KEYS = "_explicit_keys"
+
+
+def note_explicit_keys(cfg: Config, keys) -> Config:
+    setattr(cfg, _EXPLICIT_KEYS, frozenset(keys))       # not a field: equality, to_dict and the fingerprint ignore it
+    return cfg
+
+
+def as_trained(cfg: Config, explicit=None, log=print) -> Config:
+    """The config predict, report and blend run with (`experiment.with_recorded_config`): the one the experiment's
+    finished folds were trained with, but for the keys this command set (`explicit`, else those `load_config`
+    noted) and where and how fast it runs. A Config not made by `load_config`, with no `explicit`, is taken as it
+    is: every key counts as set."""
+    from .experiment import with_recorded_config
+
+    explicit = getattr(cfg, _EXPLICIT_KEYS, None) if explicit is None else frozenset(explicit)
+    return cfg if explicit is None else with_recorded_config(cfg, explicit, log=log)
 
 
 def keep_outputs(cfg: Config, destination: str | Path = "runs", log=print) -> list[Path]:
@@ -208,12 +229,14 @@ def no_submission_when_interrupted():
                           "intact; rerun the same command") from None
 
 
-def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
-    """Fold ensemble × TTA on the test set → a validated CSV in submissions_dir; returns its path."""
+def predict(cfg: Config, allow_missing_folds: bool = False, log=print, explicit=None) -> Path:
+    """Fold ensemble × TTA on the test set → a validated CSV in submissions_dir; returns its path. The config is
+    the folds' recorded one but for the keys this command set (`as_trained`)."""
     from .data import read_sample_submission
     from .predict import predict_test
     from .submission import build_submission, submission_path, write_submission
 
+    cfg = as_trained(cfg, explicit, log)
     require_writable_dir(cfg.out_dir)
     require_writable_dir(cfg.submissions_dir, "submissions_dir")
     with no_submission_when_interrupted():
@@ -228,34 +251,37 @@ def predict(cfg: Config, allow_missing_folds: bool = False, log=print) -> Path:
     return path
 
 
-def report(configs: Config | list[Config], target_sensitivity: float = 0.95, saliency_images: int | None = None
-           ) -> Path:
+def report(configs: Config | list[Config], target_sensitivity: float = 0.95, saliency_images: int | None = None,
+           log=print, explicit=None) -> Path:
     """runs/<experiment>/report.md with its figures; several configs → one side-by-side comparison.
-    `saliency_images`: validation patches per fold behind the centre evidence share (None: 64; 0: no maps)."""
+    `saliency_images`: validation patches per fold behind the centre evidence share (None: 64; 0: no maps).
+    Each config is its folds' recorded one but for the keys this command set (`as_trained`)."""
     from .report import write_comparison, write_report
     from .saliency import SALIENCY_IMAGES
 
     if not 0 < target_sensitivity < 1:
         raise KitError(f"target sensitivity must be between 0 and 1 (exclusive), got {target_sensitivity:g}; "
                        f"e.g. TARGET_SENSITIVITY=0.95")
-    configs = [configs] if isinstance(configs, Config) else list(configs)
+    configs = [as_trained(cfg, explicit, log) for cfg in ([configs] if isinstance(configs, Config) else configs)]
     for cfg in configs:
         require_writable_dir(cfg.out_dir)
     saliency_images = SALIENCY_IMAGES if saliency_images is None else saliency_images
     if saliency_images < 0:
         raise KitError(f"--saliency-images must be 0 or more, got {saliency_images}; e.g. SALIENCY_IMAGES=64")
     if len(configs) > 1:
-        return write_comparison(configs, target_sensitivity, saliency_images)
-    return write_report(configs[0], target_sensitivity, saliency_images=saliency_images)
+        return write_comparison(configs, target_sensitivity, saliency_images, log=log)
+    return write_report(configs[0], target_sensitivity, saliency_images=saliency_images, log=log)
 
 
 def predict_blend(configs: list[Config], method: str = "mean", allow_missing_folds: bool = False,
-                  log=print) -> Path:
-    """Several experiments' fold ensembles blended (weights chosen on OOF) → a validated CSV; returns its path."""
+                  log=print, explicit=None) -> Path:
+    """Several experiments' fold ensembles blended (weights chosen on OOF) → a validated CSV; returns its path.
+    Each config is its folds' recorded one but for the keys this command set (`as_trained`)."""
     from .data import read_sample_submission
     from .predict import predict_blend as blend_experiments
     from .submission import build_submission, submission_path, write_submission
 
+    configs = [as_trained(cfg, explicit, log) for cfg in configs]
     first = configs[0]
     for cfg in configs:
         require_writable_dir(cfg.out_dir)
@@ -287,7 +313,8 @@ def read_submission_details(path: str | Path) -> dict:
 
 
 def submit(path: str | Path, message: str | None = None, dry_run: bool = False, data_dir: str | Path | None = None,
-           force: bool = False, log=print) -> None:
+           force: bool = False, upload_anyway: str = "pass FORCE=1 (or DRY_RUN=1 to only validate)",
+           log=print) -> None:
     """Validate `path` against sample_submission.csv, then upload it (unless `dry_run`).
 
     sample_submission.csv comes from `data_dir`, else from the folder the file was predicted from. Rows that are
@@ -306,7 +333,7 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
     if sample_source is None:
         raise KitError(f"cannot tell which {SAMPLE_SUBMISSION_CSV} {path} answers: pass DATA_DIR=/path/to/data")
     upload(path, read_sample_submission(sample_source), message or default_message(details, path),
-           dry_run=dry_run, force=force, log=log)
+           dry_run=dry_run, force=force, upload_anyway=upload_anyway, log=log)
 
 
 def list_submissions(log=print):

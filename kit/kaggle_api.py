@@ -99,19 +99,19 @@ def explain_api_error(err: Exception, action: str) -> KitError:
 # ----------------------------------------------------------------------------------------------------------------
 
 def submit(path: str | Path, sample: pd.DataFrame, message: str, competition: str = COMPETITION,
-           dry_run: bool = False, force: bool = False, log=print) -> None:
+           dry_run: bool = False, force: bool = False, upload_anyway: str = "pass FORCE=1", log=print) -> None:
     """Validate the file (kit/submission.py), then upload it (unless `dry_run`). Rows that are not the competition's
-    test ids are refused unless `force`: such a file can only fail on Kaggle."""
+    test ids are refused unless `force`: such a file can only fail on Kaggle. `upload_anyway`: how the command the
+    user ran uploads it anyway (a flag that means that in that command)."""
     validate_submission_file(path, sample)
     log(f"{path}: valid ({len(sample):,} rows, ids match sample_submission.csv)")
     foreign = foreign_rows(sample)
     if dry_run:
-        log("dry run: nothing sent" + (f" (an upload would need FORCE=1: the file has {foreign})" if foreign else ""))
+        log("dry run: nothing sent" + (f" (to upload it, {upload_anyway}: the file has {foreign})" if foreign else ""))
         return
     if foreign and not force:
         raise KitError(f"{path} has {foreign}: it looks like a prediction of other data (e.g. the demo), which "
-                       f"Kaggle can only reject; nothing was sent. Pass FORCE=1 to upload it anyway, or DRY_RUN=1 to "
-                       f"only validate")
+                       f"Kaggle can only reject; nothing was sent. To upload it anyway, {upload_anyway}")
     api = kaggle_api()
     try:
         response = api.competition_submit(str(path), message, competition, quiet=True)

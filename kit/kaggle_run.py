@@ -298,5 +298,7 @@ def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool
     if submit:
         from . import api as kit_api
 
-        kit_api.submit(csv, data_dir=data_dir, log=log)
+        # FORCE=1 means "push a new kernel" here; `make submit` is where it means "upload anyway"
+        kit_api.submit(csv, data_dir=data_dir, log=log,
+                       upload_anyway=f"run `make submit FILE={csv} FORCE=1` (kaggle-run's FORCE=1 pushes a new kernel)")
     return csv

@@ -26,10 +26,11 @@ import torch
 
 from .config import Config, save_config
 from .errors import Interrupted, KitError, killed_by
+from .experiment import folds_to_train
 from .fold_data import prepare_shared
 from .io import process_lock
 from .progress import FoldsBar
-from .runs import experiment_dir, fold_log_path, folds_to_train, parallel_config_path
+from .runs import experiment_dir, fold_log_path, parallel_config_path
 
 SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
 LOG_TAIL = 3          # lines of a failed fold's log in the error

@@ -112,7 +112,7 @@ def test_a_prediction_of_other_data_is_not_uploaded_without_force(fake_kaggle, t
 
     assert main(["submit", "--file", str(demo_prediction), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "valid (400 rows, ids match sample_submission.csv)" in out and "an upload would need FORCE=1" in out
+    assert "valid (400 rows, ids match sample_submission.csv)" in out and "to upload it, pass FORCE=1" in out
     assert fake_kaggle.calls == []
 
     assert main(["submit", "--file", str(demo_prediction), "--force"]) == 0

@@ -218,3 +218,17 @@ def test_folds_trained_on_kaggle_predict_here_and_are_never_retrained(fake_kaggl
     assert train_fold(here, 0, log=lines.append)["epochs_trained"] == 1 and "already trained" in lines[0]
     assert api.predict(here, log=lambda *_: None).is_file()
     assert not (fold_dir(here, 0) / "last.pt").exists()
+
+
+def test_kaggle_run_with_force_advises_a_flag_that_uploads_a_refused_csv(finished_kernel, experiment):
+    """FORCE=1 in kaggle-run pushes a new kernel; a CSV refused at the submit step (not the competition's rows) is
+    uploaded by `make submit FILE=… FORCE=1`, and the advice says so instead of "pass FORCE=1", which was passed."""
+    small = competition_sample().head(400)
+    finished_kernel.kernel_outputs = dict(finished_kernel.kernel_outputs, **{
+        "submission.csv": csv_bytes(small.assign(label=0.5)), "sample_submission.csv": csv_bytes(small)})
+    with pytest.raises(KitError) as refused:
+        kaggle_run(experiment, submit=True, force=True, poll_seconds=0, log=lambda *_: None)
+    message = str(refused.value)
+    assert "nothing was sent" in message and re.search(r"make submit FILE=\S+\.csv FORCE=1", message), message
+    assert "pass FORCE=1" not in message.lower()
+    assert not finished_kernel.submissions
