@@ -1,6 +1,6 @@
-"""Networks: the seed notebook's CNN and any timm backbone (timm's registry, or a hub model `hf-hub:org/name` from
-the hub, the local Hugging Face cache or a folder of its files), behind one `build_model`; and which of its
-parameters train (`model.trainable_blocks`).
+"""Networks: the seed notebook's CNN and any timm backbone (kit/backbones.py: timm's registry, or a hub model
+`hf-hub:org/name`, kit/hub.py), behind one `build_model` that checks what it builds with one forward pass that costs
+nothing; the classifier head; and which parameters train (`model.trainable_blocks`).
 
 Every model takes float RGB in [0, 1], (N, 3, 96, 96), normalises it itself (buffers saved with the weights, so a
 checkpoint predicts correctly on its own) and returns one logit per image, shape (N,).
@@ -8,17 +8,14 @@ checkpoint predicts correctly on its own) and returns one logit per image, shape
 
 from __future__ import annotations
 
-import difflib
-import logging
-import re
-from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .backbones import build_backbone, classifier_parameter_names, model_input_size, pretrained_mean_std
 from .competition import CHANNELS, IMAGE_SIZE
-from .config import DOTTED_NAME, TIMM_OBJECT_PREFIXES, ModelConfig
+from .config import ModelConfig
 from .errors import KitError, first_line
 
 MLP_HIDDEN = 256
@@ -27,7 +24,14 @@ GLOBAL_POOL_OPTIONS = {"": {}, "avg": {"global_pool": "avg"}, "max": {"global_po
                        "avgmax": {"global_pool": "avgmax"}, "catavgmax": {"global_pool": "catavgmax"}}
 
 
-class BaselineCNN(nn.Sequential):
+class SeedCNN(nn.Sequential):
+    """The seed's CNNs: a plain sequence whose last layer is the classifier (found the way timm's are)."""
+
+    def get_classifier(self) -> nn.Module:
+        return self[-1]
+
+
+class BaselineCNN(SeedCNN):
     """The seed's Keras CNN in PyTorch: 3 × (conv 3×3 + ReLU + max-pool), dense 128, dropout, one logit.
 
     Same shapes as the Keras summary (valid padding): 96→94→47→45→22→20→10, flatten 128×10×10 = 12,800;
@@ -46,7 +50,7 @@ class BaselineCNN(nn.Sequential):
         )
 
 
-class BaselineBNCNN(nn.Sequential):
+class BaselineBNCNN(SeedCNN):
     """The seed's CNN with BatchNorm after every convolution and the dense layer: same shapes, +1,024 parameters.
 
     Without normalisation the seed's CNN under Adam 1e-3 can sit at loss ln 2 for epochs (whether it leaves the
@@ -96,8 +100,9 @@ class PatchClassifier(nn.Module):
 
 
 def build_model(model_cfg: ModelConfig, initial_weights: bool = True) -> PatchClassifier:
-    """The model `model_cfg` describes. `initial_weights=False`: the architecture only, for weights loaded next (a
-    best.pt): no download and no weights file read, though a hub model's config.json is still looked for beside
+    """The model `model_cfg` describes, its architecture checked first (`check_architecture`: before any weights are
+    fetched or read). `initial_weights=False`: the architecture only, for weights loaded next (a best.pt): no
+    download and no weights file read, though a hub model's config.json is still looked for beside
     `model.pretrained_file` (when that path exists here) before the Hugging Face cache."""
     if model_cfg.name in BASELINES:
         if model_cfg.input_size not in (0, IMAGE_SIZE) or model_cfg.global_pool:
@@ -106,14 +111,98 @@ def build_model(model_cfg: ModelConfig, initial_weights: bool = True) -> PatchCl
         if model_cfg.timm_kwargs:
             raise KitError(f"config `model.name: {model_cfg.name}` is the kit's own CNN: model.timm_kwargs are for "
                            f"timm models; set model.timm_kwargs={{}}")
-        # the seed rescales by 1/255 and nothing more: mean 0, std 1 on [0, 1] input
-        net = BASELINES[model_cfg.name](model_cfg.dropout)
-        model = PatchClassifier(net, mean=model_cfg.mean or (0.0, 0.0, 0.0), std=model_cfg.std or (1.0, 1.0, 1.0))
-    else:
-        model = _build_timm_model(model_cfg, initial_weights)
+    check_architecture(model_cfg)
+    model = assemble_model(model_cfg, initial_weights)
     if model_cfg.trainable_blocks:
         freeze_early_blocks(model, model_cfg)
     return model
+
+
+def assemble_model(model_cfg: ModelConfig, initial_weights: bool = True) -> PatchClassifier:
+    """The network in its PatchClassifier: a seed CNN, or a timm backbone normalised with its own mean/std unless
+    the config sets them, resized to the one size it takes when it takes one only."""
+    if model_cfg.name in BASELINES:
+        # the seed rescales by 1/255 and nothing more: mean 0, std 1 on [0, 1] input
+        net = BASELINES[model_cfg.name](model_cfg.dropout)
+        return PatchClassifier(net, mean=model_cfg.mean or (0.0, 0.0, 0.0), std=model_cfg.std or (1.0, 1.0, 1.0))
+    options = {"num_classes": 1, "drop_rate": model_cfg.dropout, **GLOBAL_POOL_OPTIONS[model_cfg.global_pool]}
+    if model_cfg.drop_path:
+        options["drop_path_rate"] = model_cfg.drop_path
+    net = build_backbone(model_cfg, options, initial_weights)
+    mean, std = pretrained_mean_std(net)          # the model's pretrained config (a hub model's own)
+    model = PatchClassifier(net, mean=model_cfg.mean or mean, std=model_cfg.std or std,
+                            input_size=model_input_size(model_cfg, net))
+    if model.input_size and not model_cfg.input_size:
+        model.notes.append(f"model.input_size 0: `{model_cfg.name}` takes only {model.input_size}×{model.input_size} "
+                           f"input (a fixed size), so the 96 px patches are resized to {model.input_size} on the device")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The architecture checked before it is built for real: `model.timm_kwargs` that timm accepts but that cannot work
+# (in_chans: 4 fails at the first training step; depth: abc deep inside timm) are one line naming the key
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_architecture(model_cfg: ModelConfig) -> None:
+    """Build the architecture and pass it one batch of the kit's patches, (1, 3, 96, 96), on the meta device (shapes
+    only: no memory, no arithmetic; a second or two for a ViT-g); a failure there is tried again for real on the CPU
+    (its error is the one shown, and an op the meta device lacks cannot refuse a model that works). A failure is
+    one line naming the `model.timm_kwargs` key it comes from, else the model."""
+    problem = try_architecture(model_cfg, "meta") and try_architecture(model_cfg, "cpu")
+    if problem is None:
+        return
+    stage, err = problem
+    key = breaking_timm_kwarg(model_cfg, "meta") or breaking_timm_kwarg(model_cfg, "cpu")
+    resized = f", resized to {model_cfg.input_size} px" if model_cfg.input_size else ""
+    seen = "cannot be built" if stage == "build" else (f"fails on a batch of the kit's patches, (1, {CHANNELS}, "
+                                                       f"{IMAGE_SIZE}, {IMAGE_SIZE}) RGB on [0, 1]{resized}")
+    cause = f"({type(err).__name__}: {first_line(err)})"
+    if key is not None:
+        with_it = f"{seen} with it" if stage == "build" else f"built with it {seen}"
+        raise KitError(f"config `model.timm_kwargs.{key}: {model_cfg.timm_kwargs[key]}`: `{model_cfg.name}` {with_it} "
+                       f"{cause}; change or drop it (the model card's timm.create_model arguments)")
+    fix = "choose another model.name" if stage == "build" else \
+        "set model.input_size to a size it takes (e.g. its pretrained 224), or choose another model.name"
+    raise KitError(f"config `model.name: {model_cfg.name}`: the model {seen} {cause}; {fix}")
+
+
+def try_architecture(model_cfg: ModelConfig, device: str) -> tuple[str, Exception] | None:
+    """("build" or "forward", the error) when the architecture cannot be built on `device` or cannot take one batch
+    of patches there; None when it can. A KitError (an option refused by name) is raised as it is."""
+    stage = "build"
+    try:
+        with torch.device(device):
+            model = assemble_model(model_cfg, initial_weights=False).eval()
+            images = torch.zeros(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
+        stage = "forward"
+        with torch.no_grad():
+            logits = model(images)
+        if logits.shape != (1,):
+            raise ValueError(f"one image gave {logits.numel()} outputs, not one logit")
+        return None
+    except KitError:
+        raise
+    except Exception as err:     # whatever timm or torch raises: a TypeError, a shape error, an assertion, …
+        return stage, err
+
+
+def breaking_timm_kwarg(model_cfg: ModelConfig, device: str) -> str | None:
+    """The `model.timm_kwargs` key the failure on `device` comes from: the one whose removal gets the architecture
+    furthest (through a forward pass, else built at all where it was not: of two faults, the one shown), the first
+    in the config on a tie; None when no removal gets it further (the model's own failure, or one the meta device
+    alone has: then the CPU is asked)."""
+    def progress(values: dict) -> int:         # 0 not built, 1 built, 2 through a forward pass; -1 refused by name
+        try:
+            problem = try_architecture(replace(model_cfg, timm_kwargs=values), device)
+        except KitError:                       # dynamic_img_size gone, model.input_size refused: no clue
+            return -1
+        return 2 if problem is None else {"build": 0, "forward": 1}[problem[0]]
+
+    reached = progress(model_cfg.timm_kwargs)
+    without = {key: progress({k: v for k, v in model_cfg.timm_kwargs.items() if k != key})
+               for key in model_cfg.timm_kwargs}
+    best = max(without, key=without.get, default=None)         # max keeps the first of equals
+    return best if best is not None and without[best] > reached else None
 
 
 @torch.no_grad()
@@ -124,315 +213,12 @@ def start_head_neutral(model: PatchClassifier, positive_share: float) -> None:
     Inits scaled for 1,000 classes (timm's EfficientNet: U(±1/sqrt(classes)) over 1,280 features) otherwise start
     one logit at ±10–20 and the first epochs are spent undoing it, dragging the pretrained backbone along.
     """
-    head = _head_module(model.net)
+    head = model.net.get_classifier()
     head = head[-1] if isinstance(head, nn.Sequential) else head     # an MLP head (set_frozen_head): its last layer
     share = min(max(positive_share, 1e-4), 1 - 1e-4)
     head.weight.zero_()
     if head.bias is not None:
         head.bias.fill_(float(torch.logit(torch.tensor(share, dtype=torch.float64))))
-
-
-def _build_timm_model(model_cfg: ModelConfig, initial_weights: bool = True) -> PatchClassifier:
-    """A timm backbone by registry or hub name, with the config's options and timm_kwargs, its weights from the hub
-    (or its cache) or from `model.pretrained_file`; normalised with its own mean/std unless the config sets them."""
-    import timm
-
-    weights_file = Path(model_cfg.pretrained_file) if model_cfg.pretrained_file else None
-    source = timm_source(model_cfg.name, weights_file)
-    options = {"num_classes": 1, "drop_rate": model_cfg.dropout}
-    if model_cfg.drop_path:
-        options["drop_path_rate"] = model_cfg.drop_path
-    options.update(GLOBAL_POOL_OPTIONS[model_cfg.global_pool])
-    options.update(resolved_timm_kwargs(model_cfg.timm_kwargs))
-    if not initial_weights or (not model_cfg.pretrained and weights_file is None):
-        net = create_timm_model(model_cfg, source, options, pretrained=False)
-    elif weights_file is not None and not is_hub_name(model_cfg.name):
-        net = create_timm_model(model_cfg, source, options, pretrained=False)   # the kit's own strict loader: timm
-        load_backbone_weights(net, model_cfg.name, weights_in(weights_file))    # weights or a kit best.pt
-    else:
-        net = pretrained_timm_model(model_cfg, source, options, weights_file)
-    data_config = timm.data.resolve_data_config({}, model=net)   # the model's pretrained config (a hub model's own)
-    model = PatchClassifier(net, mean=model_cfg.mean or data_config["mean"], std=model_cfg.std or data_config["std"],
-                            input_size=model_input_size(model_cfg, net))
-    if model.input_size and not model_cfg.input_size:
-        model.notes.append(f"model.input_size 0: `{model_cfg.name}` takes only {model.input_size}×{model.input_size} "
-                           f"input (a fixed size), so the 96 px patches are resized to {model.input_size} on the device")
-    return model
-
-
-def pretrained_timm_model(model_cfg: ModelConfig, source: str, options: dict, weights_file: Path | None) -> nn.Module:
-    """timm's own loader (the family's checkpoint filter, its classifier swap, position embeddings resized), from
-    the hub or its cache, or for a hub model from `model.pretrained_file`; then checked for keys it left out when the
-    architecture is not timm's registry default (a hub model, or timm_kwargs), which timm alone would let pass."""
-    overlay = {"source": "", "file": str(weights_in(weights_file))} if weights_file is not None else None
-    try:
-        with timm_load_report() as left_out:
-            net = create_timm_model(model_cfg, source, options, pretrained=True, overlay=overlay)
-    except KitError:
-        raise
-    except Exception as err:   # the hub unreachable (no internet), no local cache entry, a gated model, …
-        if overlay is not None:
-            raise KitError(f"config `model.pretrained_file`: cannot load {overlay['file']} into `{model_cfg.name}` "
-                           f"({type(err).__name__}: {first_line(err, 'no details')})") from None
-        if is_hub_name(model_cfg.name):
-            raise KitError(hub_problem(model_cfg.name, err, "its weights")) from None
-        raise KitError(f"cannot load pretrained weights for `{model_cfg.name}` ({type(err).__name__}: "
-                       f"{first_line(err, 'no details')}); without internet, set "
-                       f"model.pretrained_file=path/to/weights"
-                       f".safetensors (e.g. a Kaggle dataset of timm weights) or model.pretrained=false") from None
-    if is_hub_name(model_cfg.name) or model_cfg.timm_kwargs:
-        check_nothing_left_out(net, model_cfg.name, left_out, overlay["file"] if overlay else "")
-    return net
-
-
-@contextmanager
-def timm_load_report():
-    """The backbone keys timm's pretrained loader reports it left out, {"missing": [...], "unexpected": [...]}.
-    timm loads non-strictly whenever the class count differs (always here: one logit) and only logs what did not fit,
-    so a foundation model built without its card's arguments (LayerScale's init_values) would train half-loaded."""
-    logger = logging.getLogger("timm.models._builder")
-    report = {"missing": [], "unexpected": []}
-
-    class Catch(logging.Handler):
-        def emit(self, record):
-            found = re.match(r"(Missing|Unexpected) keys \((.*?)\) (discovered|found) while loading", record.getMessage())
-            if found:
-                report[found[1].lower()] += found[2].split(", ")
-
-    handler, level = Catch(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)            # "Missing keys" is an info line
-    try:
-        yield report
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def check_nothing_left_out(net: nn.Module, name: str, left_out: dict, weights_file: str = "") -> None:
-    """Refuse pretrained weights that timm loaded only in part (the fresh classifier excepted), naming the keys."""
-    head = classifier_parameter_names(net)
-    missing = [key for key in left_out["missing"] if key not in head]
-    unexpected = left_out["unexpected"]
-    if missing or unexpected:
-        parts = [f"{label}: {', '.join(keys[:4])}" + (f" … ({len(keys)} in all)" if len(keys) > 4 else "")
-                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        weights = f"config `model.pretrained_file`: {weights_file}" if weights_file else \
-            f"config `model.name: {name}`: its pretrained weights"
-        raise KitError(f"{weights} do not fit the model built ({'; '.join(parts)}); its card's timm.create_model "
-                       f"arguments go in model.timm_kwargs (e.g. init_values: 1.0e-5 for LayerScale weights)")
-
-
-def model_input_size(model_cfg: ModelConfig, net: nn.Module) -> int:
-    """What PatchClassifier resizes to: `model.input_size`, or for a model that takes one size only (a ViT built
-    with dynamic_img_size=False) that size when `model.input_size` is 0; another size for such a model is refused."""
-    fixed = fixed_input_size(net)
-    if not fixed or model_cfg.input_size in (0, fixed):
-        return model_cfg.input_size or fixed
-    raise KitError(f"config `model.input_size: {model_cfg.input_size}`: `{model_cfg.name}` takes only {fixed}×{fixed} "
-                   f"input; set model.input_size={fixed} (or 0, its own), or build it for another size "
-                   f"(model.timm_kwargs: {{dynamic_img_size: true}} where the family has it)")
-
-
-def fixed_input_size(net: nn.Module) -> int:
-    """The one input size a timm model accepts (a ViT's patch embedding with a strict size and no dynamic size:
-    positional embeddings for one grid), or 0 when any size goes (CNNs, dynamic_img_size ViTs)."""
-    patch_embed = getattr(net, "patch_embed", None)
-    if not getattr(patch_embed, "strict_img_size", False) or getattr(net, "dynamic_img_size", False):
-        return 0
-    height, width = patch_embed.img_size
-    if height != width:
-        raise KitError(f"`{type(net).__name__}` takes {height}×{width} input only; the kit resizes to squares: build it "
-                       f"square (model.timm_kwargs: {{img_size: {height}}}) or with dynamic_img_size: true")
-    return int(height)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hub models (hf-hub:org/name) and timm_kwargs
-# ----------------------------------------------------------------------------------------------------------------
-
-HUB_PREFIX = "hf-hub:"
-HUB_NAME = re.compile(r"hf-hub:([\w.-]+/[\w.-]+)(?:@([\w./-]+))?")
-# The files a hub model's folder may hold its weights in (what timm reads from the hub), preferred first.
-HUB_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def is_hub_name(name: str) -> bool:
-    return name.startswith(HUB_PREFIX)
-
-
-def timm_source(name: str, weights_file: Path | None) -> str:
-    """What `timm.create_model` is given: a registry name as is; a hub name as is once its config.json (architecture,
-    arguments, mean/std) is found in the local Hugging Face cache or on the hub; or, when `model.pretrained_file`
-    brings that config.json along (a folder of the model's files, or one beside the weights file),
-    `local-dir:<folder>`, which needs neither."""
-    import timm
-
-    if not is_hub_name(name):
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-            hint = f"; close matches: {', '.join(close)}" if close else "; `timm.list_models('*name*')` lists names"
-            raise KitError(f"config `model.name`: unknown model `{name}` (baseline, a timm name or "
-                           f"hf-hub:org/name){hint}")
-        return name
-    if not HUB_NAME.fullmatch(name):
-        raise KitError(f"config `model.name: {name}`: a hub model is named hf-hub:org/name (or hf-hub:org/name@revision)")
-    if weights_file is not None:
-        folder = weights_file if weights_file.is_dir() else weights_file.parent
-        if (folder / "config.json").is_file():
-            return f"local-dir:{folder}"
-    hub_config_file(name)
-    return name
-
-
-def hub_config_file(name: str) -> Path:
-    """A hub model's config.json, from the local Hugging Face cache (HF_HUB_CACHE, HF_HOME) or the hub (with the
-    user's own token for a gated model: HF_TOKEN or `hf auth login`; the kit never reads or stores it)."""
-    from huggingface_hub import hf_hub_download
-
-    repo, revision = HUB_NAME.fullmatch(name).groups()
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=revision))
-    except Exception as err:
-        raise KitError(hub_problem(name, err, "its config.json (the architecture)")) from None
-
-
-def hub_problem(name: str, err: Exception, wanted: str) -> str:
-    """One line for each way a hub model's `wanted` file cannot be had: gated, unknown or private, not cached and
-    offline or out of reach, absent from the repository."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (  # names every huggingface_hub since 0.23 has (Kaggle's may be older than ours)
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo = HUB_NAME.fullmatch(name).group(1)
-    start = f"config `model.name: {name}`"
-    if isinstance(err, GatedRepoError):
-        return (f"{start}: a gated model: ask for access on https://huggingface.co/{repo} with your account, then "
-                f"give your own token (HF_TOKEN in the environment, or `hf auth login`); the kit never stores it")
-    if isinstance(err, RevisionNotFoundError):
-        return f"{start}: the hub has no such revision of {repo}"
-    if isinstance(err, RepositoryNotFoundError):
-        return (f"{start}: no such model on the Hugging Face hub, or a private one your token (HF_TOKEN, `hf auth "
-                f"login`) cannot see; check https://huggingface.co/{repo}")
-    offline_route = (f"without internet (a Kaggle notebook), attach a dataset holding the model and set "
-                     f"model.pretrained_file=/kaggle/input/<dataset> (its config.json and weights, as `hf download "
-                     f"{repo} --local-dir <folder>` writes them), or point HF_HUB_CACHE at a Hugging Face cache "
-                     f"holding it, with HF_HUB_OFFLINE=1")
-    if isinstance(err, LocalEntryNotFoundError):
-        why = ("HF_HUB_OFFLINE=1 keeps the hub out of reach" if constants.HF_HUB_OFFLINE else
-               f"the hub is out of reach ({first_line(err, 'no details')})")
-        return f"{start}: {wanted} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; {offline_route}"
-    if isinstance(err, EntryNotFoundError):        # on the hub, not in the repository
-        return f"{start}: {repo} on the hub lacks {wanted}: timm reads a hub model from config.json and its weights"
-    return f"{start}: cannot load {wanted} ({type(err).__name__}: {first_line(err, 'no details')}); {offline_route}"
-
-
-def weights_in(path: Path) -> Path:
-    """`model.pretrained_file` itself, or for a folder (a hub model's files) the weights file in it."""
-    if not path.is_dir():
-        return path
-    found = [path / name for name in HUB_WEIGHTS_FILES if (path / name).is_file()]
-    if not found:
-        raise KitError(f"config `model.pretrained_file`: {path} is a folder without {' or '.join(HUB_WEIGHTS_FILES)}; "
-                       f"point at the weights file itself")
-    return found[0]
-
-
-def resolved_timm_kwargs(values: dict) -> dict:
-    """`model.timm_kwargs` as timm takes them: each dotted timm./torch. name imported (mlp_layer:
-    timm.layers.SwiGLUPacked → the class), every other value as written."""
-    import importlib
-
-    resolved = {}
-    for key, value in values.items():
-        if isinstance(value, str) and DOTTED_NAME.fullmatch(value) and value.startswith(TIMM_OBJECT_PREFIXES):
-            module_name, _, attribute = value.rpartition(".")
-            try:
-                value = getattr(importlib.import_module(module_name), attribute)
-            except (ImportError, AttributeError):
-                raise KitError(f"config `model.timm_kwargs.{key}: {value}`: no such object in this "
-                               f"{module_name.split('.')[0]}") from None
-        resolved[key] = value
-    return resolved
-
-
-# timm keyword → the config key that sets it (a family that lacks one is named with the key to change)
-TIMM_OPTION_KEYS = {"drop_rate": ("model.dropout", "0"), "drop_path_rate": ("model.drop_path", "0"),
-                    "global_pool": ("model.global_pool", '""')}
-
-
-def create_timm_model(model_cfg: ModelConfig, source: str, options: dict, pretrained: bool,
-                      overlay: dict | None = None) -> nn.Module:
-    """`timm.create_model(source, …)` with the config's options; an option the family's constructor does not take
-    (DenseNet has no stochastic depth: no `drop_path_rate`) is one line naming the config key to change."""
-    import timm
-
-    try:
-        return timm.create_model(source, pretrained=pretrained, pretrained_cfg_overlay=overlay, **options)
-    except TypeError as err:
-        refused = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if refused is None:
-            raise
-        if refused.group(1) in model_cfg.timm_kwargs:
-            raise KitError(f"config `model.timm_kwargs.{refused.group(1)}`: `{model_cfg.name}` takes no such "
-                           f"argument; drop it") from None
-        if refused.group(1) not in TIMM_OPTION_KEYS:
-            raise
-        key, neutral = TIMM_OPTION_KEYS[refused.group(1)]
-        raise KitError(f"config `model.name: {model_cfg.name}`: this timm family takes no `{refused.group(1)}`, which "
-                       f"`{key}` sets; set {key}={neutral} for it (e.g. ARGS='{key}={neutral}')") from None
-
-
-def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None:
-    """Load every backbone tensor from a local file; the classifier stays fresh (ours has one output).
-
-    Reads what timm reads (.pth, .safetensors, {"state_dict": …} checkpoints) and a kit checkpoint (best.pt).
-    Any backbone key missing, unexpected or of another shape is refused, naming the keys.
-    """
-    import timm
-
-    if not weights_file.is_file():
-        raise KitError(f"config `model.pretrained_file`: {weights_file} not found")
-    try:
-        found = timm.models.load_state_dict(str(weights_file))
-    except Exception as err:
-        raise KitError(f"config `model.pretrained_file`: cannot read {weights_file} ({type(err).__name__}: "
-                       f"{first_line(err, 'no details')})") from None
-    if found and all(k.startswith("net.") or k in ("mean", "std") for k in found):   # a kit checkpoint
-        found = {k[len("net."):]: v for k, v in found.items() if k.startswith("net.")}
-    head = classifier_parameter_names(net)
-    head_prefixes = tuple(k.rsplit(".", 1)[0] + "." for k in head)
-    expected = {k: v for k, v in net.state_dict().items() if k not in head}
-    backbone = {k: v for k, v in found.items() if not k.startswith(head_prefixes)}
-    missing = [k for k in expected if k not in backbone]
-    unexpected = [k for k in backbone if k not in expected]
-    wrong_shape = [k for k in expected if k in backbone and backbone[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        def listing(keys):
-            return ", ".join(keys[:4]) + (f" … ({len(keys)} in all)" if len(keys) > 4 else "")
-
-        parts = [f"{label}: {listing(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
-        raise KitError(f"config `model.pretrained_file`: {weights_file} does not fit `{name}` ({'; '.join(parts)}); "
-                       f"use weights saved from the same architecture (with its timm.create_model arguments in "
-                       f"model.timm_kwargs)")
-    net.load_state_dict(backbone, strict=False)
-
-
-def _head_module(net: nn.Module) -> nn.Module:
-    """The layer that produces the logit: the seed CNN's last Linear, or timm's classifier."""
-    return net[-1] if isinstance(net, tuple(BASELINES.values())) else net.get_classifier()
-
-
-def classifier_parameter_names(net: nn.Module) -> set[str]:
-    """Names (in `net.named_parameters()`) of the classifier: the seed CNN's last layer, or timm's classifier."""
-    head_ids = {id(p) for p in _head_module(net).parameters()}
-    return {name for name, p in net.named_parameters() if id(p) in head_ids}
 
 
 def head_parameter_names(model: PatchClassifier) -> set[str]:

@@ -57,13 +57,20 @@ def data_copy(demo_data, tmp_path) -> Path:
     return Path(shutil.copytree(demo_data, tmp_path / "data"))
 
 
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory) -> Path:
+    """One image cache for every quick config of a test process: the demo set is decoded once, not once a test (the
+    cache is keyed by the source files' fingerprint and locked, so tests sharing it cannot see each other's)."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture
-def quick_config(demo_data, tmp_path):
+def quick_config(demo_data, tmp_path, shared_cache_dir):
     """configs/demo.yaml on the test data, writing under tmp_path; 2 folds × 2 epochs, each fold trained on 96 of
     its 160 training patches (the easy set learns on them) and validated on all its 160; 2 TTA views (the 8 of d4
     over the held-out patches made the out-of-fold prediction the slowest part of most tests)."""
     def make(**overrides):
-        values = {"data_dir": str(demo_data), "out_dir": str(tmp_path / "runs"),
+        values = {"data_dir": str(demo_data), "out_dir": str(tmp_path / "runs"), "cache_dir": str(shared_cache_dir),
                   "submissions_dir": str(tmp_path / "submissions"), "epochs": 2, "batch_size": 32,
                   "folds.n_splits": 2, "eval_batch_size": 128, "tta.views": "hflip",
                   "max_train_images": 96}

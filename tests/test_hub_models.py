@@ -133,15 +133,98 @@ def test_a_hub_model_neither_cached_nor_reachable_is_one_line_naming_the_offline
         assert "\n" not in message and f"`model.name: {model_cfg.name}`" in message
         assert str(offline_cache) in message and "HF_HUB_OFFLINE=1" in message
         assert "model.pretrained_file=/kaggle/input/" in message
-    with pytest.raises(KitError, match="a hub model is named hf-hub:org/name"):
-        build_model(ModelConfig(name="hf-hub:no-organisation"))
+
+
+INVALID_HUB_NAMES = ("hf-hub:../..", "hf-hub:no-organisation", "hf-hub:org/name/more", "hf-hub:-org/name",
+                     "hf-hub:org/name.", "hf-hub:org--x/name", "hf-hub:org/na..me", "hf-hub:org/na me",
+                     "hf-hub:org/café", "hf-hub:org/name.git", "hf-hub:org/" + "x" * 97, "hf-hub:org/name@../main",
+                     "hf-hub:org/name@", "hf-hub:")
+
+
+@pytest.mark.parametrize("name", INVALID_HUB_NAMES)
+def test_an_invalid_hub_name_is_refused_as_such_in_one_line_before_the_hub_is_asked(name, offline_cache, tmp_path,
+                                                                                      monkeypatch):
+    import huggingface_hub
+
+    def ask(*args, **kwargs):
+        raise AssertionError("the hub (or its cache) was asked about an invalid name")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", ask)
+    write_model_files(tmp_path / "files", tiny_vit())          # a folder of its files: the name is checked all the same
+    for model_cfg in (ModelConfig(name=name, pretrained=True), ModelConfig(name=name, pretrained_file=str(tmp_path))):
+        with pytest.raises(KitError) as caught:
+            build_model(model_cfg)
+        assert str(caught.value) == (
+            f"config `model.name: {name}`: not a valid hub model name; expected hf-hub:org/name[@revision] (org and "
+            f"name of letters, digits, _, - and ., neither starting nor ending with - or ., no -- or ..)")
+
+
+def test_the_hub_name_rule_is_the_hubs_own():
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from kit.hub import hub_repo
+
+    def hub_accepts(repo: str) -> bool:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError:
+            return False
+        return True
+
+    valid = ("MahmoodLab/UNI2-h", "bioptimus/H-optimus-0", "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", "a/b",
+             "org_1/x.y-z", "o/" + "x" * 96)
+    for repo in valid + tuple(name[len("hf-hub:"):] for name in INVALID_HUB_NAMES if name.count("/") == 1):
+        try:
+            accepted = hub_repo(f"hf-hub:{repo}") == (repo, None)
+        except KitError:
+            accepted = False
+        assert accepted == hub_accepts(repo) == (repo in valid), repo
+    assert hub_repo("hf-hub:MahmoodLab/UNI2-h@refs/pr/1") == ("MahmoodLab/UNI2-h", "refs/pr/1")
+    assert hub_repo(f"hf-hub:{REPO_ID}@{REVISION}") == (REPO_ID, REVISION)
+
+
+def unfit_weights(net) -> dict:
+    """`net`'s weights with three faults: block 2 missing, the MLPs half as wide, and a tensor of no model."""
+    short = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=0, **{**TINY_VIT, "depth": 2, "mlp_ratio": 2})
+    return {**short.state_dict(), "extra_token": torch.zeros(1, 1, 32)}
+
+
+def test_hub_weights_that_do_not_fit_name_the_first_keys_of_each_kind_and_their_counts(offline_cache, tmp_path):
+    source = tiny_vit()
+    tensors, faults = source.state_dict(), unfit_weights(source)
+    missing = [key for key in tensors if key.startswith("blocks.2.")]
+    wrong_shape = [key for key in tensors if key in faults and faults[key].shape != tensors[key].shape]
+    assert len(missing) == 12 and len(wrong_shape) == 6            # fc1 weight and bias, fc2 weight: blocks 0 and 1
+    expected = (f"do not fit the model built (missing: {', '.join(missing[:4])} … (12 in all); unexpected: "
+                f"extra_token; wrong shape: {', '.join(wrong_shape[:4])} … (6 in all)); use weights of this "
+                f"architecture")
+    # a folder of the model's files (a Kaggle dataset): torch said only "Error(s) in loading state_dict for …:"
+    write_model_files(tmp_path / "files", source)
+    safetensors.torch.save_file(faults, str(tmp_path / "files" / "model.safetensors"))
+    with pytest.raises(KitError) as caught:
+        build_model(ModelConfig(name=HUB_NAME, pretrained_file=str(tmp_path / "files")))
+    assert str(caught.value).startswith(f"config `model.pretrained_file`: {tmp_path / 'files' / 'model.safetensors'} "
+                                        f"{expected}")
+    # the same weights in the Hugging Face cache
+    write_cache_entry(offline_cache, source)
+    cached = offline_cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / REVISION / "model.safetensors"
+    safetensors.torch.save_file(faults, str(cached))
+    with pytest.raises(KitError) as caught:
+        build_model(ModelConfig(name=HUB_NAME, pretrained=True))
+    message = str(caught.value)
+    assert message.startswith(f"config `model.name: {HUB_NAME}`: its pretrained weights ({cached}) {expected}")
+    # the architecture is checked before any weights are read: a bad timm_kwargs value is named, not the weights
+    with pytest.raises(KitError, match=rf"^config `model.timm_kwargs.depth: abc`: `{HUB_NAME}` cannot be built with it "
+                                       rf"\(TypeError: "):
+        build_model(ModelConfig(name=HUB_NAME, pretrained=True, timm_kwargs={"depth": "abc"}))
 
 
 def test_timm_kwargs_reach_timm_with_objects_from_timm_and_torch_only(offline_cache, tmp_path):
     # a hub model whose weights need an argument its config.json lacks (LayerScale: init_values, as H-optimus-0's)
     source = tiny_vit(init_values=1e-5)
     write_cache_entry(offline_cache, source)
-    with pytest.raises(KitError, match=r"do not fit the model built \(unexpected: blocks.0.ls1.gamma.*model.timm_kwargs"):
+    with pytest.raises(KitError, match=r"do not fit the model built \(unexpected: blocks.0.ls1.gamma.*timm_kwargs"):
         build_model(ModelConfig(name=HUB_NAME, pretrained=True))       # timm alone would load it half and go on
     cfg = load_config("demo", {"model.name": HUB_NAME, "model.pretrained": True,
                                "model.timm_kwargs": {"init_values": "1e-5"}})       # YAML reads 1e-5 as text

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from kit import models
 from kit.config import ModelConfig, load_config
 from kit.errors import KitError
-from kit.models import build_model, count_parameters
+from kit.models import BaselineBNCNN, build_model, count_parameters
 
 from conftest import REPO
 
@@ -56,3 +57,84 @@ def test_every_named_family_builds_with_each_shipped_config_or_names_the_option_
                                                      "model.timm_kwargs": {}, "model.trainable_blocks": 0,
                                                      **fixed}).model)
         assert count_parameters(model) > 0
+
+
+# ---- the architecture checked before it is built: one forward pass on the meta device ---------------------------
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}
+
+
+def refusal(model_cfg: ModelConfig) -> str:
+    with pytest.raises(KitError) as caught:
+        build_model(model_cfg)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_timm_kwarg_the_model_cannot_work_with_is_one_line_naming_the_key_and_the_cause():
+    # timm builds it; the first training step would have failed on 3-channel patches
+    message = refusal(ModelConfig(name="resnet10t", timm_kwargs={"in_chans": 4}))
+    assert message.startswith("config `model.timm_kwargs.in_chans: 4`: `resnet10t` built with it fails on a batch of "
+                              "the kit's patches, (1, 3, 96, 96) RGB on [0, 1] (RuntimeError: ")
+    assert "to have 4 channels, but got 3 channels instead" in message        # the CPU's words, not the meta device's
+    assert message.endswith("change or drop it (the model card's timm.create_model arguments)")
+    # timm itself fails (a TypeError deep in the ViT): the key is found among others that are fine
+    message = refusal(ModelConfig(name="vit_tiny_patch16_224", timm_kwargs={**TINY_VIT, "depth": "abc"}))
+    assert message.startswith("config `model.timm_kwargs.depth: abc`: `vit_tiny_patch16_224` cannot be built with it "
+                              "(TypeError: ")
+    vit = {**TINY_VIT, "in_chans": 1, "dynamic_img_size": True}
+    assert "`model.timm_kwargs.in_chans: 1`" in refusal(ModelConfig(name="vit_tiny_patch16_224", timm_kwargs=vit))
+    # two faults: the one the line shows (timm's TypeError comes first) is the one named
+    assert refusal(ModelConfig(name="vit_tiny_patch16_224", timm_kwargs={**vit, "depth": "abc"})).startswith(
+        "config `model.timm_kwargs.depth: abc`")
+    # no key to blame: 4 px patches for 8 px tokens fail with any of them, so the model and its input size are named
+    assert refusal(ModelConfig(name="vit_tiny_patch16_224", input_size=4, timm_kwargs={**vit, "in_chans": 3})
+                   ).startswith("config `model.name: vit_tiny_patch16_224`: the model fails on a batch of the kit's "
+                                "patches, (1, 3, 96, 96) RGB on [0, 1], resized to 4 px (AssertionError: Input "
+                                "height (4) should be divisible by patch size (8)")
+    # the fixed model builds: nothing else was wrong
+    assert build_model(ModelConfig(name="vit_tiny_patch16_224", timm_kwargs={**vit, "in_chans": 3}))(
+        torch.rand(2, 3, 96, 96)).shape == (2,)
+
+
+def test_a_model_that_cannot_take_the_patches_without_any_timm_kwargs_is_named_with_the_input_size():
+    message = refusal(ModelConfig(name="vgg11", input_size=16))
+    assert message.startswith("config `model.name: vgg11`: the model fails on a batch of the kit's patches, "
+                              "(1, 3, 96, 96) RGB on [0, 1], resized to 16 px (RuntimeError: ")
+    assert message.endswith("set model.input_size to a size it takes (e.g. its pretrained 224), or choose another "
+                            "model.name")
+    assert count_parameters(build_model(ModelConfig(name="vgg11", input_size=32))) > 0
+
+
+class ScalarReadingCNN(BaselineBNCNN):
+    """A seed CNN whose forward reads a value (`.item()`): what the meta device, which holds no values, cannot run."""
+
+    def forward(self, images):
+        return super().forward(images) + 0.0 * images.mean().item()
+
+
+class BrokenCNN(BaselineBNCNN):
+    def forward(self, images):
+        return super().forward(images[..., :40, :40])       # a flatten size that fits no Linear
+
+
+def test_the_check_runs_on_the_meta_device_and_only_a_failure_there_costs_a_real_forward(monkeypatch):
+    devices = []
+    real_assemble = models.assemble_model
+
+    def assemble(model_cfg, initial_weights=True):
+        devices.append(torch.empty(0).device.type)          # the device the architecture is built on
+        return real_assemble(model_cfg, initial_weights)
+
+    monkeypatch.setattr(models, "assemble_model", assemble)
+    build_model(ModelConfig(name="baseline_bn"))
+    assert devices == ["meta", "cpu"]                        # the check on meta, then the model itself
+    monkeypatch.setitem(models.BASELINES, "baseline_bn", ScalarReadingCNN)
+    devices.clear()
+    assert build_model(ModelConfig(name="baseline_bn"))(torch.rand(2, 3, 96, 96)).shape == (2,)
+    assert devices == ["meta", "cpu", "cpu"]                 # meta cannot run it: tried for real, and it works
+    monkeypatch.setitem(models.BASELINES, "baseline_bn", BrokenCNN)
+    message = refusal(ModelConfig(name="baseline_bn"))
+    assert message.startswith("config `model.name: baseline_bn`: the model fails on a batch of the kit's patches")
+    assert "(RuntimeError: mat1 and mat2 shapes cannot be multiplied" in message
