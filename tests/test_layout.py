@@ -64,3 +64,12 @@ def test_the_config_schema_imports_nothing_of_the_kit_but_errors_and_io():
 def test_no_module_is_longer_than_a_reader_takes_in():
     lengths = {path.name: len(path.read_text().splitlines()) for path in KIT.glob("*.py")}
     assert {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_the_readme_layout_lists_every_module_and_no_other():
+    readme = (KIT.parent / "README.md").read_text()
+    block = readme[readme.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    listed = {line.split()[0] for line in block[:block.index("```")].splitlines() if line.strip().startswith("kit/")}
+    modules = {f"kit/{path.name}" for path in KIT.glob("*.py") if path.name not in ("__init__.py", "__main__.py")}
+    assert listed == modules
