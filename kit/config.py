@@ -31,6 +31,25 @@ CONFIGS_DIR = next((folder for folder in (Path(__file__).resolve().parent.parent
 # Schema
 # ----------------------------------------------------------------------------------------------------------------
 
+# The names each choice field allows, and what implements them under the same names (tests/test_config.py checks
+# that the two sets are equal).
+DEVICES = ("auto", "cpu", "cuda")                    # device: kit/device.py select_device
+AMP_CHOICES = ("auto", "bf16", "fp16")               # amp_dtype: by the card, or one forced (kit/device.py AMP_DTYPES)
+GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")   # model.global_pool: timm's ("" = the model's own;
+                                                     # catavgmax = fast.ai's concat pooling): models.GLOBAL_POOL_OPTIONS
+OPTIMIZERS = ("adam", "adamw", "sgd")                # optimizer.name: kit/recipe.py OPTIMIZER_CLASSES
+SCHEDULES = ("constant", "cosine", "onecycle")       # schedule.name: kit/recipe.py SCHEDULE_FACTORS
+EXTENSIBLE_SCHEDULES = ("constant", "cosine")        # can run past their planned end when `epochs` is raised
+LOSSES = ("bce", "focal")                            # loss.name: kit/recipe.py LOSS_FUNCTIONS
+INPUT_PATHS = ("auto", "batch", "albumentations")    # train.input: kit/augment.py choose_input
+FROZEN_HEADS = ("linear", "mlp")                     # train.frozen_head: kit/models.py FROZEN_HEAD_BUILDERS
+TTA_VIEWS = ("d4", "flip4", "hflip", "none")         # tta.views: kit/inference.py TTA_TRANSFORMS
+WANDB_MODES = ("online", "offline")                  # log.wandb.mode: kit/tracking.py WANDB_START_HINTS
+CHOICES = {"device": DEVICES, "amp_dtype": AMP_CHOICES, "model.global_pool": GLOBAL_POOLS, "optimizer.name": OPTIMIZERS,
+           "schedule.name": SCHEDULES, "loss.name": LOSSES, "train.input": INPUT_PATHS, "train.frozen_head": FROZEN_HEADS,
+           "tta.views": TTA_VIEWS, "log.wandb.mode": WANDB_MODES}
+
+
 def histology_augmentation() -> list[dict]:
     """The kit's default: D4 (the tissue has no orientation), a mild affine, and stain/colour jitter."""
     return [
@@ -50,10 +69,6 @@ class FoldsConfig:
     n_splits: int = 5            # stratified k-fold; every fold of an experiment reuses the same split file
     seed: int = 42               # split seed: change it to get a different partition of the same data
     groups_csv: str = ""         # id → group (e.g. the PCam slide of each patch): folds never split a group
-
-
-# model.global_pool: timm's pooling choices ("" = the model's own; catavgmax = fast.ai's concat pooling)
-GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")
 
 
 @dataclass
@@ -81,9 +96,6 @@ class ModelConfig:
                                  # the rest of the backbone frozen; 0 = all train
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")          # kit/recipe.py: OPTIMIZER_CLASSES
-
-
 @dataclass
 class OptimizerConfig:
     name: str = "adam"           # adam | adamw | sgd
@@ -97,20 +109,12 @@ class OptimizerConfig:
     grad_clip: float = 0.0       # clip the gradient norm to this; 0 = off
 
 
-SCHEDULES = ("constant", "cosine", "onecycle")    # kit/recipe.py: SCHEDULE_FACTORS (per-step lr factors)
-# Schedules that can continue past their planned end when `epochs` is raised (one-cycle has ended by then).
-EXTENSIBLE_SCHEDULES = ("constant", "cosine")
-
-
 @dataclass
 class ScheduleConfig:
     name: str = "constant"       # constant (the seed) | cosine (after a linear warm-up) | onecycle; all per step
     warmup_epochs: float = 0.0   # constant/cosine: linear warm-up from lr/100, in epochs (fractions allowed)
     min_lr: float = 0.0          # cosine floor
     pct_start: float = 0.25      # onecycle: share of the steps spent rising to lr
-
-
-LOSSES = ("bce", "focal")                       # kit/recipe.py: LOSS_FUNCTIONS
 
 
 @dataclass
@@ -120,12 +124,6 @@ class LossConfig:
     focal_gamma: float = 2.0
     focal_alpha: float = -1.0    # focal: weight of positives in [0, 1]; -1 = none
     label_smoothing: float = 0.0  # targets 0/1 → ε/2, 1-ε/2
-
-
-INPUT_PATHS = ("auto", "batch", "albumentations")   # train.input (kit/augment.py: choose_input)
-# train.frozen_head: what fills a timm model's classifier slot when only the head trains on frozen features
-# (kit/models.py: FROZEN_HEAD_BUILDERS)
-FROZEN_HEADS = ("linear", "mlp")
 
 
 @dataclass
@@ -159,16 +157,10 @@ class AugmentConfig:
     valid: list = field(default_factory=list)
 
 
-TTA_VIEWS = ("d4", "flip4", "hflip", "none")    # kit/inference.py: TTA_TRANSFORMS
-
-
 @dataclass
 class TTAConfig:
     # d4 = 8 views (flips × 90° rotations) | flip4 = 4 views (none, h, v, both flips) | hflip = 2 | none = 1 view
     views: str = "d4"
-
-
-WANDB_MODES = ("online", "offline")              # kit/tracking.py: WANDB_START_HINTS
 
 
 @dataclass
@@ -194,10 +186,6 @@ class LogConfig:
     tensorboard: bool = False    # event files in each fold folder: `tensorboard --logdir runs/<experiment>`
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-
-
-DEVICES = ("auto", "cpu", "cuda")               # kit/device.py: select_device
-AMP_CHOICES = ("auto", "bf16", "fp16")          # amp_dtype: by the card, or one forced (kit/device.py: AMP_DTYPES)
 
 
 @dataclass
@@ -227,12 +215,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-# Each choice field's allowed names (declared beside its dataclass above); the module that implements a choice keys
-# its dispatch by the same names, and tests/test_config.py checks that the two sets are equal.
-CHOICES = {"device": DEVICES, "amp_dtype": AMP_CHOICES, "optimizer.name": OPTIMIZERS, "schedule.name": SCHEDULES,
-           "loss.name": LOSSES, "tta.views": TTA_VIEWS, "train.input": INPUT_PATHS, "model.global_pool": GLOBAL_POOLS,
-           "train.frozen_head": FROZEN_HEADS, "log.wandb.mode": WANDB_MODES}
-
 # An experiment name is one path component: runs/<name>/ and submissions/<name>-<time>.csv stay inside their folders.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PLAIN_NAME_RULE = "letters, digits, '.', '_', '-', starting with a letter or digit, at most 100 characters"
@@ -256,14 +238,11 @@ MINIMUMS = {
     "optimizer.backbone_lr_scale": (0.0, True), "optimizer.grad_clip": (0.0, True), "model.drop_path": (0.0, True),
     "loss.pos_weight": (0.0, False), "loss.focal_gamma": (0.0, True), "loss.label_smoothing": (0.0, True),
     "train.ema_decay": (0.0, True), "train.early_stopping": (0, True), "train.freeze_backbone_epochs": (0, True),
-    "model.input_size": (0, True), "train.swa_epochs": (0, True),
-    "optimizer.layer_decay": (0.0, True), "model.trainable_blocks": (0, True),
-}
-MAXIMUMS = {
-    "model.dropout": 1.0, "model.drop_path": 1.0, "schedule.pct_start": 1.0, "loss.focal_alpha": 1.0,
-    "loss.label_smoothing": 1.0, "train.ema_decay": 1.0, "optimizer.backbone_lr_scale": 1.0,
-    "optimizer.layer_decay": 1.0,
-}
+    "model.input_size": (0, True), "train.swa_epochs": (0, True), "optimizer.layer_decay": (0.0, True),
+    "model.trainable_blocks": (0, True)}
+MAXIMUMS = {key: 1.0 for key in ("model.dropout", "model.drop_path", "schedule.pct_start", "loss.focal_alpha",
+                                 "loss.label_smoothing", "train.ema_decay", "optimizer.backbone_lr_scale",
+                                 "optimizer.layer_decay")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,8 +320,7 @@ def apply_overrides(config: Config, overrides: list[str] | dict) -> Config:
     return _build(Config, values, prefix="", source="override")
 
 
-# Sections whose keys are not the kit's (timm's keyword arguments): an override may add one
-# (`model.timm_kwargs.init_values=1e-5`).
+# Sections whose keys are timm's, not the kit's: an override may add one (`model.timm_kwargs.init_values=1e-5`)
 OPEN_SECTIONS = ("model.timm_kwargs",)
 
 
