@@ -214,7 +214,9 @@ class FineTuning:
         best_model = copy.deepcopy(self.evaluated_model)
         best_model.load_state_dict(distributed.from_main(lambda: best_weights(run.path(BEST))))
         reset_peak_memory(self.device)             # the TTA pass (views stacked into one forward) has its own peak
-        probabilities = self.predict_held_out(best_model, views=self.cfg.tta.views)
+        probabilities = self.predict_held_out(best_model, views=self.cfg.tta.views,
+                                              desc=f"fold {self.fold} held-out × {tta_view_count(self.cfg.tta.views)} "
+                                                   f"TTA views")
         return probabilities, {"processes": distributed.current().world, "swa_val_auc": swa.get("swa_val_auc"),
                                "swa_bn_seconds": swa.get("swa_bn_seconds"),
                                "swa_bn_peak_memory_mb": swa.get("swa_bn_peak_memory_mb"),
@@ -222,12 +224,14 @@ class FineTuning:
 
     # ---- inside ---------------------------------------------------------------------------------------------
 
-    def predict_held_out(self, model: nn.Module, views: str | None = None) -> np.ndarray:
+    def predict_held_out(self, model: nn.Module, views: str | None = None, desc: str | None = None) -> np.ndarray:
         """The fold's held-out rows through `model`: logits, or with `views` the TTA-mean probability (what oof.csv
-        holds). Under DDP each rank predicts its shard and every rank gets all the rows back, in order."""
+        holds); `desc`: a progress bar (rank 0's). Under DDP each rank predicts its shard and every rank gets all the
+        rows back, in order."""
         cfg = self.cfg
         rows = distributed.shard(self.data.valid_rows)
-        options = dict(transform=self.valid_transform, channels_last=cfg.train.channels_last)
+        options = dict(transform=self.valid_transform, channels_last=cfg.train.channels_last,
+                       desc=desc if distributed.current().is_main else None)
         if views is None:
             local = predict_logits(model, self.images, rows, cfg.eval_batch_size, self.device, self.amp_dtype,
                                    **options)

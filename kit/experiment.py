@@ -1,17 +1,20 @@
-"""An experiment's folds taken together: which are finished (what predict, report and blend use), which
-`train-all` has work for, whether every fold still sits on the split today's labels make, and the experiment's
-results copied elsewhere (a Kaggle notebook's outputs). One fold's folder and its rules are kit/runs.py's.
+"""An experiment's folds taken together: which are finished (what predict, report and blend use), the config they
+were trained with (what predict, report and blend run with, but for the keys the command sets), which `train-all`
+has work for, whether every fold still sits on the split today's labels make, and the experiment's results copied
+elsewhere (a Kaggle notebook's outputs). One fold's folder and its rules are kit/runs.py's.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .config import EXTENSIBLE_SCHEDULES, Config
+from .config import EXTENSIBLE_SCHEDULES, Config, apply_overrides, to_dict
 from .data import check_data_dir, read_train_labels
 from .errors import KitError
 from .folds import describe_label_change, split_path
@@ -21,15 +24,19 @@ from .runs import (
     CONFIG,
     HISTORY,
     METRICS,
+    NEUTRAL_KEYS,
     OOF,
     OUTPUT_FILES,
     PREDICT_NEUTRAL_KEYS,
     RECORD,
     FoldRun,
+    config_differences,
     experiment_dir,
     fold_dir,
     read_json,
     read_oof,
+    read_recorded_config,
+    read_status,
 )
 
 
@@ -56,6 +63,14 @@ def check_split(cfg: Config, split_key: str, labels: pd.DataFrame, folds=None) -
     if stale:
         record = read_json(fold_dir(cfg, stale[0]) / RECORD)
         change = describe_label_change(Path(cfg.out_dir) / "folds" / record["split"]["file"], labels)
+        trained_on = (read_recorded_config(fold_dir(cfg, stale[0]) / CONFIG) or cfg).data_dir
+        if Path(trained_on).resolve() != Path(cfg.data_dir).resolve():      # another data folder, not new labels
+            where = trained_on if Path(trained_on).is_dir() else f"<the folder recorded as {trained_on}, not found here>"
+            raise KitError(f"fold{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} of `{cfg.name}` "
+                           f"{'were' if len(stale) > 1 else 'was'} split from the labels in "
+                           f"{trained_on} (the data folder recorded by the folds), but the data folder now is "
+                           f"{cfg.data_dir}, whose train_labels.csv differs ({change}): pass DATA_DIR={where}, or "
+                           f"train under a new name (name=<new name>) on this data")
         raise KitError(f"train_labels.csv changed since fold {', '.join(map(str, stale))} of `{cfg.name}` was split "
                        f"({change}): those models saw rows that are now in other folds' validation sets; start "
                        f"afresh with `make train-all FORCE=1`, or train under a new name (name=<new name>)")
@@ -112,6 +127,69 @@ def finished_folds(cfg: Config, neutral=PREDICT_NEUTRAL_KEYS) -> tuple[list[Fini
         found.append(FinishedFold(fold, status.directory, status.metrics, read_oof(status.directory / OOF),
                                   pd.read_csv(history) if history.is_file() else None))
     return found, missing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The config the folds were trained with: what predict, report and blend run with
+# ----------------------------------------------------------------------------------------------------------------
+
+def recorded_config(cfg: Config) -> tuple[Config, Path] | None:
+    """The config that trained the experiment's first finished fold, and its file; None while no fold is finished.
+    The folds are found by folder (fold<k>/), not by `folds.n_splits`, which may be a key the command has wrong."""
+    directory = experiment_dir(cfg)
+    numbers = sorted(int(path.name[4:]) for path in directory.glob("fold*")
+                     if path.is_dir() and path.name[4:].isdigit()) if directory.is_dir() else []
+    for fold in numbers:
+        status = read_status(directory / f"fold{fold}", fold)
+        if status.complete:
+            return status.recorded, status.directory / CONFIG
+    return None
+
+
+def _value_at(values: dict, dotted_key: str):
+    for part in dotted_key.split("."):
+        values = values[part]
+    return values
+
+
+def _as_override(key: str, value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return f"{key}={text if len(text) <= 60 else text[:57] + '…'}"
+
+
+def with_recorded_config(cfg: Config, explicit: Collection[str], log=print) -> Config:
+    """`cfg` as predict, report and blend run it: the config recorded by the experiment's finished folds, except
+    the keys this command set (`explicit`: its overrides, data_dir when DATA_DIR was given) and where and how fast
+    this machine runs (runs.NEUTRAL_KEYS: out_dir, device, …). The data folder is the one the folds recorded when it
+    exists here and none was given. A set key that contradicts the folds is refused naming both values (the folds
+    are right, the command is not: never FORCE=1); `epochs` is not (`epochs_note` tells). `cfg` itself while no fold
+    is finished."""
+    found = recorded_config(cfg)
+    if found is None:
+        return cfg
+    recorded, source = found
+    command = to_dict(cfg)
+    kept = {key: _value_at(command, key) for key in set(explicit) | NEUTRAL_KEYS}
+    if "data_dir" not in explicit and Path(recorded.data_dir).is_dir():
+        kept["data_dir"] = recorded.data_dir
+    effective = apply_overrides(recorded, kept)
+    conflicts = [(key, old, new) for key, old, new in config_differences(recorded, effective, PREDICT_NEUTRAL_KEYS)
+                 if key != "epochs"]
+    if conflicts:
+        these = "that value" if len(conflicts) == 1 else "those values"
+        raise KitError(f"{', '.join(_as_override(key, new) for key, _, new in conflicts)} on this command "
+                       f"contradict{'s' if len(conflicts) == 1 else ''} the finished folds of `{cfg.name}`, trained "
+                       f"with {', '.join(_as_override(key, old) for key, old, _ in conflicts)} ({source}): pass "
+                       f"{these} (or leave {'it' if len(conflicts) == 1 else 'them'} out) to use the folds, or train "
+                       f"under a new name (name=<new name>) for folds with {'it' if len(conflicts) == 1 else 'them'}")
+    adopted = config_differences(cfg, effective, PREDICT_NEUTRAL_KEYS)
+    if adopted:
+        log(f"using the config recorded by the finished folds of `{cfg.name}` ({source}) for the keys this command "
+            f"did not set: {', '.join(_as_override(key, new) for key, _, new in adopted)}")
+    if Path(effective.data_dir).resolve() != Path(cfg.data_dir).resolve():
+        log(f"using data folder {effective.data_dir} recorded by the experiment's folds (not {cfg.data_dir}; "
+            f"DATA_DIR=… picks another)")
+    return effective
 
 
 def epochs_note(cfg: Config, folds: list[FinishedFold]) -> str | None:
