@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import EXTENSIBLE_SCHEDULES, Config, apply_overrides, to_dict
+from .config import CONFIGS_DIR, EXTENSIBLE_SCHEDULES, Config, apply_overrides, to_dict
 from .data import check_data_dir, read_train_labels
 from .errors import KitError
 from .folds import describe_label_change, split_path
@@ -51,6 +51,14 @@ class FinishedFold:
     @property
     def best(self) -> Path:
         return self.directory / BEST
+
+
+def train_all_command(cfg: Config) -> str:
+    """The `make train-all` that trains this experiment's folds: its shipped config when the name is one, else the
+    experiment's name passed on the configs' defaults."""
+    shipped = CONFIGS_DIR / f"{cfg.name}.yaml"
+    return (f"make train-all CONFIG=configs/{cfg.name}.yaml" if shipped.is_file() else
+            f"make train-all CONFIG=<the config file that names `{cfg.name}`>")
 
 
 def check_split(cfg: Config, split_key: str, labels: pd.DataFrame, folds=None) -> None:

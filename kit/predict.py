@@ -18,7 +18,7 @@ from .config import Config
 from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
 from .device import autocast_dtype, select_device
 from .errors import KitError
-from .experiment import FinishedFold, check_split_against_data, epochs_note, finished_folds
+from .experiment import FinishedFold, check_split_against_data, epochs_note, finished_folds, train_all_command
 from .inference import predict_tta_probabilities, tta_view_count
 from .runs import RECORD, fold_dir, read_json
 
@@ -30,7 +30,7 @@ def find_fold_checkpoints(cfg: Config, allow_missing_folds: bool) -> list[Finish
     why = "; ".join(f"fold {fold} {reason}" for fold, reason in missing.items())
     if not found:
         raise KitError(f"no finished fold of `{cfg.name}` under {fold_dir(cfg, 0).parent} ({why}): "
-                       f"run `make train-all CONFIG=...` (or `make train FOLD=0`) first")
+                       f"run `{train_all_command(cfg)}` (or `make train FOLD=0`) first")
     if missing and not allow_missing_folds:
         raise KitError(f"`{cfg.name}` lacks finished folds {', '.join(map(str, missing))} of {cfg.folds.n_splits} "
                        f"({why}): train them (`make train-all`), or pass ALLOW_MISSING_FOLDS=1 to predict with "

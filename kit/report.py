@@ -28,7 +28,7 @@ from .competition import CENTRE_SIZE, TRAIN_DIR, TRAIN_LABELS_CSV
 from .config import Config
 from .data import image_paths, read_image
 from .errors import KitError
-from .experiment import check_split_against_data, epochs_note, finished_folds
+from .experiment import check_split_against_data, epochs_note, finished_folds, train_all_command
 from .figures import (
     calibration_figure,
     confusion_matrices_figure,
@@ -92,7 +92,7 @@ class RunFolder:
 def read_run_folder(cfg: Config) -> RunFolder:
     """Every finished fold of the experiment (as kit/runs.py defines it); the others are listed as missing."""
     directory = experiment_dir(cfg)
-    train_first = f"run `make train-all CONFIG=...` for `{cfg.name}` first"
+    train_first = f"run `{train_all_command(cfg)}` first"
     if not directory.is_dir():
         raise KitError(f"no run folder for `{cfg.name}`: {directory} does not exist; {train_first}")
     found, missing = finished_folds(cfg)

@@ -420,7 +420,8 @@ def test_cli_prints_the_headline_and_refuses_what_it_cannot_do(gallery_data, tmp
 
     unfinished = experiment(tmp_path / "unfinished", gallery_data)
     write_fold(unfinished, 0, oof, finished=False)
-    for argv, message in ((["--out", str(tmp_path / "empty")], "does not exist; run `make train-all"),
+    for argv, message in ((["--out", str(tmp_path / "empty")],
+                           "does not exist; run `make train-all CONFIG=configs/demo.yaml` first"),
                           (["--out", unfinished.out_dir, "--data-dir", str(gallery_data), "epochs=3"],
                            "no finished fold of `demo`"),
                           (["--target-sensitivity", "1.5"], "between 0 and 1")):
