@@ -1,20 +1,18 @@
 """The Kaggle data layout: reading and validating CSVs and TIFFs, the uint8 image cache, and the batches that feed
 training (gathered from the cache, on the device when it fits there).
 
-Every TIFF of a split is decoded once (in parallel, all cores) into one uint8 array file of shape (N, 96, 96, 3),
-RGB, memory-mapped by every fold and epoch afterwards. The file name carries a fingerprint of the source files
-(ids, sizes, mtimes, ctimes, inodes): a changed source gets a new cache, even when a copy kept size and mtime
-(`cp -p`, `rsync -a`, `touch -r`: the ctime still moves). A build that did not finish never has the final name;
-its temporary file is removed by the next build, which holds the split's lock so a running build is never touched.
+Every TIFF of a split is decoded once (in parallel, all cores) into one uint8 array of shape (N, 96, 96, 3), RGB, kept
+by kit/array_cache.py (locked, resumable, atomic, memory-mapped by every fold and epoch afterwards). The file name
+carries a fingerprint of the source files (ids, sizes, mtimes, ctimes, inodes): a changed source gets a new cache,
+even when a copy kept size and mtime (`cp -p`, `rsync -a`, `touch -r`: the ctime still moves).
 """
 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
-import signal
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -22,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import distributed
+from . import array_cache, distributed
 from .competition import (
     CHANNELS,
     IMAGE_SIZE,
@@ -32,9 +30,8 @@ from .competition import (
     TRAIN_DIR,
     TRAIN_LABELS_CSV,
 )
-from .device import spare_memory, to_device
-from .errors import Interrupted, KitError
-from .io import WHERE_TO_WRITE, atomic_path, free_bytes, human_bytes, process_lock, remove_temp_files
+from .device import to_device
+from .errors import KitError
 from .kaggle_notebook import get_data_hint, repair_hint
 from .progress import progress_bar
 
@@ -206,12 +203,11 @@ def source_fingerprint(paths: list[Path], csv_name: str) -> str:
     return digest.hexdigest()
 
 
-def _decode_into(task: tuple[str | None, int, list[str]]) -> tuple[int, list[tuple[str, str]]]:
-    """Decode a chunk of paths and write it at byte `position` of the array file, in one write (no pixels travel
-    between processes, and a plain write is cheaper than faulting in fresh memory-mapped pages); with no array
-    file, only check them. Returns the count and each bad file with what is wrong (a chunk with one is not
-    written: the build fails)."""
-    array_path, position, paths = task
+def _decode_into(task: tuple[array_cache.RowWriter | None, int, list[str]]) -> tuple[int, int, list]:
+    """Decode a chunk of paths starting at row `first` into the cache being built, in one write (no pixels travel
+    between processes); with no writer, only check them. Returns the chunk's first row, its count and each bad file
+    with what is wrong (a chunk with one is not written: the build fails)."""
+    writer, first, paths = task
     decoded = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS), np.uint8)
     problems = []
     for row, path in enumerate(paths):
@@ -220,62 +216,48 @@ def _decode_into(task: tuple[str | None, int, list[str]]) -> tuple[int, list[tup
             decoded[row] = image
         else:
             problems.append((path, problem))
-    if array_path is not None and not problems:
-        write_rows(array_path, position, decoded)
-    return len(paths), problems
+    if writer is not None and not problems:
+        writer.write(first, decoded)
+    return first, len(paths), problems
 
 
-def write_rows(array_path: str, position: int, rows: np.ndarray) -> None:
-    with open(array_path, "r+b") as array_file:
-        array_file.seek(position)
-        array_file.write(rows.data)
+@contextmanager
+def one_opencv_thread():
+    """Worker processes forked in this block get one OpenCV thread each (a process per core already): set before the
+    fork, as OpenCV's thread pool does not survive one (set in a child, it hangs once the parent has used it)."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
-def _ignore_ctrl_c() -> None:
-    """Pool workers leave Ctrl-C to the parent, which stops them: no "Process ForkPoolWorker-1:" tracebacks."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def decode_images(paths: list[Path], array_path: Path | None, workers: int, desc: str,
-                  progress: bool = True) -> list[tuple[Path, str]]:
-    """Decode `paths` into the (N, 96, 96, 3) uint8 .npy file `array_path` (None: only check them) in parallel,
-    with a progress bar. Every bad file is found in the one pass: returns each with what is wrong with it."""
-    header = np.load(array_path, mmap_mode="r").offset if array_path is not None else 0
-    chunk = max(16, min(256, -(-len(paths) // (4 * workers))))      # ≥ 4 chunks a worker: they finish together
-    tasks = [(None if array_path is None else str(array_path), header + start * ROW_BYTES,
-              [str(p) for p in paths[start:start + chunk]]) for start in range(0, len(paths), chunk)]
-    problems = []
-    bar = progress_bar(total=len(paths), desc=desc, unit="img", hidden=not progress)
-    with bar:
-        if workers <= 1 or len(tasks) == 1:
-            done = map(_decode_into, tasks)
-            pool = None
-        else:
-            # fork is fast and needs no re-import; fall back to the platform default elsewhere. One process per core
-            # already, so the children get one OpenCV thread: set here, because OpenCV's thread pool does not
-            # survive a fork (setting it in a child hangs once the parent has used it)
-            method = "fork" if sys.platform.startswith("linux") else None
-            opencv_threads = cv2.getNumThreads()
-            cv2.setNumThreads(1)
-            try:
-                pool = multiprocessing.get_context(method).Pool(min(workers, len(tasks)), initializer=_ignore_ctrl_c)
-            finally:
-                cv2.setNumThreads(opencv_threads)
-            done = pool.imap_unordered(_decode_into, tasks)
-        try:
-            for count, bad in done:
-                problems += [(Path(path), why) for path, why in bad]
-                bar.update(count)
-        finally:
-            if pool is not None:
-                pool.terminate()
-    return sorted(problems)
+def decode_images(paths: list[Path], writer: array_cache.RowWriter | None, workers: int, desc: str,
+                  progress: bool = True, start: int = 0, problems: list | None = None) -> Iterator[tuple[int, int]]:
+    """Decode `paths[start:]` in parallel, with a progress bar, into the cache being built through `writer` (None:
+    only check them), yielding each chunk of good images (first row, count) once written, in any order. Every bad
+    file is found in the one pass and added to `problems` with what is wrong; with a writer, the build then fails."""
+    problems = [] if problems is None else problems
+    chunk = max(16, min(256, -(-(len(paths) - start) // (4 * workers))))    # ≥ 4 chunks a worker: they end together
+    tasks = [(writer, first, [str(p) for p in paths[first:first + chunk]]) for first in range(start, len(paths), chunk)]
+    with progress_bar(total=len(paths), initial=start, desc=desc, unit="img", hidden=not progress) as bar:
+        for first, count, bad in array_cache.in_workers(_decode_into, tasks, workers, one_opencv_thread):
+            bar.update(count)
+            problems += [(Path(path), why) for path, why in bad]
+            if not bad:
+                yield first, count
+    if problems and writer is not None:
+        raise bad_images_error(sorted(problems), len(paths))
 
 
 def find_bad_images(paths: list[Path], workers: int | None = None, desc: str = "verify",
                     progress: bool = True) -> list[tuple[Path, str]]:
     """Every file of `paths` that is missing or does not decode as a 96×96×3 uint8 patch, with what is wrong."""
-    return decode_images(paths, None, workers or os.cpu_count() or 1, desc, progress)
+    problems = []
+    for _ in decode_images(paths, None, workers or os.cpu_count() or 1, desc, progress, problems=problems):
+        pass
+    return sorted(problems)
 
 
 def cache_dir_for(cfg, data_dir: str | Path) -> Path:
@@ -290,49 +272,28 @@ def load_split_images(data_dir: str | Path, split: str, ids, cache_dir: str | Pa
                       workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Return the split's images (N, 96, 96, 3) uint8 RGB in `ids` order, memory-mapped from the cache.
 
-    The cache is built on first need, and rebuilt when the source files change. One process builds a split's cache
-    at a time (a lock in the cache folder); another one waits for it and then uses its cache.
+    The cache (kit/array_cache.py) is built on first need, rebuilt when the source files change or the file does not
+    read back, and continued where a stopped build left it. One process builds a split's cache at a time (a lock in
+    the cache folder); another one waits for it and then uses its cache.
     """
     image_dir = Path(data_dir) / (TRAIN_DIR if split == "train" else TEST_DIR)
-    csv_name = TRAIN_LABELS_CSV if split == "train" else SAMPLE_SUBMISSION_CSV
     paths = image_paths(image_dir, ids)
-    fingerprint = source_fingerprint(paths, csv_name)
-    cache_dir = Path(cache_dir)
-    cache_file = cache_dir / f"{split}-{len(paths)}-{fingerprint[:16]}.npy"
-    if not cache_file.exists():
-        def say_waiting(holder: str) -> None:
-            print(f"waiting for {holder}, which is building the {split} cache in {cache_dir}", file=sys.stderr)
+    fingerprint = source_fingerprint(paths, TRAIN_LABELS_CSV if split == "train" else SAMPLE_SUBMISSION_CSV)
+    cache_dir, workers = Path(cache_dir), workers or os.cpu_count() or 1
+    cache = array_cache.CachedArray(cache_dir / f"{split}-{len(paths)}-{fingerprint[:16]}.npy",
+                                    (len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS), np.uint8,
+                                    f"the {split} image cache", "images")
 
-        with process_lock(cache_dir / f"{split}.lock", "", wait=True, on_wait=say_waiting):
-            if not cache_file.exists():          # unless the process we waited for has just built it
-                build_cache_file(paths, cache_file, split, workers or os.cpu_count() or 1, progress)
-    return np.load(cache_file, mmap_mode="r")
+    def build(missing: list[array_cache.CachedArray]) -> None:
+        # what earlier builds left: caches of other source files, their partial builds, killed writes' temp files
+        stale = [path for path in array_cache.cache_files(cache_dir, f"{split}-*.npy")
+                 if path not in (cache.partial, cache.rows_file)]
+        array_cache.remove_leftovers(stale, f"stale {split} cache files", cache_dir)
+        array_cache.build_array(cache, lambda writer, start: decode_images(paths, writer, workers, f"cache {split}",
+                                                                           progress, start))
 
-
-def build_cache_file(paths: list[Path], cache_file: Path, split: str, workers: int, progress: bool) -> None:
-    """Decode every image into `cache_file`, which appears only once all are in. Call it holding the split's lock:
-    it first deletes what earlier builds left (stale caches, a killed build's temporary file)."""
-    cache_dir = cache_file.parent
-    remove_temp_files(cache_dir, f"{split}-*.npy")
-    for stale in cache_dir.glob(f"{split}-*.npy"):
-        stale.unlink()
-    needed, free = len(paths) * ROW_BYTES + 4096, free_bytes(cache_dir)
-    if needed > free:
-        raise KitError(f"not enough disk for the {split} cache: {len(paths):,} images need {human_bytes(needed)} in "
-                       f"{cache_dir}, {human_bytes(free)} free there; free some space or {WHERE_TO_WRITE}")
-    try:
-        with atomic_path(cache_file) as tmp:     # the final name only once every image is in
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                      shape=(len(paths), IMAGE_SIZE, IMAGE_SIZE, CHANNELS)).flush()
-            problems = decode_images(paths, tmp, workers, desc=f"cache {split}", progress=progress)
-            if problems:
-                raise bad_images_error(problems, len(paths))
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while building the {split} image cache: the images decoded so far were "
-                          f"discarded (the cache is kept whole or not at all) and nothing else changed; rerun the "
-                          f"same command to build it") from None
+    return array_cache.cached_arrays([cache], cache_dir / f"{split}.lock", build,
+                                     f"building the {split} cache in {cache_dir}")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,53 +308,9 @@ def build_cache_file(paths: list[Path], cache_file: Path, split: str, workers: i
 #   AlbumentationsBatches  per-image albumentations in DataLoader workers (pinned memory, persistent workers), for
 #                          transforms without a batch equivalent.
 
-RESIDENT_SHARE = 0.5    # keep a split in GPU memory when it takes at most this share of the spare memory
-
-
 def batches_per_epoch(images: int, batch_size: int) -> int:
     """A ragged last batch is dropped (a 3-image batch would jolt BatchNorm), unless there is only one batch."""
     return images // batch_size if images > batch_size else 1
-
-
-_RESIDENT: dict[str, tuple[tuple, torch.Tensor]] = {}     # device → (which split, its copy): one split per device
-
-
-def resident_images(images, device: torch.device):
-    """The split as a uint8 tensor in GPU memory when it fits with room to spare, so batches are gathered there and
-    never cross PCIe; otherwise `images` as given (the memory-mapped cache, read batch by batch).
-
-    The copy is kept for the process: every fold of `train-all` (and its validation) reuses it instead of uploading
-    6 GB again. Another split replaces it. The fit check counts the memory PyTorch has cached as free.
-    """
-    if isinstance(images, torch.Tensor) or device.type != "cuda":
-        return images
-    key = (str(getattr(images, "filename", id(images))), getattr(images, "offset", 0), images.shape)
-    held = _RESIDENT.get(str(device))
-    if held is not None and held[0] == key:
-        return held[1]
-    _RESIDENT.pop(str(device), None)           # the other split's memory goes back to PyTorch's cache first
-    del held
-    if not fits_resident(images.nbytes, device):
-        return images
-    resident = torch.empty(images.shape, dtype=torch.uint8, device=device)
-    chunk = 8192                               # bounded host memory: the cache is read a slice at a time
-    for start in range(0, len(images), chunk):
-        resident[start:start + chunk].copy_(torch.from_numpy(np.array(images[start:start + chunk])).pin_memory(),
-                                            non_blocking=True)
-    _RESIDENT[str(device)] = (key, resident)
-    return resident
-
-
-def fits_resident(nbytes: int, device: torch.device) -> bool:
-    """Whether a split of `nbytes` is held in GPU memory: at most RESIDENT_SHARE of the spare memory, leaving the
-    rest to the model's activations."""
-    return device.type == "cuda" and nbytes <= RESIDENT_SHARE * spare_memory(device)
-
-
-def resident_bytes(device: torch.device) -> int:
-    """The bytes of the split this process holds in `device`'s memory (0 when none)."""
-    held = _RESIDENT.get(str(device))
-    return int(held[1].nbytes) if held is not None else 0
 
 
 def gather_batch(images, rows: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -34,6 +34,7 @@ from .competition import (
     TRAIN_LABELS_CSV,
 )
 from .io import atomic_path, atomic_write_csv
+from .progress import progress_bar
 
 POSITIVE_SHARE = 0.40            # the real train set is 40.5% positive
 DIFFICULTIES = ("easy", "hard")
@@ -186,13 +187,15 @@ def make_demo_data(out_dir: str | Path, n_train: int = 1500, n_test: int = 400, 
     for split in (TRAIN_DIR, TEST_DIR):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     rows = []
-    for split, count in ((TRAIN_DIR, n_train), (TEST_DIR, n_test)):
-        for _ in range(count):
-            image_id = random_id(rng)
-            slide = int(rng.integers(len(slides))) if level.slides else 0
-            image, label = make_patch(rng, rng.random() < POSITIVE_SHARE, level, slides[slide])
-            write_patch(out_dir / split / f"{image_id}{IMAGE_SUFFIX}", image)
-            rows.append((split, image_id, label, f"slide_{slide:03d}"))
+    with progress_bar(total=n_train + n_test, desc=f"generating {difficulty} data", unit="patch") as bar:
+        for split, count in ((TRAIN_DIR, n_train), (TEST_DIR, n_test)):
+            for _ in range(count):
+                image_id = random_id(rng)
+                slide = int(rng.integers(len(slides))) if level.slides else 0
+                image, label = make_patch(rng, rng.random() < POSITIVE_SHARE, level, slides[slide])
+                write_patch(out_dir / split / f"{image_id}{IMAGE_SUFFIX}", image)
+                rows.append((split, image_id, label, f"slide_{slide:03d}"))
+                bar.update()
     table = pd.DataFrame(rows, columns=["split", "id", "label", "slide"])
     train, test = table[table["split"] == TRAIN_DIR].copy(), table[table["split"] == TEST_DIR]
     if level.label_noise:                 # annotators' mistakes, in the training labels only

@@ -8,13 +8,16 @@ cache, for kit/features.py to train a head on.
       <image cache>-<backbone key>.json         what the key stands for (model, weights hash, input size, …)
 
 The backbone key hashes the backbone's weights (its state dict, so hub and file weights alike), the model keys that
-shape the features (name, input size, pooling, any other timm option), mean/std, `augment.valid` and the precision:
-another experiment with the same backbone reuses the files; anything that changes a feature gets new ones. The
-image cache's name (the source files' fingerprint) starts the file name, so changed data gets new features too.
+shape the features (name, input size, pooling, mean/std, any other timm option), the normalisation the model applies,
+`augment.valid` and the precision: another experiment with the same backbone reuses the files; anything that changes
+a feature gets new ones. The TTA views pick the view files (views two settings share, such as identity, share their
+files). The image cache's name (the source files' fingerprint) starts the file name, so changed data gets new
+features too.
 
-A build is resumable and atomic: rows are written a chunk at a time into `.<file>.partial`, the count of rows done
-is recorded after each chunk (`.<file>.rows`), a killed build continues from there, and the final name appears only
-once every row is in. One process builds a backbone's features at a time (a lock, as for the image cache).
+Each file is a kit/array_cache.py array: locked, resumable a chunk at a time, atomic, free space checked first, rows
+written with file writes (a full disk is one line, not a SIGBUS), rebuilt when it does not read back. A build first
+removes what no experiment will read again: features of a replaced image cache, and those of a superseded key of this
+backbone (same model and weights source, another key, last used before this one), unless a process is building them.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .array_cache import CachedArray, build_array, cache_files, cached_arrays, remove_leftovers, resident_images
 from .augment import build_transform
 from .config import Config, to_dict
-from .data import cache_dir_for, check_data_dir, resident_images
+from .data import cache_dir_for, check_data_dir
 from .device import precision_name
-from .errors import Interrupted, KitError
+from .errors import KitError
 from .inference import TTA_TRANSFORMS, model_outputs
-from .io import WHERE_TO_WRITE, atomic_write_json, atomic_write_text, free_bytes, human_bytes, process_lock
+from .io import atomic_write_json, process_lock
 from .models import PatchClassifier, head_parameter_names
 from .progress import progress_bar
 
@@ -45,6 +50,8 @@ FEATURE_DTYPE = np.float16
 FEATURE_CHUNK = 8192          # images per resumable step of a build (a killed build loses at most one chunk)
 # Model keys that do not change what the backbone computes in eval mode (the weights are hashed instead)
 NOT_IN_BACKBONE_KEY = ("pretrained", "pretrained_file", "dropout", "drop_path")
+# a feature file's group: <image cache>-<backbone key>, after the dots of a partial build's or a temporary file's name
+GROUP = re.compile(r"\.*(?P<image>[a-z]+-\d+-[0-9a-f]{16})-(?P<key>[0-9a-f]{16})[-.]")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,88 +145,94 @@ def cached_features(cfg: Config, model: PatchClassifier, images: np.ndarray, dev
     computing what is missing first. `on_chunk(view, rows_done)` runs after each chunk is recorded (tests)."""
     key, described = backbone_key(cfg, model, amp_dtype)
     folder = feature_dir(cfg)
-    stem = f"{Path(images.filename).stem}-{key}"
+    image_stem = Path(images.filename).stem
+    stem = f"{image_stem}-{key}"
     views = feature_views(cfg.tta.views)
-    files = [folder / f"{stem}-{view.name}.npy" for view in views]
+    arrays = [CachedArray(folder / f"{stem}-{view.name}.npy", (len(images), feature_width(model)), FEATURE_DTYPE,
+                          f"{cfg.model.name}'s features (view {view.name})", "images") for view in views]
     started, computed = time.perf_counter(), 0
-    if not all(path.exists() for path in files):
-        def say_waiting(holder: str) -> None:
-            print(f"waiting for {holder}, which is computing {cfg.model.name}'s features in {folder}", file=sys.stderr)
 
-        with process_lock(folder / f"{stem}.lock", "", wait=True, on_wait=say_waiting):
-            remove_stale_features(folder, Path(images.filename).stem)
-            atomic_write_json(folder / f"{stem}.json", described)
-            valid_transform = build_transform(cfg.augment.valid, "augment.valid")
-            for view, path in zip(views, files):
-                if not path.exists():
-                    computed += build_feature_file(model, view, images, path, cfg, device, amp_dtype,
-                                                   valid_transform, log, on_chunk)
+    def build(missing: list[CachedArray]) -> None:
+        nonlocal computed
+        atomic_write_json(folder / f"{stem}.json", described)          # what the key stands for, and its newest use
+        remove_stale_features(folder, image_stem, key, described, log)
+        valid_transform = build_transform(cfg.augment.valid, "augment.valid")
+        source = resident_images(images, device)      # outside inference mode: the copy is kept for the process
+        for array in missing:
+            extractor = PooledFeatures(model, views[arrays.index(array)]).eval()
+            computed += build_array(array, lambda writer, start, extractor=extractor: view_features(
+                extractor, source, writer, start, cfg, device, amp_dtype, valid_transform, on_chunk), log)
+
+    found = cached_arrays(arrays, folder / f"{stem}.lock", build,
+                          f"computing {cfg.model.name}'s features in {folder}", log)
     seconds = time.perf_counter() - started
     if computed:
         log(f"feature cache: computed {computed:,} image views of {cfg.model.name} in {seconds:.0f}s "
             f"({computed / max(seconds, 1e-9):,.0f}/s) → {folder}")
     else:
+        mark_used(folder / f"{stem}.json")
         log(f"feature cache: reusing {len(views)} view(s) × {len(images):,} images of {cfg.model.name} "
             f"({feature_width(model):,} features each) from {folder}")
-    return FeatureCache(views, [np.load(path, mmap_mode="r") for path in files], key, seconds, computed)
+    return FeatureCache(views, found, key, seconds, computed)
 
 
-def remove_stale_features(folder: Path, image_stem: str) -> None:
-    """Features of an image cache that no longer exists (the source files changed): of no use to anyone."""
-    split = image_stem.split("-", 1)[0]
-    for path in folder.glob(f"{split}-*.npy"):
-        if not path.name.startswith(image_stem + "-"):
-            path.unlink(missing_ok=True)
+def view_features(extractor: PooledFeatures, source, writer, start: int, cfg: Config, device: torch.device,
+                  amp_dtype, valid_transform, on_chunk):
+    """One view's fill (kit/array_cache.build_array): the backbone over the images from row `start`, a chunk at a
+    time, each chunk written and yielded (the cache records it), then `on_chunk(view, rows done)`."""
+    total = len(source)
+    with progress_bar(total=total, initial=start, desc=f"features {extractor.view.name}", unit="img") as bar:
+        for first in range(start, total, FEATURE_CHUNK):
+            rows = np.arange(first, min(first + FEATURE_CHUNK, total))
+            with torch.inference_mode():
+                writer.write(first, model_outputs(extractor, source, rows, cfg.eval_batch_size, device, amp_dtype,
+                                                  transform=valid_transform, channels_last=cfg.train.channels_last))
+            yield first, len(rows)
+            bar.update(len(rows))
+            if on_chunk is not None:
+                on_chunk(extractor.view.name, first + len(rows))
 
 
-def build_feature_file(model: PatchClassifier, view: FeatureView, images: np.ndarray, path: Path, cfg: Config,
-                       device: torch.device, amp_dtype, valid_transform, log, on_chunk) -> int:
-    """Compute one view's features into `path`, a chunk at a time, continuing a killed build; returns how many
-    images the backbone ran on. Call it holding the backbone's lock."""
-    partial, rows_file = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.rows")
-    shape = (len(images), feature_width(model))
-    done = resumable_rows(partial, rows_file, shape)
-    if done == 0:
-        needed, free = shape[0] * shape[1] * np.dtype(FEATURE_DTYPE).itemsize + 4096, free_bytes(path.parent)
-        if needed > free:
-            raise KitError(f"not enough disk for {cfg.model.name}'s features: {human_bytes(needed)} in {path.parent}, "
-                           f"{human_bytes(free)} free there; free some space or {WHERE_TO_WRITE}")
-        np.lib.format.open_memmap(partial, mode="w+", dtype=FEATURE_DTYPE, shape=shape).flush()
-        atomic_write_text(rows_file, "0")
-    else:
-        log(f"feature cache: continuing view {view.name} at image {done:,} of {shape[0]:,} (a build was stopped)")
-    array = np.load(partial, mmap_mode="r+")
-    extractor = PooledFeatures(model, view).eval()
-    source = resident_images(images, device)          # outside inference mode: the copy is kept for the process
-    bar = progress_bar(total=shape[0], initial=done, desc=f"features {view.name}", unit="img")
+def mark_used(described: Path) -> None:
+    """The key's description file's time is its last use (how a superseded key is told apart); a read-only cache
+    (a shared one, prepared elsewhere) stays as it is."""
     try:
-        with bar, torch.inference_mode():
-            for start in range(done, shape[0], FEATURE_CHUNK):
-                rows = np.arange(start, min(start + FEATURE_CHUNK, shape[0]))
-                array[rows] = model_outputs(extractor, source, rows, cfg.eval_batch_size, device, amp_dtype,
-                                            transform=valid_transform, channels_last=cfg.train.channels_last)
-                array.flush()                                              # the rows on disk before they count
-                atomic_write_text(rows_file, str(rows[-1] + 1))
-                bar.update(len(rows))
-                if on_chunk is not None:
-                    on_chunk(view.name, int(rows[-1] + 1))
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while computing {cfg.model.name}'s features (view {view.name}): the "
-                          f"{int(rows_file.read_text())} images done are kept; rerun the same command to continue "
-                          f"from there") from None
-    del array
-    os.replace(partial, path)                           # the final name only once every row is in
-    rows_file.unlink(missing_ok=True)
-    return shape[0] - done
-
-
-def resumable_rows(partial: Path, rows_file: Path, shape: tuple) -> int:
-    """How many rows a stopped build of this shape left done (0 when there is none to continue, or it is unusable)."""
-    try:
-        done = int(rows_file.read_text())
-        existing = np.load(partial, mmap_mode="r")
-        if existing.shape == shape and existing.dtype == FEATURE_DTYPE and 0 <= done <= shape[0]:
-            return done
-    except (OSError, ValueError):
+        os.utime(described)
+    except OSError:
         pass
-    return 0
+
+
+def remove_stale_features(folder: Path, image_stem: str, key: str, described: dict, log) -> None:
+    """Remove, in one line, the feature files no experiment will read again: those of a replaced image cache of this
+    split (its source files changed), and those of a superseded key of this backbone (same model and weights source,
+    another key, last used before this one). A group another process is building (its lock held) is left alone."""
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for path in cache_files(folder, f"{image_stem.split('-', 1)[0]}-*"):
+        match = GROUP.match(path.name)
+        if match and path.suffix != ".lock" and (match["image"], match["key"]) != (image_stem, key):
+            groups.setdefault((match["image"], match["key"]), []).append(path)
+    mine = folder / f"{image_stem}-{key}.json"
+    with ExitStack() as held:
+        stale = []
+        for (image, other), paths in sorted(groups.items()):
+            if image == image_stem and not superseded(folder / f"{image}-{other}.json", described, mine):
+                continue
+            try:
+                held.enter_context(process_lock(folder / f"{image}-{other}.lock", "busy"))
+            except KitError:
+                continue                                   # being built right now
+            stale += paths
+        what = f"stale features (of a replaced image cache, or a superseded key of {described['model']['name']})"
+        remove_leftovers(stale, what, folder, log)
+
+
+def superseded(other: Path, described: dict, mine: Path) -> bool:
+    """Whether the key described in `other` is this backbone's (same model name and weights source) and was last
+    used before the key described in `mine`."""
+    try:
+        theirs = json.loads(other.read_text())
+        return (theirs["model"]["name"] == described["model"]["name"]
+                and theirs["weights_from"] == described["weights_from"]
+                and other.stat().st_mtime_ns < mine.stat().st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

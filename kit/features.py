@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from . import distributed
+from .array_cache import fits_resident
 from .checkpoints import save_best
 from .config import Config
-from .data import batches_per_epoch, fits_resident
+from .data import batches_per_epoch
 from .device import autocast_dtype, card_name, precision_name, reset_peak_memory, select_device
 from .errors import KitError, SharedError
 from .feature_cache import cached_features, feature_width

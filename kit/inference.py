@@ -13,8 +13,9 @@ import torch
 import ttach
 from torch import nn
 
+from .array_cache import resident_images
 from .augment import NoBatchEquivalent, batch_equivalent
-from .data import augmented_model_input, gather_batch, resident_images, to_model_input
+from .data import augmented_model_input, gather_batch, to_model_input
 from .progress import progress_bar
 
 

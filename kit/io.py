@@ -25,7 +25,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # errors that mean "this place cannot be written", whatever the write was: said in words, as one line
 WRITE_ERRORS = DISK_FULL + (errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
                             errno.EEXIST)
-WHERE_TO_WRITE = "write elsewhere: OUT= (or the config's out_dir) for runs and caches, DATA_DIR= for data"
+WHERE_TO_WRITE = "write elsewhere: OUT= (or the config's out_dir) for runs, cache_dir= for caches, DATA_DIR= for data"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from .array_cache import resident_images
 from .augment import build_transform
 from .checkpoints import model_from_best
 from .config import Config
-from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, resident_images
+from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission
 from .device import autocast_dtype, select_device
 from .errors import KitError
 from .experiment import FinishedFold, check_split_against_data, epochs_note, finished_folds, train_all_command

@@ -1,7 +1,9 @@
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,7 +11,7 @@ import pandas as pd
 import pytest
 
 from kit.data import check_data_dir, load_split_images, read_image, read_sample_submission, read_train_labels
-from kit.errors import KitError
+from kit.errors import Interrupted, KitError
 
 from conftest import REPO
 
@@ -161,29 +163,91 @@ def test_missing_data_folder_points_at_make_data(tmp_path):
         f"data), or pass DATA_DIR=/path/to/data"]
 
 
-def test_interrupted_cache_build_leaves_nothing_taken_as_complete(demo_data, tmp_path, monkeypatch):
+def counting_decodes(monkeypatch, stop_after: int | None = None) -> list:
+    """Every image kit.data decodes from now on, in a list; Ctrl-C instead of decode number `stop_after` + 1."""
     import kit.data
-    from kit.data import inspect_image
-    from kit.errors import Interrupted
 
-    decoded = []
+    real, decoded = kit.data.inspect_image, []
 
-    def decode_then_interrupt(path):
-        if len(decoded) == 250:
-            raise KeyboardInterrupt        # Ctrl-C in the middle of the build
+    def decode(path):
+        if len(decoded) == stop_after:
+            raise KeyboardInterrupt            # Ctrl-C in the middle of the build
         decoded.append(path)
-        return inspect_image(path)
+        return real(path)
 
+    monkeypatch.setattr(kit.data, "inspect_image", decode)
+    return decoded
+
+
+def test_a_stopped_cache_build_continues_where_it_stopped(demo_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at decode 251 of 320 (one process, chunks of 80): the 240 images written are kept, the final name is
+    not taken, and the rerun decodes only the last 80, to the same array a build that never stopped makes."""
     ids = read_train_labels(demo_data)["id"]
-    monkeypatch.setattr(kit.data, "inspect_image", decode_then_interrupt)
-    with pytest.raises(Interrupted, match="interrupted while building the train image cache: the images decoded so "
-                                          "far were discarded"):
+    counting_decodes(monkeypatch, stop_after=250)
+    with pytest.raises(Interrupted) as caught:
         load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=1)
-    assert len(decoded) == 250
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["train.lock"], "no cache, no temporary file"
+    assert str(caught.value) == ("interrupted while building the train image cache: the 240 images done are kept; "
+                                 "rerun the same command to continue from there")
+    assert not list((tmp_path / "cache").glob("train-*.npy")), "nothing has the final name"
     monkeypatch.undo()
+    decoded = counting_decodes(monkeypatch)
+    capsys.readouterr()
     images = load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=1)
-    assert np.array_equal(images[-1], read_image(demo_data / "train" / f"{ids.iloc[-1]}.tif"))
+    assert len(decoded) == 80 and "continuing a stopped build, 240 of 320 images already in" in capsys.readouterr().err
+    np.testing.assert_array_equal(images, load_split_images(demo_data, "train", ids, tmp_path / "straight"))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [Path(images.filename).name, "train.lock"]
+
+
+def break_array_file(path: Path, how: str) -> None:
+    if how == "truncated":                   # a copy cut short, a disk that filled: today's "mmap length is greater"
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size // 2)
+    elif how == "another shape":
+        np.save(path, np.zeros((10, 96, 96, 3), np.uint8))
+    elif how == "pickled":
+        np.save(path, np.array([{"rows": 1}, None], dtype=object), allow_pickle=True)
+    else:                                    # a corrupt header
+        with open(path, "r+b") as handle:
+            handle.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("how, why", [
+    ("truncated", r"truncated: 4,423,744 bytes, not 8,847,488"),
+    ("another shape", r"it holds 10×96×96×3 uint8, not 320×96×96×3 uint8"),
+    ("pickled", r"it holds 2 object, not 320×96×96×3 uint8"),
+    ("corrupt header", r"not a \.npy array: the magic string is not correct"),
+])
+def test_an_image_cache_that_does_not_read_back_is_rebuilt_with_one_line(demo_data, tmp_path, capsys, how, why):
+    ids = read_train_labels(demo_data)["id"]
+    cache = load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=2)
+    path, expected = Path(cache.filename), np.array(cache)
+    del cache                                # no mapping of the file while it is cut (that would be a SIGBUS here)
+    break_array_file(path, how)
+    capsys.readouterr()
+    rebuilt = load_split_images(demo_data, "train", ids, tmp_path / "cache", workers=2)
+    said = [line for line in capsys.readouterr().err.splitlines() if "does not read back" in line]
+    assert len(said) == 1 and said[0].startswith(f"the train image cache: {path} does not read back (")
+    assert re.search(why, said[0]) and said[0].endswith("); removed, building it again"), said
+    assert Path(rebuilt.filename) == path
+    np.testing.assert_array_equal(rebuilt, expected)
+
+
+def test_a_stale_partial_build_is_removed_with_one_line(data_copy, tmp_path, monkeypatch, capsys):
+    """A build stopped on the old source files is of no use once they change: the next build removes it, saying so."""
+    ids = read_sample_submission(data_copy)["id"]
+    counting_decodes(monkeypatch, stop_after=20)
+    with pytest.raises(Interrupted, match="the 16 images done are kept"):
+        load_split_images(data_copy, "test", ids, tmp_path / "cache", workers=1)
+    monkeypatch.undo()
+    stale = sorted(p.name for p in (tmp_path / "cache").glob(".test-*"))
+    assert len(stale) == 2 and stale[0].endswith(".npy.partial") and stale[1].endswith(".npy.rows")
+    cv2.imwrite(str(data_copy / "test" / f"{ids[0]}.tif"), np.full((96, 96, 3), 9, np.uint8))
+    capsys.readouterr()
+    images = load_split_images(data_copy, "test", ids, tmp_path / "cache", workers=1)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("removed ")]
+    assert len(said) == 1 and said[0].startswith(f"removed stale test cache files from {tmp_path / 'cache'} (")
+    assert said[0].endswith(f"): {', '.join(stale)}")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [Path(images.filename).name, "test.lock"]
 
 
 def test_cache_build_after_opencv_used_its_threads_does_not_hang(demo_data, tmp_path):

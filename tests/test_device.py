@@ -88,8 +88,9 @@ def test_the_fit_check_counts_memory_pytorch_has_cached(monkeypatch):
 
 
 def test_the_competition_split_is_held_on_a_card_only_with_half_its_spare_memory_left(monkeypatch):
+    from kit.array_cache import fits_resident
     from kit.competition import TRAIN_IMAGES
-    from kit.data import ROW_BYTES, fits_resident
+    from kit.data import ROW_BYTES
 
     split, gib = TRAIN_IMAGES * ROW_BYTES, 2**30       # 6.1 GB
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)

@@ -13,13 +13,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import kit.io
+from kit.array_cache import MOVE_CACHE
 from kit.cli import main
-from kit.data import cache_dir_for, load_split_images, read_train_labels
+from kit.data import ROW_BYTES, cache_dir_for, load_split_images, read_image, read_train_labels
 from kit.errors import Interrupted, KitError
 from kit.fold import train_fold
 from kit.runs import LAST, fold_dir
@@ -46,16 +48,28 @@ def experiment_args(cfg) -> list[str]:
 
 @contextmanager
 def tiny_disk(path: Path, size: str):
-    """A real small file system (tmpfs) at `path`; skips the test where mounting is not allowed (not root)."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True)
+    """A real small file system (tmpfs) at `path`; the test is skipped, saying why, where mounting is refused (not
+    root, no mount command, a container without the capability)."""
+    path.mkdir(parents=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True, text=True)
+    except OSError as err:
+        pytest.skip(f"cannot run `mount` here ({err}); the simulated variants cover this")
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root); the simulated variants cover this")
+        why = (mounted.stderr.strip().splitlines() or [f"exit status {mounted.returncode}"])[0]
+        pytest.skip(f"cannot mount a tmpfs here ({why}; needs root); the simulated variants cover this")
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount_read_only(path: Path) -> None:
+    remounted = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
+    if remounted.returncode != 0:
+        pytest.skip(f"cannot remount {path} read-only here ({remounted.stderr.strip()}); the simulated variant "
+                    f"(test_read_only_out_is_named_before_training) covers this")
 
 
 # ---- OUT that cannot be written: said before any work --------------------------------------------------------------
@@ -95,7 +109,8 @@ def test_read_only_and_full_disks_for_real(quick_config, tmp_path, capsys):
         cfg = quick_config(out_dir=str(small / "runs"))
         assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
         err = one_line_error(capsys)
-        assert "not enough disk for the train cache: 320 images need 8.9 MB in " in err and " free there" in err
+        assert "not enough disk for the train image cache: 320 images need 8.9 MB in " in err and " free there" in err
+        assert err.endswith("; free some space or " + MOVE_CACHE) and "OUT=" not in err
         assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
 
     with tiny_disk(tmp_path / "medium", "24m") as medium:
@@ -104,7 +119,7 @@ def test_read_only_and_full_disks_for_real(quick_config, tmp_path, capsys):
         err = one_line_error(capsys)
         assert "error: disk full writing " in err and " free on that disk" in err
         assert not list(medium.rglob(".*.tmp")), "no temporary file left behind"
-        subprocess.run(["mount", "-o", "remount,ro", str(medium)], check=True)
+        remount_read_only(medium)
         assert main(["train", "--fold", "0"] + experiment_args(cfg)) == 2
         assert f"OUT={cfg.out_dir} is not writable: " in one_line_error(capsys)
 
@@ -138,24 +153,95 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(quick_config, capsys,
     assert not list(fold_dir(cfg, 0).glob(".*.tmp"))
 
 
-def test_disk_full_inside_the_cache_workers_is_one_line(quick_config, capsys, monkeypatch):
-    import kit.data
+def test_disk_full_inside_the_cache_workers_is_one_line(quick_config, tmp_path, capsys, monkeypatch):
+    """The disk fills after the first 100 images (every write past them raises ENOSPC, in the forked workers too):
+    one line naming the cache folder and the setting that moves it (cache_dir=, not OUT=), exit status 2, nothing
+    with the final name; with room again the build continues from the images kept."""
+    import kit.array_cache
 
-    def full(array_path, position, rows):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_write = kit.array_cache.write_rows
 
-    cfg = quick_config()
-    monkeypatch.setattr(kit.data, "write_rows", full)        # the forked workers inherit it
-    assert main(["cache"] + experiment_args(cfg)) == 2
+    def full_after_100_images(path, position, rows):
+        if position >= 100 * ROW_BYTES:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, position, rows)
+
+    cfg = quick_config(cache_dir=str(tmp_path / "cache"))
+    cache_dir = cache_dir_for(cfg, cfg.data_dir)
+    args = ["cache"] + experiment_args(cfg) + [f"cache_dir={cfg.cache_dir}"]              # the setting the line names
+    monkeypatch.setattr(kit.array_cache, "write_rows", full_after_100_images)        # the forked workers inherit it
+    assert main(args) == 2
     err = one_line_error(capsys)
-    assert "error: disk full writing " in err and "/train-320-" in err and "free on that disk" in err
-    assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
+    assert re.fullmatch(rf"error: disk full writing the train image cache in {re.escape(str(cache_dir))}: "
+                        rf"[\d.,]+ [KMGT]?B(ytes)? free there; the \d+ images done are kept; free some space and rerun "
+                        rf"to continue, or {re.escape(MOVE_CACHE)}", err), err
+    assert "OUT=" not in err and not list(cache_dir.glob("train-*.npy")), "nothing has the final name"
+    monkeypatch.setattr(kit.array_cache, "write_rows", real_write)
+    assert main(args) == 0
+    ids = read_train_labels(cfg.data_dir)["id"]
+    images = load_split_images(cfg.data_dir, "train", ids, cache_dir)
+    assert np.array_equal(images[-1], read_image(Path(cfg.data_dir) / "train" / f"{ids.iloc[-1]}.tif"))
+
+
+FEATURES_ON_A_DISK_THAT_FILLS = """
+import os, sys, torch
+from kit import feature_cache
+from kit.cli import run_reporting_errors
+from kit.config import load_config
+from kit.data import cache_dir_for, load_split_images, read_train_labels
+from kit.models import build_model, set_frozen_head
+from kit.weights import LITE0_TIMM_NAME
+
+data, weights, out = sys.argv[1:4]
+feature_cache.FEATURE_CHUNK = 5
+cfg = load_config("effnet_b0", {"model.name": LITE0_TIMM_NAME, "model.pretrained": False, "tta.views": "none",
+                                "model.pretrained_file": weights, "data_dir": data, "out_dir": out,
+                                "train.frozen_features": True})
+model = set_frozen_head(build_model(cfg.model), "linear").eval()
+images = load_split_images(data, "train", read_train_labels(data)["id"], cache_dir_for(cfg, data), progress=False)
+
+def fill_the_disk(view, done):       # once the first chunk is in, something else takes every byte left
+    handle = os.open(os.path.join(feature_cache.feature_dir(cfg), "filler"), os.O_WRONLY | os.O_CREAT)
+    for size in (1 << 16, 1 << 12, 1):
+        try:
+            while True:
+                os.write(handle, bytes(size))
+        except OSError:
+            pass
+    os.close(handle)
+
+sys.exit(run_reporting_errors(lambda: feature_cache.cached_features(
+    cfg, model, images, torch.device("cpu"), None, log=print, on_chunk=fill_the_disk)))
+"""
+
+
+def test_a_disk_that_fills_during_a_feature_build_for_real_is_one_line_not_a_bus_error(tmp_path):
+    """The feature files on a real 1 MB tmpfs that fills after the first chunk: rows written through a memory map
+    died of SIGBUS there (exit 135, "Bus error", no message); written with file writes, the build ends in one line."""
+    from kit.config import load_config
+    from kit.demo_data import make_demo_data
+    from kit.feature_cache import feature_dir
+    from kit.weights import LITE0_TIMM_NAME, write_lite0_imagenet_weights
+
+    data = make_demo_data(tmp_path / "data", n_train=12, n_test=4, seed=5)
+    weights = write_lite0_imagenet_weights(tmp_path / "lite0.pth")
+    cfg = load_config("effnet_b0", {"model.name": LITE0_TIMM_NAME, "data_dir": str(data),
+                                    "out_dir": str(tmp_path / "runs")})
+    with tiny_disk(feature_dir(cfg), "1m") as folder:
+        result = subprocess.run([sys.executable, "-c", FEATURES_ON_A_DISK_THAT_FILLS, str(data), str(weights),
+                                 str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in result.stderr and "Bus error" not in result.stderr
+        assert last.startswith(f"error: disk full writing {LITE0_TIMM_NAME}'s features (view identity) in {folder}: ")
+        assert last.endswith(f"; the 5 images done are kept; free some space and rerun to continue, or {MOVE_CACHE}")
+        assert not list(folder.glob("train-*.npy")), "nothing has the final name"
 
 
 # ---- leftovers -----------------------------------------------------------------------------------------------------
 
 def test_a_dead_builds_temp_file_is_removed_and_a_live_builds_never(quick_config, tmp_path):
-    cfg = quick_config()
+    cfg = quick_config(cache_dir=str(tmp_path / "cache"))                  # its own cache folder, not the shared one
     cache_dir = cache_dir_for(cfg, cfg.data_dir)
     cache_dir.mkdir(parents=True)
     leftover = cache_dir / ".train-320-0123456789abcdef.npy.k2x9q1.tmp"        # what `kill -9` mid-build leaves
@@ -209,10 +295,9 @@ def test_ctrl_c_during_the_cache_build_says_what_was_kept_without_worker_noise(q
             os.killpg(build.pid, signal.SIGKILL)
     assert build.returncode == 130
     assert "Traceback" not in err and "ForkPoolWorker" not in err and "KeyboardInterrupt" not in err
-    assert err.strip().splitlines()[-1] == (
-        "interrupted while building the train image cache: the images decoded so far were discarded (the cache is "
-        "kept whole or not at all) and nothing else changed; rerun the same command to build it")
-    assert not list(Path(cfg.out_dir).rglob("*.npy*")) and not list(Path(cfg.out_dir).rglob(".*.tmp"))
+    assert re.fullmatch(r"interrupted while building the train image cache: the \d+ images done are kept; rerun the "
+                        r"same command to continue from there", err.strip().splitlines()[-1]), err
+    assert not list(Path(cfg.out_dir).rglob("*.npy")), "nothing has the final name (the partial build is kept)"
 
 
 def test_ctrl_c_during_training_names_the_saved_epochs(quick_config):

@@ -226,7 +226,7 @@ def test_a_build_removes_features_of_a_superseded_key_of_its_backbone_with_one_l
         new = features_of(tiny_data, tmp_path, lite0_weights, log=logged.append)
     removed = [line for line in logged if line.startswith("removed ")]
     assert len(removed) == 1 and removed[0].startswith(
-        f"removed features of a replaced image cache or a superseded key of {LITE0_TIMM_NAME} from {folder} (")
+        f"removed stale features (of a replaced image cache, or a superseded key of {LITE0_TIMM_NAME}) from {folder} (")
     assert removed[0].endswith(f": {old_mean}-identity.npy, {old_mean}.json")
     left = {path.name for path in folder.iterdir()}
     assert f"{old_mean}-identity.npy" not in left and f"{old_std}-identity.npy" in left
