@@ -28,6 +28,7 @@ from .config import Config
 from .errors import Interrupted, KitError
 from .io import require_writable_dir
 from .kaggle_notebook import competition_input, kaggle_environment
+from .progress import say
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -59,7 +60,7 @@ def note_explicit_keys(cfg: Config, keys) -> Config:
     return cfg
 
 
-def as_trained(cfg: Config, explicit=None, log=print) -> Config:
+def as_trained(cfg: Config, explicit=None, log=say) -> Config:
     """The config predict, report and blend run with (`experiment.with_recorded_config`): the one the experiment's
     finished folds were trained with, but for the keys this command set (`explicit`, else those `load_config`
     noted) and where and how fast it runs. A Config not made by `load_config`, with no `explicit`, is taken as it
@@ -70,7 +71,7 @@ def as_trained(cfg: Config, explicit=None, log=print) -> Config:
     return cfg if explicit is None else with_recorded_config(cfg, explicit, log=log)
 
 
-def keep_outputs(cfg: Config, destination: str | Path = "runs", log=print) -> list[Path]:
+def keep_outputs(cfg: Config, destination: str | Path = "runs", log=say) -> list[Path]:
     """Copy the experiment's results (every fold's files but last.pt; the report) to `destination`/<experiment>/:
     in a Kaggle notebook, from scratch space to the working directory that its output saves."""
     from .experiment import copy_outputs
@@ -118,7 +119,7 @@ DEMO_DATA_DEFAULTS = {"easy": ("data/demo", 1500, 400), "hard": ("data/hard", 30
 
 
 def make_demo_data(out_dir: str | Path | None = None, n_train: int | None = None, n_test: int | None = None,
-                   seed: int = 0, force: bool = False, difficulty: str = "easy", log=print) -> Path:
+                   seed: int = 0, force: bool = False, difficulty: str = "easy", log=say) -> Path:
     """Generated data in the Kaggle layout (kit/demo_data.py): `easy` proves the pipeline runs; `hard` tells
     recipes apart (slides, stain, hard negatives, noisy labels; slides.csv and test_labels.csv beside)."""
     from .demo_data import DIFFICULTIES, demo_data_is_complete
@@ -138,14 +139,14 @@ def make_demo_data(out_dir: str | Path | None = None, n_train: int | None = None
     return Path(out_dir)
 
 
-def download_data(data_dir: str | Path = "data", log=print) -> Path:
+def download_data(data_dir: str | Path = "data", log=say) -> Path:
     """Download, unzip and verify the competition files; a complete folder is left alone."""
     from .kaggle_api import download_competition_data
 
     return download_competition_data(Path(data_dir), log=log)
 
 
-def build_cache(cfg: Config, log=print) -> None:
+def build_cache(cfg: Config, log=say) -> None:
     from .data import cache_dir_for, check_data_dir, load_split_images, read_sample_submission, read_train_labels
 
     data_dir = check_data_dir(cfg.data_dir)
@@ -156,7 +157,7 @@ def build_cache(cfg: Config, log=print) -> None:
         log(f"{split}: {len(images):,} images cached in {cache_dir}")
 
 
-def bench(out_dir: str | Path = "runs/bench", log=print, **options) -> Path:
+def bench(out_dir: str | Path = "runs/bench", log=say, **options) -> Path:
     """Images/s from files to the model on this machine (kit/bench.py): prints a table; returns the JSON's path."""
     from .bench import bench as run_bench
 
@@ -167,14 +168,14 @@ def bench(out_dir: str | Path = "runs/bench", log=print, **options) -> Path:
 # Training and prediction
 # ----------------------------------------------------------------------------------------------------------------
 
-def train(cfg: Config, fold: int, force: bool = False, log=print) -> dict:
+def train(cfg: Config, fold: int, force: bool = False, log=say) -> dict:
     """Train (or resume) one fold; a finished fold is skipped unless `force`."""
     from .fold import train_fold
 
     return train_fold(cfg, fold, force=force, log=log)
 
 
-def train_all(cfg: Config, force: bool = False, parallel: int | str = 1, log=print) -> float:
+def train_all(cfg: Config, force: bool = False, parallel: int | str = 1, log=say) -> float:
     """Train (or resume) every fold: one after another, or `parallel` at a time (one process per GPU, or a share of
     the CPU cores; "auto" = the number of GPUs). Returns the CV AUC of the pooled out-of-fold predictions."""
     from .distributed import launched_rank, quiet
@@ -229,7 +230,7 @@ def no_submission_when_interrupted():
                           "intact; rerun the same command") from None
 
 
-def predict(cfg: Config, allow_missing_folds: bool = False, log=print, explicit=None) -> Path:
+def predict(cfg: Config, allow_missing_folds: bool = False, log=say, explicit=None) -> Path:
     """Fold ensemble × TTA on the test set → a validated CSV in submissions_dir; returns its path. The config is
     the folds' recorded one but for the keys this command set (`as_trained`)."""
     from .data import read_sample_submission
@@ -252,7 +253,7 @@ def predict(cfg: Config, allow_missing_folds: bool = False, log=print, explicit=
 
 
 def report(configs: Config | list[Config], target_sensitivity: float = 0.95, saliency_images: int | None = None,
-           log=print, explicit=None) -> Path:
+           log=say, explicit=None) -> Path:
     """runs/<experiment>/report.md with its figures; several configs → one side-by-side comparison.
     `saliency_images`: validation patches per fold behind the centre evidence share (None: 64; 0: no maps).
     Each config is its folds' recorded one but for the keys this command set (`as_trained`)."""
@@ -274,7 +275,7 @@ def report(configs: Config | list[Config], target_sensitivity: float = 0.95, sal
 
 
 def predict_blend(configs: list[Config], method: str = "mean", allow_missing_folds: bool = False,
-                  log=print, explicit=None) -> Path:
+                  log=say, explicit=None) -> Path:
     """Several experiments' fold ensembles blended (weights chosen on OOF) → a validated CSV; returns its path.
     Each config is its folds' recorded one but for the keys this command set (`as_trained`)."""
     from .data import read_sample_submission
@@ -314,7 +315,7 @@ def read_submission_details(path: str | Path) -> dict:
 
 def submit(path: str | Path, message: str | None = None, dry_run: bool = False, data_dir: str | Path | None = None,
            force: bool = False, upload_anyway: str = "pass FORCE=1 (or DRY_RUN=1 to only validate)",
-           log=print) -> None:
+           log=say) -> None:
     """Validate `path` against sample_submission.csv, then upload it (unless `dry_run`).
 
     sample_submission.csv comes from `data_dir`, else from the folder the file was predicted from. Rows that are
@@ -336,7 +337,7 @@ def submit(path: str | Path, message: str | None = None, dry_run: bool = False, 
            dry_run=dry_run, force=force, upload_anyway=upload_anyway, log=log)
 
 
-def list_submissions(log=print):
+def list_submissions(log=say):
     """The competition's recent submissions (newest first) with status and public score, as a DataFrame."""
     from .kaggle_api import recent_submissions
 

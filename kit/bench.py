@@ -48,6 +48,7 @@ from .errors import KitError
 from .inference import predict_tta_probabilities
 from .io import atomic_write_json, timestamp
 from .models import build_model
+from .progress import say
 from .recipe import TrainingParts, build_training_parts, train_one_epoch
 
 PIPELINES = {
@@ -64,15 +65,16 @@ EPOCH_OVER_STEP = 1 / 1.3     # on a GPU: an epoch (input + step + EMA) within 1
 # Timing
 # ----------------------------------------------------------------------------------------------------------------
 
-def images_per_second(run, device: torch.device, min_seconds: float) -> float:
-    """Call `run()` (which returns how many images it handled) once to warm up, then until `min_seconds` pass."""
+def images_per_second(run, device: torch.device, min_seconds: float, clock=time.perf_counter) -> float:
+    """Call `run()` (which returns how many images it handled) once to warm up, then until `min_seconds` pass;
+    the images of the timed calls over their time, read from `clock`."""
     run()
     synchronize(device)
-    images, start = 0, time.perf_counter()
+    images, start = 0, clock()
     while True:
         images += run()
         synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= min_seconds:
             return images / elapsed
 
@@ -131,7 +133,7 @@ def machine_description(device: torch.device, cores: int) -> dict:
 
 
 def run_bench(images: int = 4096, device: str = "auto", batch_size: int = 256, timm_model: str = "resnet18",
-              min_seconds: float = 2.0, log=print) -> dict:
+              min_seconds: float = 2.0, log=say) -> dict:
     """Every measurement of the module docstring; returns the results (images/s), ratios and targets."""
     if images < batch_size or batch_size < 1:
         raise KitError(f"bench: --images ({images}) must be at least --batch-size ({batch_size}), which must be ≥ 1")
@@ -291,7 +293,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(out_dir: str | Path = "runs/bench", log=print, **options) -> Path:
+def bench(out_dir: str | Path = "runs/bench", log=say, **options) -> Path:
     """Run the benchmark, print the table, write it as JSON to `out_dir/bench-<time>.json`; return that path."""
     report = run_bench(log=log, **options)
     path = Path(out_dir) / f"bench-{timestamp()}.json"

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from .errors import Interrupted, KitError, SharedError
+from .progress import say
 
 DEFAULT_CONFIG = "configs/baseline_bn.yaml"
 DESCRIPTION = ("Kaggle's Histopathologic Cancer Detection: train k-fold CNNs, predict with TTA, report, submit. "
@@ -277,7 +278,7 @@ def run(args) -> None:
         path, passed = run_gpu_check(args.out, configs=configs, compiled=() if args.no_compile or args.quick
                                      else COMPILED, device=args.device, minutes=args.minutes,
                                      checks=() if args.no_checks else None,
-                                     log=lambda line: print(line, flush=True), **options)
+                                     log=say, **options)
         print(path)
         if not passed:
             raise KitError(f"gpu-check: some runs failed (marked FAILED above; details in {path})")

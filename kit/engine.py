@@ -31,6 +31,7 @@ from .errors import KitError
 from .fold_data import FoldData, TrainingSet, fold_data
 from .inference import predict_logits, predict_tta_probabilities, tta_view_count
 from .models import build_model, count_parameters, start_head_neutral
+from .progress import say
 from .recipe import (
     MAX_WARMUP_SHARE,
     build_training_parts,
@@ -86,7 +87,7 @@ class FineTuning:
     speed_unit = "img/s"
     stall_advice = None           # the recipe's own (kit/recipe.py: stall_warning)
 
-    def __init__(self, cfg: Config, fold: int, training: TrainingSet, log=print):
+    def __init__(self, cfg: Config, fold: int, training: TrainingSet, log=say):
         self.cfg, self.fold = cfg, fold
         distributed.together(lambda: self.set_up(training))
         self.join_ranks()

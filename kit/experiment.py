@@ -19,6 +19,7 @@ from .data import check_data_dir, read_train_labels
 from .errors import KitError
 from .folds import describe_label_change, split_path
 from .io import atomic_path, path_inside
+from .progress import say
 from .runs import (
     BEST,
     CONFIG,
@@ -165,7 +166,7 @@ def _as_override(key: str, value) -> str:
     return f"{key}={text if len(text) <= 60 else text[:57] + '…'}"
 
 
-def with_recorded_config(cfg: Config, explicit: Collection[str], log=print) -> Config:
+def with_recorded_config(cfg: Config, explicit: Collection[str], log=say) -> Config:
     """`cfg` as predict, report and blend run it: the config recorded by the experiment's finished folds, except
     the keys this command set (`explicit`: its overrides, data_dir when DATA_DIR was given) and where and how fast
     this machine runs (runs.NEUTRAL_KEYS: out_dir, device, …). The data folder is the one the folds recorded when it

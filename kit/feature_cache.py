@@ -44,7 +44,7 @@ from .errors import KitError
 from .inference import TTA_TRANSFORMS, model_outputs
 from .io import atomic_write_json, process_lock
 from .models import PatchClassifier, head_parameter_names
-from .progress import progress_bar
+from .progress import progress_bar, say
 
 FEATURE_DTYPE = np.float16
 FEATURE_CHUNK = 8192          # images per resumable step of a build (a killed build loses at most one chunk)
@@ -140,7 +140,7 @@ def feature_dir(cfg: Config) -> Path:
 
 
 def cached_features(cfg: Config, model: PatchClassifier, images: np.ndarray, device: torch.device, amp_dtype,
-                    log=print, on_chunk=None) -> FeatureCache:
+                    log=say, on_chunk=None) -> FeatureCache:
     """Every view's features of every image of the split (`images`, the memory-mapped image cache), from the cache,
     computing what is missing first. `on_chunk(view, rows_done)` runs after each chunk is recorded (tests)."""
     key, described = backbone_key(cfg, model, amp_dtype)

@@ -32,6 +32,7 @@ from .models import (
     set_frozen_head,
     start_head_neutral,
 )
+from .progress import say
 from .recipe import (
     build_training_parts,
     constant_prediction_loss,
@@ -143,7 +144,7 @@ class HeadOnFrozenFeatures:
     # a head on fixed features is a convex (linear) or shallow problem: it stalls from too little rate, not too much
     stall_advice = "a higher optimizer.lr (a head on frozen features takes 1e-3 to 1e-2), or check model.pretrained_file"
 
-    def __init__(self, cfg: Config, fold: int, training: TrainingSet, log=print):
+    def __init__(self, cfg: Config, fold: int, training: TrainingSet, log=say):
         check_frozen_config(cfg)
         self.cfg, self.fold = cfg, fold
         self.device = device = select_device(cfg.device)

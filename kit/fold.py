@@ -45,7 +45,7 @@ from .inference import tta_view_count
 from .io import require_writable_dir
 from .kaggle_notebook import in_kaggle_notebook
 from .models import count_parameters
-from .progress import FoldClock, FoldWork
+from .progress import FoldClock, FoldWork, say
 from .recipe import head_lr, is_stalled, stall_warning, validation_loss
 from .runs import LAST, FoldRun, fold_lock
 from .tracking import Trackers, open_trackers
@@ -96,7 +96,7 @@ def plan_fold(cfg: Config, run: FoldRun, training: TrainingSet, force: bool, wor
 # The lifecycle
 # ----------------------------------------------------------------------------------------------------------------
 
-def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=print, folds_after: int = 0) -> dict:
+def train_fold(cfg: Config, fold: int, force: bool = False, on_epoch_end=None, log=say, folds_after: int = 0) -> dict:
     """Train (or resume) one fold; return its metrics.
 
     A finished fold is returned as is, and a fold trained with another config is refused (naming the keys),

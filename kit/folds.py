@@ -17,9 +17,10 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from .config import FoldsConfig
 from .errors import KitError
 from .io import atomic_write_csv
+from .progress import say
 
 
-def read_groups(path: str | Path, ids: pd.Series, log=print) -> np.ndarray:
+def read_groups(path: str | Path, ids: pd.Series, log=say) -> np.ndarray:
     """One group label per id: the CSV's `id` column and its one other column (e.g. `wsi` or `slide`).
 
     Ids the CSV does not list become groups of their own, and the count is reported.
@@ -91,7 +92,7 @@ class Split:
 
 
 def split_path(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Path,
-               log=print) -> tuple[Path, str, np.ndarray | None]:
+               log=say) -> tuple[Path, str, np.ndarray | None]:
     """Where the split for these labels, k, seed and grouping lives, its key, and the groups (None: ungrouped)."""
     groups = read_groups(folds_cfg.groups_csv, labels["id"], log=log) if folds_cfg.groups_csv else None
     key = fingerprint(labels["id"], labels["label"], *([groups] if groups is not None else []))
@@ -100,7 +101,7 @@ def split_path(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Pa
     return path, key, groups
 
 
-def load_split(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Path, log=print) -> Split:
+def load_split(labels: pd.DataFrame, folds_cfg: FoldsConfig, folds_dir: str | Path, log=say) -> Split:
     """The split for this data set, k, seed and grouping: read from `folds_dir` if written before, else written."""
     path, key, groups = split_path(labels, folds_cfg, folds_dir, log=log)
     if path.exists():

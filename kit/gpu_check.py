@@ -41,6 +41,7 @@ from .device import autocast_dtype, card_name, precision_name, select_device, sp
 from .errors import KitError, first_line
 from .hub import is_hub_name
 from .io import atomic_write_csv, atomic_write_json, read_json_lines, timestamp
+from .progress import say
 from .runs import HISTORY, fold_dir
 
 # hub models (hf-hub:…) are left out: their weights need the network (and, gated, the user's own token)
@@ -109,7 +110,7 @@ def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compil
               swa: bool = False) -> dict:
     """Fold 0 of `config` (`check_config`) under sync-debug "error": its numbers, or the error. A compiled row's
     images/s and epoch seconds are the second epoch's; compile_seconds is how much longer the first one took."""
-    from .data import resident_bytes
+    from .array_cache import resident_bytes
     from .fold import train_fold
 
     cfg = check_config(config, data_dir, out_dir, device, amp_dtype, compiled, swa)
@@ -133,7 +134,8 @@ def one_epoch(config: str, data_dir: Path, out_dir: Path, amp_dtype: str, compil
 def competition_split(device: str) -> dict:
     """Whether the kit would hold the competition's train split (220,025 patches, 6.1 GB as uint8) in this card's
     memory, against the memory free now; when it would, the allocation is made and filled to prove it."""
-    from .data import RESIDENT_SHARE, ROW_BYTES, fits_resident
+    from .array_cache import RESIDENT_SHARE, fits_resident
+    from .data import ROW_BYTES
 
     needed = TRAIN_IMAGES * ROW_BYTES
     row = {"images": TRAIN_IMAGES, "split_mb": needed / 2**20}
@@ -342,7 +344,7 @@ def default_checks(device: str) -> tuple[str, ...]:
 def run_gpu_check(out_dir: str | Path = "runs/gpu-check", images: int = 50_000, test_images: int = 2000,
                   configs=SHIPPED, compiled=COMPILED, device: str = "cuda", bench_images: int = 8192,
                   bench_seconds: float = 1.0, scale_out_processes: int | None = None, minutes: float = 7.0,
-                  checks=None, swa: bool = True, log=print) -> tuple[Path, bool]:
+                  checks=None, swa: bool = True, log=say) -> tuple[Path, bool]:
     """Every step of the module docstring within `minutes`; returns the summary JSON's path and whether every run
     that ran passed. Rows run in the order of their value: the competition split's fit check (instant), the
     default config's epochs, the correctness checks, the other epochs (`planned_epochs`), SWA, TTA, bench,

@@ -28,7 +28,7 @@ from .data import (
 )
 from .errors import KitError
 from .io import atomic_path
-from .progress import progress_bar
+from .progress import progress_bar, say
 from .submission import foreign_rows, validate_submission_file
 
 CREDENTIALS_HINT = ("no Kaggle credentials found: download kaggle.json from https://www.kaggle.com/settings "
@@ -99,7 +99,7 @@ def explain_api_error(err: Exception, action: str) -> KitError:
 # ----------------------------------------------------------------------------------------------------------------
 
 def submit(path: str | Path, sample: pd.DataFrame, message: str, competition: str = COMPETITION,
-           dry_run: bool = False, force: bool = False, upload_anyway: str = "pass FORCE=1", log=print) -> None:
+           dry_run: bool = False, force: bool = False, upload_anyway: str = "pass FORCE=1", log=say) -> None:
     """Validate the file (kit/submission.py), then upload it (unless `dry_run`). Rows that are not the competition's
     test ids are refused unless `force`: such a file can only fail on Kaggle. `upload_anyway`: how the command the
     user ran uploads it anyway (a flag that means that in that command)."""
@@ -150,7 +150,7 @@ def find_data_problems(data_dir: Path) -> tuple[int, int, list[tuple[Path, str]]
     return len(train_ids), len(test_ids), find_bad_images(paths, desc="verify images")
 
 
-def extract_missing(zip_path: Path, data_dir: Path, bad: set[Path] = frozenset(), log=print) -> int:
+def extract_missing(zip_path: Path, data_dir: Path, bad: set[Path] = frozenset(), log=say) -> int:
     """Unzip the members that are absent, of the wrong size (so an interrupted unzip resumes) or in `bad` (files
     that do not decode), each atomically."""
     try:
@@ -178,7 +178,7 @@ def extract_missing(zip_path: Path, data_dir: Path, bad: set[Path] = frozenset()
     return extracted
 
 
-def download_competition_data(data_dir: Path, competition: str = COMPETITION, log=print) -> Path:
+def download_competition_data(data_dir: Path, competition: str = COMPETITION, log=say) -> Path:
     """Verify that every image decodes; download (resuming where the client can) and unzip what is missing or bad;
     verify again. A complete folder is left alone; files the zip cannot repair are named."""
     bad: list[tuple[Path, str]] = []

@@ -23,6 +23,7 @@ from pathlib import Path
 from .competition import COMPETITION, SAMPLE_SUBMISSION_CSV
 from .config import Config, apply_overrides
 from .errors import KitError
+from .progress import say
 
 KAGGLE_ROOT_VARIABLE = "KIT_KAGGLE_ROOT"     # where a Kaggle notebook's /kaggle tree is (tests point it elsewhere)
 KAGGLE_RUN_TYPE_VARIABLE = "KAGGLE_KERNEL_RUN_TYPE"     # set by Kaggle in every notebook session
@@ -58,7 +59,7 @@ def scratch_space() -> Path:
                    f"out_dir=… and cache_dir=… to the config")
 
 
-def kaggle_environment(cfg: Config, explicit: Collection[str] = (), log=print) -> Config:
+def kaggle_environment(cfg: Config, explicit: Collection[str] = (), log=say) -> Config:
     """`cfg` as a Kaggle notebook runs it: the attached competition as data folder when the config's does not
     exist, and the runs and the image cache in scratch space wherever the data is, unless set (`explicit`: keys the
     caller set by override, kept whatever their value; a config file whose `out_dir`/`cache_dir` differ from the

@@ -41,6 +41,7 @@ from .kaggle_api import (
     upload_dataset,
     upload_kernel,
 )
+from .progress import say
 from .runs import experiment_dir, flat_config, fold_dir
 from .submission import read_submission_details
 
@@ -137,7 +138,7 @@ def same_files(first: Path, second: Path) -> bool:
     return ours.keys() == theirs.keys() and all(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours)
 
 
-def bring_in_folds(cfg: Config, source: Path, elsewhere: str, log=print) -> Config:
+def bring_in_folds(cfg: Config, source: Path, elsewhere: str, log=say) -> Config:
     """Move the fold folders under `source` (another machine's runs/<experiment>/, e.g. a Kaggle kernel's outputs,
     on the same disk as out_dir) into this experiment, never over a local fold: when a local fold<k>/ holds other
     files than the incoming one, everything goes to the experiment `elsewhere` instead (one name per source, so it
@@ -274,7 +275,7 @@ def download_outputs(api, cfg: Config, pushed: dict, log) -> Path:
 
 def kaggle_run(cfg: Config, accelerator: str = DEFAULT_ACCELERATOR, submit: bool = False, force: bool = False,
                folds="all", poll_seconds: float = POLL_SECONDS, data_dir: str | Path | None = None,
-               log=print) -> Path:
+               log=say) -> Path:
     """Every step of the module docstring; returns the downloaded submission's path. `data_dir`: the
     sample_submission.csv to check the CSV against before submitting (else the one the kernel brought back)."""
     accelerator = check_accelerator(accelerator)

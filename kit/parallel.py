@@ -29,7 +29,7 @@ from .errors import Interrupted, KitError, killed_by
 from .experiment import folds_to_train
 from .fold_data import prepare_shared
 from .io import process_lock
-from .progress import FoldsBar
+from .progress import FoldsBar, say
 from .runs import experiment_dir, fold_log_path, parallel_config_path
 
 SHOWN = ("epoch ", ": done", "already trained", "resuming", "warning", "error")   # log lines the parent echoes
@@ -89,7 +89,7 @@ def slot_environment(slot: int, workers: int) -> dict:
     return env
 
 
-def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=print) -> list[int]:
+def train_folds_parallel(cfg: Config, parallel, force: bool = False, log=say) -> list[int]:
     """Train the experiment's unfinished folds (all with `force`), `parallel` at a time; return the folds trained.
     Raises KitError naming each failed fold with the end of its log, once the others have finished."""
     workers_wanted = resolve_parallel(parallel)

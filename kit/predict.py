@@ -21,6 +21,7 @@ from .device import autocast_dtype, select_device
 from .errors import KitError
 from .experiment import FinishedFold, check_split_against_data, epochs_note, finished_folds, train_all_command
 from .inference import predict_tta_probabilities, tta_view_count
+from .progress import say
 from .runs import RECORD, fold_dir, read_json
 
 
@@ -55,7 +56,7 @@ class Prediction:
     views: str
 
 
-def predict_test(cfg: Config, allow_missing_folds: bool = False, log=print) -> Prediction:
+def predict_test(cfg: Config, allow_missing_folds: bool = False, log=say) -> Prediction:
     """Predict the test set with every finished fold × TTA views and average the folds."""
     checkpoints = find_fold_checkpoints(cfg, allow_missing_folds)
     note = epochs_note(cfg, checkpoints)
@@ -159,7 +160,7 @@ class Blend:
 
 
 def predict_blend(configs: list[Config], method: str = "mean", allow_missing_folds: bool = False,
-                  log=print) -> Blend:
+                  log=say) -> Blend:
     """Each experiment's fold ensemble × TTA, blended with weights chosen on their pooled OOF predictions."""
     if method not in BLEND_METHODS:
         raise KitError(f"blend method must be one of {', '.join(BLEND_METHODS)}, got {method!r}")

@@ -1,9 +1,12 @@
-"""Progress bars, one way for the whole kit: tqdm with the kit's settings. `TQDM_DISABLE=1` in the environment hides
-them all (fold-parallel workers get it: their logs keep the epoch lines, not a bar redrawn per batch)."""
+"""Progress bars and log lines, one way for the whole kit: tqdm with the kit's settings, and `say` for every line the
+kit prints, so that a line never shares a row with a bar. Bars are drawn where someone watches them (a terminal, a
+notebook), not into a CI log or a pipe; `TQDM_DISABLE=1` hides them everywhere (fold-parallel workers get it: their
+logs keep the epoch lines, not a bar redrawn per batch)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -11,10 +14,24 @@ import numpy as np
 from tqdm import tqdm
 
 
+def bars_drawn() -> bool:
+    """A terminal or a notebook shows bars; a CI log or a pipe would fill with one redrawn per batch."""
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        return False
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
 def progress_bar(iterable=None, hidden: bool = False, **options) -> tqdm:
-    """tqdm over `iterable` (or with `total=`), redrawn at most twice a second; `hidden` or TQDM_DISABLE: no bar."""
-    hidden = hidden or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    return tqdm(iterable, disable=hidden, **{"dynamic_ncols": True, "mininterval": 0.5, **options})
+    """tqdm over `iterable` (or with `total=`), redrawn at most twice a second; `hidden`, or nobody watching
+    (`bars_drawn`): no bar."""
+    return tqdm(iterable, disable=hidden or not bars_drawn(), **{"dynamic_ncols": True, "mininterval": 0.5, **options})
+
+
+def say(line) -> None:
+    """One line of the kit's log on stdout, above any bar being drawn (tqdm clears the bars, writes the line and
+    draws them again below it): the `log` every function of the kit defaults to."""
+    tqdm.write(str(line), file=sys.stdout)
+    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,13 +83,14 @@ class FoldClock:
     notebook when they would outlast the session. Each epoch line then carries the time left for the fold.
 
     The fold's first timing window (its first `check_every` steps) is left out of the rate: it holds the warm-up
-    (allocations, cuDNN's search, torch.compile). Validation passes are timed apart.
+    (allocations, cuDNN's search, torch.compile). Validation passes are timed apart. `clock` is the time source,
+    in seconds (`started` is a reading of it); tests give a fake one.
     """
 
     def __init__(self, work: FoldWork, label: str, log, started: float | None = None,
-                 in_kaggle: bool = False):
-        self.work, self.label, self.log, self.in_kaggle = work, label, log, in_kaggle
-        self.started = time.perf_counter() if started is None else started
+                 in_kaggle: bool = False, clock=time.perf_counter):
+        self.work, self.label, self.log, self.in_kaggle, self.clock = work, label, log, in_kaggle, clock
+        self.started = clock() if started is None else started
         self.steps = 0                       # measured steps, warm-up windows included
         self.timed_images, self.timed_seconds = 0, 0.0
         self.warmup = (0, 0.0)                # (images, seconds) of the first window
@@ -84,7 +102,7 @@ class FoldClock:
 
     # the epoch loop's calls --------------------------------------------------------------------------------------
     def epoch_started(self) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if self.setup_seconds is None:       # the fold's first epoch: its first window is the warm-up, not timed
             self.setup_seconds = now - self.started      # building the model and data
             self._last = None
@@ -94,7 +112,7 @@ class FoldClock:
     def on_check(self, steps: int, images: int) -> None:
         """`train_one_epoch` after reading the loss back (the device has caught up): `steps` and `images` so far in
         this epoch, over all processes."""
-        now = time.perf_counter()
+        now = self.clock()
         if self._last is not None:
             last_steps, last_images, last_time = self._last
             self.timed_images += images - last_images

@@ -52,6 +52,7 @@ from .metrics import (
     confident_mistakes,
     operating_points,
 )
+from .progress import say
 from .runs import experiment_dir
 from .saliency import SALIENCY_IMAGES, UNIFORM_CENTRE_SHARE, CentreEvidence, centre_evidence, read_patches, share_text
 from .submission import read_submission_file
@@ -259,7 +260,7 @@ def _saliency(cfg: Config, run: RunFolder, gallery: dict[str, pd.DataFrame], out
 
 
 def write_report(cfg: Config, target_sensitivity: float, gallery_size: int = GALLERY_SIZE,
-                 saliency_images: int = SALIENCY_IMAGES, log=print) -> Path:
+                 saliency_images: int = SALIENCY_IMAGES, log=say) -> Path:
     """Write runs/<experiment>/report.md and its figures; log the headline numbers; return the page's path."""
     run = read_run_folder(cfg)
     out = run.directory
@@ -385,7 +386,7 @@ def comparison_dir(cfgs: list[Config]) -> Path:
 
 
 def write_comparison(cfgs: list[Config], target_sensitivity: float, saliency_images: int = SALIENCY_IMAGES,
-                     log=print) -> Path:
+                     log=say) -> Path:
     """One table and one ROC plot (pooled OOF per experiment) for several experiments, with each one's centre
     evidence share; return the page's path."""
     names = [cfg.name for cfg in cfgs]

@@ -35,6 +35,7 @@ from .config import Config, load_config
 from .demo_data import SLIDES_CSV, TEST_LABELS_CSV
 from .errors import KitError
 from .io import atomic_write_text, process_lock, read_json_lines
+from .progress import say
 from .runs import config_fingerprint
 
 HARD_DATA = "data/hard"
@@ -92,7 +93,7 @@ def entry_config(entry: str, seed: int, folds: int, overrides: dict, data_dir: s
     return cfg
 
 
-def run_entry(entry: str, seed: int, folds: int, overrides: dict, data_dir: str, out_dir: str, log=print) -> dict:
+def run_entry(entry: str, seed: int, folds: int, overrides: dict, data_dir: str, out_dir: str, log=say) -> dict:
     """Train the first `folds` folds, predict the test set with them × TTA, and score both."""
     from .fold import train_fold
     from .predict import predict_test
@@ -160,7 +161,7 @@ def check_study_arguments(entries: list[str], seeds: int, folds: int) -> None:
 
 
 def run_study(entries: list[str], seeds: int, folds: int = 0, overrides: dict | None = None, data_dir: str = HARD_DATA,
-              out_dir: str = RESULTS_DIR, results_md: str | Path | None = None, log=print) -> Path:
+              out_dir: str = RESULTS_DIR, results_md: str | Path | None = None, log=say) -> Path:
     """Run every (entry, seed) not yet in `out_dir`/results.jsonl, rewriting the page (default docs/RESULTS.md under
     the current folder) after each. `folds` 0 = all."""
     check_study_arguments(entries, seeds, folds)

@@ -30,6 +30,7 @@ import yaml
 from . import distributed
 from .config import Config, to_dict
 from .errors import KitError, first_line
+from .progress import say
 from .runs import RECORD, flat_config, read_json
 
 # log.wandb.mode (config.WANDB_MODES) → what to do when W&B cannot start a run in that mode
@@ -345,7 +346,7 @@ class Trackers:
     fails is said to be off in one line and left out from then on: it never stops the fold, hides the fold's own
     error, or keeps the other backends from logging and closing."""
 
-    def __init__(self, backends: list[Tracker], fold: int = 0, log=print):
+    def __init__(self, backends: list[Tracker], fold: int = 0, log=say):
         self.backends, self.fold, self.log = backends, fold, log
 
     def off(self, backend: Tracker, stage: str, err: Exception, epoch: int | None = None) -> None:
@@ -406,7 +407,7 @@ class Trackers:
         self.close(error)
 
 
-def open_trackers(cfg: Config, fold: int, run_dir: Path, log=print) -> Trackers:
+def open_trackers(cfg: Config, fold: int, run_dir: Path, log=say) -> Trackers:
     """The trackers `cfg.log` turns on for fold `fold`, whose final folder is `run_dir`, with a line saying where
     each writes; none on a DDP rank other than 0. A missing package or a tracking URI MLflow cannot use fails here,
     before any training; a store that does not answer is one line, and the fold trains without that tracker."""
