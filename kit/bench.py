@@ -30,18 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .array_cache import resident_images
 from .augment import batch_equivalent, build_transform
+from .batches import AlbumentationsBatches, CachedBatches, to_model_input
 from .config import Config, ModelConfig, histology_augmentation
-from .data import (
-    AlbumentationsBatches,
-    CachedBatches,
-    image_paths,
-    load_split_images,
-    read_image,
-    read_train_labels,
-    resident_images,
-    to_model_input,
-)
+from .data import image_paths, load_split_images, read_image, read_train_labels
 from .demo_data import make_demo_data
 from .device import autocast_dtype, peak_memory_mb, reset_peak_memory, select_device
 from .errors import KitError

@@ -23,9 +23,9 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from . import distributed
 from .array_cache import resident_images
 from .augment import build_transform, choose_input
+from .batches import AlbumentationsBatches, CachedBatches
 from .checkpoints import best_weights, save_best
 from .config import Config
-from .data import AlbumentationsBatches, CachedBatches
 from .device import autocast_dtype, card_name, peak_memory_mb, precision_name, reset_peak_memory, select_device
 from .errors import KitError
 from .fold_data import FoldData, TrainingSet, fold_data

@@ -18,9 +18,9 @@ from torch import nn
 
 from . import distributed
 from .array_cache import fits_resident
+from .batches import batches_per_epoch
 from .checkpoints import save_best
 from .config import Config
-from .data import batches_per_epoch
 from .device import autocast_dtype, card_name, precision_name, reset_peak_memory, select_device
 from .errors import KitError, SharedError
 from .feature_cache import cached_features, feature_width

@@ -15,7 +15,7 @@ from torch import nn
 
 from .array_cache import resident_images
 from .augment import NoBatchEquivalent, batch_equivalent
-from .data import augmented_model_input, gather_batch, to_model_input
+from .batches import augmented_model_input, gather_batch, to_model_input
 from .progress import progress_bar
 
 

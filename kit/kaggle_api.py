@@ -193,23 +193,31 @@ def download_competition_data(data_dir: Path, competition: str = COMPETITION, lo
         pass                    # no CSVs or image folders yet: everything comes from the zip
     zip_path = data_dir / f"{competition}.zip"
     data_dir.mkdir(parents=True, exist_ok=True)
-    api = kaggle_api()
-    log(f"downloading {competition} into {data_dir} (the client resumes a partial download)")
-    try:
-        api.competition_download_files(competition, path=str(data_dir), quiet=False)
-    except Exception as err:
-        raise explain_api_error(err, f"download the {competition} data") from None
-    if not zip_path.is_file():
-        raise KitError(f"the download did not produce {zip_path}; run `make data` again")
+    brought = zip_path.is_file()          # downloaded in a browser (or by an earlier run): no credentials needed
+    if brought:
+        log(f"{zip_path} is here: unzipping and verifying it (nothing to download)")
+    else:
+        api = kaggle_api()
+        log(f"downloading {competition} into {data_dir} (the client resumes a partial download)")
+        try:
+            api.competition_download_files(competition, path=str(data_dir), quiet=False)
+        except Exception as err:
+            raise explain_api_error(err, f"download the {competition} data") from None
+        if not zip_path.is_file():
+            raise KitError(f"the download did not produce {zip_path}; run `make data` again")
     extract_missing(zip_path, data_dir, {path for path, _ in bad}, log=log)
     train_count, test_count, bad = find_data_problems(data_dir)
     if bad:
         raise bad_images_error(bad, train_count + test_count,
                                f"{zip_path} holds them this way too (it is kept): delete it and run `make data` "
                                f"again for a fresh download, or replace those files by hand")
-    zip_path.unlink()
-    log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images, every one decodes "
-        f"({zip_path.name} removed)")
+    if brought:
+        log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images, every one decodes "
+            f"({zip_path.name} kept: it was here before this run; delete it to free its space)")
+    else:
+        zip_path.unlink()
+        log(f"{data_dir} verified: {train_count:,} train / {test_count:,} test images, every one decodes "
+            f"({zip_path.name} removed)")
     return data_dir
 
 

@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .batches import to_model_input
 from .checkpoints import model_from_best
 from .competition import CENTRE, CENTRE_SIZE, CHANNELS, IMAGE_SIZE, TRAIN_DIR
 from .config import Config
-from .data import image_paths, read_image, to_model_input
+from .data import image_paths, read_image
 from .device import select_device
 from .errors import KitError
 from .metrics import DEFAULT_THRESHOLD

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kit import data, engine, fold
+from kit import batches, engine, fold
 from kit.cli import run_reporting_errors
 from kit.config import load_config
 from kit.distributed import current
@@ -51,12 +51,12 @@ def main() -> int:
         setattr(os, name, moved)
 
     rows, epochs = {}, []
-    gather = data.gather_batch
+    gather = batches.gather_batch
 
     def recording_gather(images, picked, device):
         rows.setdefault(len(epochs) + 1, []).append([int(row) for row in picked])
         return gather(images, picked, device)
-    data.gather_batch = recording_gather
+    batches.gather_batch = recording_gather
 
     finish = engine.FineTuning.finish
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kit.augment import ROT90_ELEMENTS, apply_d4, batch_equivalent, build_transform, choose_input
+from kit.batches import AlbumentationsBatches, CachedBatches
 from kit.config import histology_augmentation, load_config
-from kit.data import AlbumentationsBatches, CachedBatches
 from kit.errors import KitError
 from kit.fold import train_fold
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,9 @@ import pytest
 import torch
 
 from kit import distributed
+from kit.batches import CachedBatches, SeededBatchSampler
 from kit.checkpoints import load_checkpoint
-from kit.data import CachedBatches, SeededBatchSampler, read_train_labels
+from kit.data import read_train_labels
 from kit.engine import check_ddp_config
 from kit.errors import KitError
 from kit.fold import train_fold
@@ -54,10 +56,21 @@ def finished(process, timeout: int = 240) -> tuple[int, str]:
     return process.returncode, output
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def meeting_point(first_machine) -> tuple[str, list[str]]:
+    """The endpoint the first machine's launcher opened on a free port (RDZV=127.0.0.1:0), read from its waiting
+    line; and the lines it printed up to there. A launcher that says nothing for 120 s is killed (the read ends)."""
+    lines, silent = [], threading.Timer(120, first_machine.kill)
+    silent.start()
+    try:
+        for line in first_machine.stdout:
+            lines.append(line)
+            found = re.match(r"waiting for 2 machines to meet at (127\.0\.0\.1:(\d+)) ", line)
+            if found:
+                assert int(found.group(2)) != 0, line
+                return found.group(1), lines
+    finally:
+        silent.cancel()
+    raise AssertionError("".join(lines) or "the first machine said nothing")
 
 
 @pytest.mark.slow
@@ -117,12 +130,13 @@ def test_two_ranks_train_one_fold_resume_after_kill_and_match_a_two_machine_run(
 
     # the same run, uninterrupted, as two machines of one process each meeting through c10d on loopback
     reference = overrides(demo_data, tmp_path / "two-machines")
-    endpoint = f"127.0.0.1:{free_port()}"
-    machines = [launch(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                        endpoint, "--rdzv-id", "test"], reference, record / f"machine{m}") for m in (0, 1)]
-    for machine in machines:
+    two_machines = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "test"]
+    first = launch([*two_machines, "--rdzv-endpoint", "127.0.0.1:0"], reference, record / "machine0")
+    endpoint, said = meeting_point(first)
+    second = launch([*two_machines, "--rdzv-endpoint", endpoint], reference, record / "machine1")
+    for machine, before in ((first, "".join(said)), (second, "")):
         code, output = finished(machine)
-        assert code == 0, output
+        assert code == 0, before + output
     uninterrupted = torch.load(next((record / f"machine{m}" / "rank0.pt") for m in (0, 1)
                                     if (record / f"machine{m}" / "rank0.pt").exists()))
     assert all(torch.equal(rank0[k], uninterrupted[k]) for k in rank0), "resumed run differs from uninterrupted"
@@ -177,7 +191,7 @@ def test_each_rank_takes_an_equal_disjoint_share_of_every_batch(monkeypatch, pat
         monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(rank, world))
         if path == "batch":
             seen = []
-            monkeypatch.setattr("kit.data.gather_batch",
+            monkeypatch.setattr("kit.batches.gather_batch",
                                 lambda images, picked, device: seen.append(sorted(picked)) or torch.zeros(
                                     (len(picked), 96, 96, 3), dtype=torch.uint8))
             batches = CachedBatches(images, rows, labels, 32, torch.device("cpu"))
@@ -214,12 +228,19 @@ def test_a_killed_rank_a_bad_nproc_and_a_lonely_machine_are_each_one_line(demo_d
         assert code == 2 and output.strip() == (f"error: NPROC={bad}: the processes per machine must be a whole "
                                                 f"number of at least 1 (e.g. NPROC=2, one per GPU)"), output
 
-    endpoint = f"127.0.0.1:{free_port()}"           # NNODES=2 and nobody else comes
+    # NNODES=2 and nobody else comes: the rendezvous on a free port of this machine, named in both lines
     code, output = finished(launch(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-                                    "--rdzv-endpoint", endpoint, "--rdzv-id", "alone", "--rdzv-conf",
+                                    "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", "alone", "--rdzv-conf",
                                     "join_timeout=3"], values, tmp_path / "record"), timeout=120)
     lines = output.strip().splitlines()
     assert code == 2 and "Traceback" not in output, output
-    assert lines[0].startswith(f"waiting for 2 machines to meet at {endpoint}")
+    endpoint = re.match(r"waiting for 2 machines to meet at (127\.0\.0\.1:[1-9]\d*) \(", lines[0]).group(1)
     assert lines[-1].startswith(f"error: the 2 machines did not meet at {endpoint} (RendezvousTimeoutError") and \
         lines[-1].endswith("within the join timeout"), output
+
+    # port 0 means "a free port here": another machine cannot open it for the first one
+    code, output = finished(launch(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                                    "--rdzv-endpoint", "192.0.2.1:0", "--rdzv-id", "elsewhere"], values,
+                                   tmp_path / "record"), timeout=120)
+    assert code == 2 and output.strip() == ("error: RDZV=192.0.2.1:0: port 0 (a free port) only on the machine "
+                                            "192.0.2.1 itself; the others join at the port its waiting line names")

@@ -13,9 +13,9 @@ from torch.overrides import TorchFunctionMode
 import kit.device
 import kit.engine
 from kit.augment import batch_equivalent, build_transform
+from kit.batches import CachedBatches
 from kit.checkpoints import load_checkpoint
 from kit.config import Config, ModelConfig, histology_augmentation
-from kit.data import CachedBatches
 from kit.device import autocast_dtype, has_kernels, select_device, spare_memory
 from kit.errors import KitError
 from kit.fold import train_fold

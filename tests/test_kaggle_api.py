@@ -192,10 +192,34 @@ def test_interrupted_unzip_is_finished_without_downloading_again(fake_kaggle, de
     victim.write_bytes(victim.read_bytes()[:100])                        # … leaving one file truncated
     api.download_data(data_dir)
     out = capsys.readouterr().out
-    # the client sees the complete local zip and skips the download (its own words), then only the unzip resumes
-    assert "Skipping, found more recently modified local copy" in out
+    # the zip is here: no download (no call to Kaggle at all), only the unzip resumes
+    assert "histopathologic-cancer-detection.zip is here: unzipping and verifying it (nothing to download)" in out
+    assert fake_kaggle.calls == []
     assert f"unzipped {len(names) + 2 - 199:,} of {len(names) + 2:,} files" in out
     assert victim.read_bytes() == (demo_data / names[10]).read_bytes()
+    assert "kept: it was here before this run" in out
+
+
+def test_make_data_unzips_a_browser_downloaded_zip_without_credentials(no_kaggle_credentials, demo_data, tmp_path,
+                                                                       capsys):
+    data_dir = tmp_path / "downloads"
+    data_dir.mkdir()
+    (data_dir / "histopathologic-cancer-detection.zip").write_bytes(zip_of(demo_data))
+    assert main(["data", "--data-dir", str(data_dir)]) == 0
+    assert "verified: 320 train / 48 test images" in capsys.readouterr().out
+
+
+def test_a_data_folder_one_level_too_high_or_holding_only_the_zip_is_named(demo_data, tmp_path, capsys):
+    outer = tmp_path / "downloads"
+    shutil.copytree(demo_data, outer / "histopathologic-cancer-detection")
+    assert main(["train", "--config", "configs/demo.yaml", "--fold", "0", "--data-dir", str(outer)]) == 2
+    err = capsys.readouterr().err
+    assert f"the data is one level down, in {outer / 'histopathologic-cancer-detection'}: pass DATA_DIR=" in err
+    only_zip = tmp_path / "zip-only"
+    only_zip.mkdir()
+    (only_zip / "histopathologic-cancer-detection.zip").write_bytes(b"PK")
+    assert main(["train", "--config", "configs/demo.yaml", "--fold", "0", "--data-dir", str(only_zip)]) == 2
+    assert f"run `make data DATA_DIR={only_zip}` to unzip and verify it" in capsys.readouterr().err
 
 
 def test_make_data_finds_every_bad_image_and_re_extracts_it_from_the_zip(fake_kaggle, demo_data, tmp_path, capsys):
