@@ -141,6 +141,10 @@ demo: $(STAMP)    ## generate demo data, train every fold of configs/demo.yaml o
 	$(PY) -m kit demo-data --out data/demo
 	$(strip $(CPU_MALLOC) $(PY) -m kit train-all --config configs/demo.yaml $(FORCE_FLAG) $(if $(OUT),--out $(OUT)) $(ARGS))
 	$(strip $(CPU_MALLOC) $(PY) -m kit predict --config configs/demo.yaml $(if $(OUT),--out $(OUT)) $(ARGS))
+	@echo "demo done: the submission above answers data/demo's sample_submission.csv. Next:"
+	@echo "  make report CONFIG=configs/demo.yaml     what the folds learned: AUC, thresholds, mistakes, saliency"
+	@echo "  make demo-data HARD=1                    the hard generated set (slides, stain, label noise): tells recipes apart"
+	@echo "  make data && make train-all              the competition's data (Kaggle credentials), the default recipe"
 
 # `make test` (what CI runs, within 15 minutes on 2 cores) leaves out the few `evidence` tests: learning claims that
 # take minutes of training each, which docs/RESULTS.md measures at scale; `make test-all` runs them too.

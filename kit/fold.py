@@ -193,7 +193,8 @@ def run_epochs(cfg: Config, fold: int, run: FoldRun, method, progress: FoldProgr
             f"val_auc {row['val_auc']:.4f}{'  (best)' if improved else ''}  {per_s:,.0f} {method.speed_unit}  "
             f"{row['seconds']:.0f}s" + (f"  peak {row['peak_memory_mb']:,.0f} MB" if row["peak_memory_mb"] else "")
             + clock.epoch_ended(row["seconds"]))
-        warning = stall_warning(cfg, fold, epoch, train_loss, method.plateau_loss, method.stall_advice)
+        warning = stall_warning(cfg, fold, epoch, train_loss, method.plateau_loss, method.stall_advice,
+                                steps=epoch * len(method.batches))
         if warning:
             log(warning)
         if on_epoch_end is not None:

@@ -211,11 +211,14 @@ def is_stalled(train_loss: float, plateau: float) -> bool:
     return train_loss >= plateau * (1 - STALL_TOLERANCE)
 
 
+STALL_MIN_STEPS = 50       # fewer steps than this (a tiny set's first epochs) say nothing yet about learning
+
+
 def stall_warning(cfg: Config, fold: int, epoch: int, train_loss: float, plateau: float,
-                  advice: str | None = None) -> str | None:
-    """One line when the train loss sits at the prior's; `advice`: what the training method suggests instead of
-    the recipe's own."""
-    if not is_stalled(train_loss, plateau):
+                  advice: str | None = None, steps: int = STALL_MIN_STEPS) -> str | None:
+    """One line when the train loss sits at the prior's after `steps` training steps (at least STALL_MIN_STEPS);
+    `advice`: what the training method suggests instead of the recipe's own."""
+    if steps < STALL_MIN_STEPS or not is_stalled(train_loss, plateau):
         return None
     advice = advice or ("model.name=baseline_bn (the same CNN with normalisation layers, which leaves the plateau "
                         "on every seed), or optimizer.lr=3e-4" if cfg.model.name == "baseline" else

@@ -48,3 +48,17 @@ def test_backbone_learning_rate_and_onecycle_schedule():
         scheduler.step()
     assert int(np.argmax(lrs)) == round(0.25 * 20) - 1 and max(lrs) == pytest.approx(cfg.optimizer.lr)   # pct_start
     assert lrs[-1] < cfg.optimizer.lr / 100
+
+
+def test_the_stall_warning_waits_for_enough_steps_and_follows_the_training_method():
+    from kit.config import load_config
+    from kit.features import HeadOnFrozenFeatures
+    from kit.recipe import STALL_MIN_STEPS, stall_warning
+
+    cfg = load_config("effnet_b0", {"model.pretrained": False})
+    assert stall_warning(cfg, 0, 1, 0.6931, 0.6931, steps=3) is None, "3 steps of a tiny set say nothing yet"
+    fine_tuning = stall_warning(cfg, 0, 2, 0.6931, 0.6931, steps=STALL_MIN_STEPS)
+    assert "has not started learning" in fine_tuning and "a lower optimizer.lr" in fine_tuning
+    head = stall_warning(cfg, 0, 2, 0.6931, 0.6931, HeadOnFrozenFeatures.stall_advice, steps=STALL_MIN_STEPS)
+    assert "a higher optimizer.lr" in head and "lower" not in head
+    assert stall_warning(cfg, 0, 2, 0.40, 0.6931, steps=STALL_MIN_STEPS) is None, "learning: no warning"
