@@ -7,7 +7,8 @@
 #            HARD=1 (demo-data), CONFIGS, SEEDS, FOLDS (results), PARALLEL=N|auto (train-all: folds at once),
 #            NPROC=N (train: one fold on N processes, DDP), NNODES=M RDZV=host:port RDZV_ID (train: on M machines),
 #            ACCELERATOR, SUBMIT=1 (kaggle-run), MINUTES, QUICK=1 (gpu-check), PY=python3 (gpu-check on the
-#            machine's own torch, without .venv), PYTHON (the Python that builds the venvs; every target).
+#            machine's own torch, without .venv), PYTHON (the Python that builds the venvs; every target),
+#            MINUTES SPACE TUNE_FOLDS=0,1 PARALLEL=N STORAGE TRIALS (tune), TUNED SEEDS (prove).
 
 .DEFAULT_GOAL := help
 
@@ -47,6 +48,8 @@ VARS_bench := OUT DEVICE
 VARS_gpu-check := OUT MINUTES QUICK DEVICE CONFIGS PY
 VARS_results := CONFIGS SEEDS FOLDS ARGS
 VARS_report := $(EXPERIMENT_VARS) EXP EXPS TARGET_SENSITIVITY SALIENCY_IMAGES
+VARS_tune := $(EXPERIMENT_VARS) MINUTES SPACE TUNE_FOLDS PARALLEL STORAGE TRIALS
+VARS_prove := $(EXPERIMENT_VARS) TUNED SEEDS
 VARS_every := PYTHON
 MAKE_OWN_VARS := MAKEFLAGS GNUMAKEFLAGS MFLAGS MAKEFILES MAKEOVERRIDES MAKELEVEL MAKE SHELL .SHELLFLAGS
 TARGETS := $(patsubst VARS_%,%,$(filter-out VARS_every,$(filter VARS_%,$(.VARIABLES))))
@@ -69,6 +72,7 @@ DID_YOU_MEAN = import difflib, sys; \
   head = bad[0] + " is not a variable of " + goals + "; " + hint(bad[0]) if len(bad) == 1 and hint(bad[0]) else \
     ", ".join(said) + (" is not a variable" if len(bad) == 1 else " are not variables") + " of " + goals; \
   print(head + " (" + goals + " takes " + (" ".join(known) or "none") + ")")
+, := ,
 ifneq ($(UNKNOWN_VARS),)
 TAKERS := $(foreach v,$(UNKNOWN_VARS),$(v)=$(subst $() ,$(,),$(strip $(foreach t,$(TARGETS),\
   $(if $(filter $(v),$(VARS_$(t))),$(t))))))
@@ -91,7 +95,7 @@ EXPERIMENT = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(
              $(if $(EPOCHS),epochs=$(EPOCHS)) $(ARGS)
 FORCE_FLAG = $(if $(filter 1 true yes,$(FORCE)),--force)
 
-.PHONY: help lint demo test test-all test-quick test-oldest demo-data data cache config train train-all predict \
+.PHONY: tune prove help lint demo test test-all test-quick test-oldest demo-data data cache config train train-all predict \
         submit submissions kaggle-bundle kaggle-run report bench gpu-check results venv clean-venv
 
 # The tests run on every core (pytest-xdist), a test file per worker (a file's fixtures are built once); each
@@ -214,6 +218,16 @@ submissions: $(STAMP)    ## list your recent submissions and their scores
 kaggle-run: $(STAMP)    ## train (and SUBMIT=1: submit) on Kaggle's GPUs from this machine
 	$(strip $(PY) -m kit kaggle-run $(EXPERIMENT) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) \
 	    $(if $(filter 1 true yes,$(SUBMIT)),--submit) $(FORCE_FLAG))
+
+# A time-boxed recipe search (kit/tune.py, docs/TUNE.md): MINUTES= of wall time, SPACE= (configs/spaces/), TUNE_FOLDS=0,1
+# (the folds each trial trains), PARALLEL=N trial processes, STORAGE= a journal or RDB URL shared by several machines
+tune: $(STAMP)    ## time-boxed recipe search → configs/<name>-tuned.yaml: MINUTES=, SPACE=, TUNE_FOLDS=0,1, PARALLEL=N
+	$(strip $(PY) -m kit tune $(if $(MINUTES),--minutes $(MINUTES)) $(if $(SPACE),--space $(SPACE)) \
+	    $(if $(TUNE_FOLDS),--folds $(TUNE_FOLDS)) $(if $(PARALLEL),--parallel $(PARALLEL)) \
+	    $(if $(STORAGE),--storage $(STORAGE)) $(if $(TRIALS),--trials $(TRIALS)) $(EXPERIMENT))
+
+prove: $(STAMP)    ## the tuned config against the starting one, every fold × SEEDS (≥ 3), a paired test: TUNED=
+	$(strip $(PY) -m kit prove --tuned $(TUNED) $(if $(SEEDS),--seeds $(SEEDS)) $(EXPERIMENT))
 
 kaggle-bundle: $(STAMP)    ## dist/hcd-kit.zip: the kit and its offline wheels, for a Kaggle dataset or a GPU box
 	$(PY) -m kit bundle --out $(or $(BUNDLE),dist/hcd-kit.zip)

@@ -229,6 +229,9 @@ def build_parser(prog: str | None = None) -> KitArgumentParser:
                         help="sensitivity the third threshold must reach (default %(default)s)")
     report.add_argument("--saliency-images", type=int, default=None, metavar="N",
                         help="validation patches per fold behind the centre evidence share (default 64; 0: no maps)")
+    from .tune import add_tune_commands  # optuna loads only for `tune` and `prove`
+
+    add_tune_commands(commands, _add_experiment_options)
     for listed in commands._choices_actions:          # `<command> --help` opens with the line `--help` lists
         commands.choices[listed.dest].description = commands.choices[listed.dest].description or listed.help
     return parser
@@ -334,6 +337,10 @@ def run(args) -> None:
             configs = [load_experiment(args, name) for name in names] if names else [cfg]
             print(api.report(configs, target_sensitivity=args.target_sensitivity,
                              saliency_images=args.saliency_images))
+        elif args.command in ("tune", "prove"):
+            from .tune import run_tune_command
+
+            run_tune_command(args, cfg, lambda name: load_experiment(args, name))
 
 
 def command_parser(parser: argparse.ArgumentParser, args) -> KitArgumentParser:
