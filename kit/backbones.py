@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -231,6 +232,10 @@ def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None
     try:
         found = timm.models.load_state_dict(str(weights_file))
     except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+            raise KitError(f"config `model.pretrained_file`: {weights_file} holds pickled Python objects besides "
+                           f"tensors, which the kit never loads (unpickling can run code): save the weights alone, "
+                           f"torch.save(model.state_dict(), path) or a .safetensors file") from None
         raise KitError(f"config `model.pretrained_file`: cannot read {weights_file} ({type(err).__name__}: "
                        f"{first_line(err, 'no details')})") from None
     if found and all(k.startswith("net.") or k in ("mean", "std") for k in found):   # a kit checkpoint

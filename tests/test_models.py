@@ -138,3 +138,17 @@ def test_the_check_runs_on_the_meta_device_and_only_a_failure_there_costs_a_real
     message = refusal(ModelConfig(name="baseline_bn"))
     assert message.startswith("config `model.name: baseline_bn`: the model fails on a batch of the kit's patches")
     assert "(RuntimeError: mat1 and mat2 shapes cannot be multiplied" in message
+
+
+class PickledExtra:
+    """An object a weights file must not hold: loading it would run this class's code."""
+
+
+def test_a_weights_file_holding_pickled_objects_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "extra": PickledExtra()}, weights)
+    with pytest.raises(KitError) as refused:
+        build_model(ModelConfig(name="resnet10t", pretrained_file=str(weights)))
+    message = str(refused.value)
+    assert "holds pickled Python objects" in message and "torch.save(model.state_dict()" in message
+    assert "weights_only" not in message and len(message.splitlines()) == 1
