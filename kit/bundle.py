@@ -10,12 +10,16 @@ lacks with `pip install --no-index --find-links`; on another machine:
 
     python3 -m pip install --no-index --no-deps --find-links wheels --target /tmp/site -r wheels/requirements-offline.txt
     PYTHONPATH=/tmp/site:$PWD python3 -m kit gpu-check
+
+The wheels come from pip's configured index, or, where `KIT_WHEELS=<folder>` is set, from that folder alone
+(`pip download --no-index --find-links`): a machine without internet that has the wheels makes the bundle too.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +41,7 @@ TARGET_PYTHONS = ("3.11", "3.12")
 TARGET_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 WHEELS_DIR = "wheels"
 OFFLINE_REQUIREMENTS = "requirements-offline.txt"      # under wheels/
+WHEELS_VARIABLE = "KIT_WHEELS"      # a local folder of wheels to take them from instead of the package index
 
 
 def bundle_files(repo: Path = REPO) -> list[Path]:
@@ -93,24 +98,27 @@ def wheel_fits(wheel: Path, python: str) -> bool:
     return tags[0].startswith("py3") or wanted in tags[0].split(".") or tags[1] == "abi3"
 
 
-def download_wheels(packages, folder: Path, requirements: Path) -> list[Path]:
-    """Wheels of `packages` at their tested versions for every TARGET_PYTHONS on manylinux x86-64, from pip's
-    configured index (no source builds); refused in one line when one is missing."""
+def download_wheels(packages, folder: Path, requirements: Path, source: Path | None = None,
+                    pythons: tuple[str, ...] = TARGET_PYTHONS) -> list[Path]:
+    """Wheels of `packages` at their tested versions for each of `pythons` on manylinux x86-64 (no source builds),
+    from pip's configured index, or from the folder `source` alone; refused in one line when one is missing."""
     specs = [tested_version(package, requirements) for package in packages]
-    for python in TARGET_PYTHONS:
+    where = ["--no-index", "--find-links", str(source)] if source else []
+    for python in pythons:
         platforms = [option for platform in TARGET_PLATFORMS for option in ("--platform", platform)]
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                               *platforms, "--python-version", python, "--implementation", "cp", "--dest",
+                               *where, *platforms, "--python-version", python, "--implementation", "cp", "--dest",
                                str(folder), *specs], capture_output=True, text=True)
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            remedy = (f"add them to {source} ({WHEELS_VARIABLE}), or unset {WHEELS_VARIABLE} where pip can reach its "
+                      f"package index" if source else "run `make kaggle-bundle` where pip can reach its package index")
             raise KitError(f"could not fetch the wheels the offline bundle needs for Python {python} "
-                           f"({', '.join(specs)}): {reason}; run `make kaggle-bundle` where pip can reach its "
-                           f"package index")
+                           f"({', '.join(specs)}){f' from {source}' if source else ''}: {reason}; {remedy}")
     wheels = sorted(folder.glob("*.whl"))
     for spec in specs:
         name = spec.split("==")[0].replace("-", "_").lower()
-        for python in TARGET_PYTHONS:
+        for python in pythons:
             if not any(w.name.lower().startswith(name + "-") and wheel_fits(w, python) for w in wheels):
                 raise KitError(f"no wheel of {spec} for Python {python} on manylinux x86-64 among those pip "
                                f"fetched: the offline bundle cannot install it there")
@@ -119,19 +127,23 @@ def download_wheels(packages, folder: Path, requirements: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def offline_wheels(requirements_text: str, requirements: Path) -> tuple[tuple[str, bytes], ...]:
-    """(file name, bytes) of every wheel the bundle carries, fetched once per process for a given requirements.txt
-    (a kaggle-run writes one bundle; the tests write several)."""
+def offline_wheels(requirements_text: str, requirements: Path, source: Path | None,
+                   pythons: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    """(file name, bytes) of every wheel the bundle carries, fetched once per process for a given requirements.txt,
+    source and Pythons (a kaggle-run writes one bundle; the tests write several)."""
     with tempfile.TemporaryDirectory(prefix="kit-wheels-") as tmp:
         return tuple((path.name, path.read_bytes())
-                     for path in download_wheels(OFFLINE_PACKAGES, Path(tmp), requirements))
+                     for path in download_wheels(OFFLINE_PACKAGES, Path(tmp), requirements, source, pythons))
 
 
 def write_bundle(out: str | Path, repo: Path = REPO) -> Path:
-    """Write the zip atomically; its top level holds kit/, configs/, notebooks/, wheels/ and the project files."""
+    """Write the zip atomically; its top level holds kit/, configs/, notebooks/, wheels/ and the project files. The
+    wheels come from the folder $KIT_WHEELS when it is set, else from pip's index."""
     out = Path(out)
     requirements = repo / "requirements.txt"
-    wheels = offline_wheels(requirements.read_text(), requirements)
+    source = os.environ.get(WHEELS_VARIABLE)
+    wheels = offline_wheels(requirements.read_text(), requirements, Path(source).resolve() if source else None,
+                            TARGET_PYTHONS)
     with atomic_path(out) as target, zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in bundle_files(repo):
             archive.write(path, path.relative_to(repo).as_posix())

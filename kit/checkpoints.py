@@ -48,9 +48,10 @@ class FoldProgress:
 
     def is_better(self, row: dict) -> bool:
         """A higher val AUC; at the same AUC a lower val loss (an AUC of 1.0 is often reached by an under-confident
-        early epoch), and at both the same the later epoch."""
+        early epoch). An epoch equal on both is no improvement: it keeps the best and counts towards early stopping
+        (only a model that did not change scores exactly the same)."""
         return (row["val_auc"] > self.best_auc or
-                (row["val_auc"] == self.best_auc and row["val_loss"] <= self.best_val_loss))
+                (row["val_auc"] == self.best_auc and row["val_loss"] < self.best_val_loss))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 The same launcher (`torch.distributed.run`: its options, its rendezvous, its process management), with two changes
 for people: a failed run ends in one line (what stopped each rank: the error it printed above, or the signal that
 killed it) instead of torchrun's ChildFailedError traceback; NPROC/NNODES values and a rendezvous no machine
-joined are one line too; and on the CPU each process gets an equal share of the cores instead of torchrun's one
-thread. Calling `torchrun` itself with the same arguments works too.
+joined are one line too; on the CPU each process gets an equal share of the cores instead of torchrun's one thread;
+and with several machines, RDZV=<first machine>:0 on the first one opens the rendezvous on a free port and names it
+in the waiting line, for the other machines' RDZV. Calling `torchrun` itself with the same arguments works too (one
+machine: torchrun already picks a free port of its own).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 
 TORCHRUN_PROCESS_WORDS = ("auto", "cpu", "gpu")     # torchrun's own values of --nproc_per_node
+RDZV_DEFAULT_PORT = 29400                            # torchrun's c10d port when the endpoint names none
 
 
 def check_counts(args) -> str | None:
@@ -30,6 +33,28 @@ def check_counts(args) -> str | None:
 
 def machines_wanted(args) -> int:
     return int(str(args.nnodes).split(":")[0])
+
+
+def host_on_a_free_port(args):
+    """`--rdzv-endpoint host:0` (c10d, several machines) on the machine it names: the rendezvous store opened here on
+    a free port, and the endpoint rewritten to it, so the waiting line can say where the others meet. torchrun's
+    rendezvous then shares this store (a multi-tenant store on the same port is one server per process); it must
+    stay open for the run. Returns (the store or None, an error line or None)."""
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname, parse_rendezvous_endpoint
+
+    if args.rdzv_backend != "c10d" or not args.rdzv_endpoint:
+        return None, None
+    host, port = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=RDZV_DEFAULT_PORT)
+    if port != 0:
+        return None, None
+    if not _matches_machine_hostname(host):
+        return None, (f"RDZV={args.rdzv_endpoint}: port 0 (a free port) only on the machine {host} itself; the "
+                      f"others join at the port its waiting line names")
+    from torch.distributed import TCPStore
+
+    store = TCPStore(host, 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+    args.rdzv_endpoint = f"{host}:{store.port}"
+    return store, None
 
 
 def describe_failures(err) -> str:
@@ -78,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         processes = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
         threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // max(1, processes))
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    # a store this machine hosts stays open (referenced here) until the run ends
+    store, problem = host_on_a_free_port(args) if machines_wanted(args) > 1 else (None, None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if machines_wanted(args) > 1:
         print(f"waiting for {machines_wanted(args)} machines to meet at {args.rdzv_endpoint} (run the same command on "
               f"each; torchrun waits up to its rendezvous join_timeout, 600 s unless set)", file=sys.stderr,

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import yaml
 
-from kit.cli import build_parser, main
+from kit.cli import main
+from kit.cli_parser import build_parser
 from kit.config import CONFIGS_DIR
 
 from conftest import REPO

@@ -4,6 +4,7 @@ rows' meaning (compile seconds, T4 fit, failed correctness checks)."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ CARDS = {(6, 0): "Tesla P100-PCIE-16GB", (7, 5): "Tesla T4", (8, 0): "NVIDIA A10
 
 
 def test_the_t4_line_comes_from_the_measured_peaks_with_the_competition_split_in_place_of_the_checks():
-    from kit.gpu_check import format_report, summary
+    from kit.gpu_report import format_report, summary
 
     def epoch(config, precision, peak, tta_peak, **extra):
         return {"kind": "epoch", "config": config, "precision": precision, "compiled": False, "status": "ok",
@@ -41,7 +42,8 @@ def test_the_t4_line_comes_from_the_measured_peaks_with_the_competition_split_in
 def test_a_compiled_row_times_its_second_epoch_and_reports_the_first_ones_extra_as_compile_seconds(tmp_path):
     import pandas as pd
 
-    from kit.gpu_check import check_config, epoch_numbers, format_run
+    from kit.gpu_check import check_config, epoch_numbers
+    from kit.gpu_report import format_run
 
     assert check_config("effnet_b0", tmp_path, tmp_path, "cpu", compiled=True).epochs == 2
     assert check_config("effnet_b0", tmp_path, tmp_path, "cpu").epochs == 1
@@ -56,7 +58,8 @@ def test_a_compiled_row_times_its_second_epoch_and_reports_the_first_ones_extra_
 
 def test_a_failed_correctness_check_is_its_row_and_fails_the_check(monkeypatch, tmp_path):
     import kit.gpu_correctness
-    from kit.gpu_check import correctness, format_check, summary
+    from kit.gpu_check import correctness
+    from kit.gpu_report import format_check, summary
 
     def resumes_elsewhere(data_dir, out_dir, device):
         raise AssertionError("resumed val AUC 0.61 vs straight-through 0.93: 0.32 apart (more than rounding)")
@@ -67,6 +70,38 @@ def test_a_failed_correctness_check_is_its_row_and_fails_the_check(monkeypatch, 
     epoch = {"kind": "epoch", "config": "baseline_bn", "precision": "auto", "compiled": False, "status": "ok"}
     assert summary([epoch, {"kind": "correctness", **row}])["passed"] is False
     assert summary([epoch])["passed"] is True
+
+
+def test_a_check_that_does_not_hold_fails_under_python_dash_o_too(tmp_path):
+    """`python -O` strips asserts: the checks raise CheckFailed themselves, so a card that resumes elsewhere or
+    predicts otherwise than the CPU is a FAILED row however Python runs."""
+    import ast
+
+    import kit.gpu_correctness
+
+    script = tmp_path / "failing_checks.py"
+    script.write_text(
+        "import sys\nimport numpy as np\nimport torch\n"
+        "from kit.gpu_correctness import CheckFailed, same_weights, tta_gaps\n"
+        "print('optimize', sys.flags.optimize)\n"
+        "for check, found in ((same_weights, ({'w': torch.zeros(3)}, {'w': torch.tensor([0.0, 0.0, 1e-3])})),\n"
+        "                     (tta_gaps, (np.zeros(4), np.full(4, 0.01), np.zeros(4)))):\n"
+        "    try:\n"
+        "        check(*found)\n"
+        "        print('passed')\n"
+        "    except CheckFailed as err:\n"
+        "        print('FAILED:', err)\n")
+    done = subprocess.run([sys.executable, "-O", str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "optimize 1",
+        "FAILED: the resumed fold's `w` differs from the straight-through fold's by up to 0.001 (the same steps on "
+        "deterministic kernels must give the same weights)",
+        "FAILED: fp32 TTA probabilities differ from the CPU's by up to 1.00e-02"]
+    tree = ast.parse(Path(kit.gpu_correctness.__file__).read_text())
+    asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    assert not asserts, f"kit/gpu_correctness.py asserts on lines {asserts}: python -O would pass them"
 
 
 def test_gpu_check_without_a_gpu_is_one_line_and_exit_2(capsys):
@@ -84,8 +119,13 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     compile and peak memory)."""
     import json
 
-    from kit.gpu_check import read_rows, run_gpu_check
+    from kit.fold import train_fold
+    from kit.gpu_check import check_config, run_gpu_check, timing_data
+    from kit.gpu_report import read_rows
 
+    # the epoch row's fold, trained here the same way (the CPU repeats it bit for bit): the row reports its AUC
+    reference = train_fold(check_config("baseline_bn", timing_data(tmp_path / "reference", 200, test=24),
+                                        tmp_path / "reference" / "runs", "cpu"), 0, log=lambda *_: None)
     lines = []
     path, passed = run_gpu_check(tmp_path / "check", images=200, test_images=24, configs=("baseline_bn",), compiled=(),
                                  device="cpu", bench_images=32, bench_seconds=0.0, scale_out_processes=2,
@@ -94,11 +134,13 @@ def test_gpu_check_runs_every_step_end_to_end(tmp_path):
     rows = read_rows(path.with_suffix(".jsonl"))           # every row, as it finished
     assert [row["kind"] for row in rows] == ["header", "resident", "epoch", "epoch", "tta", "bench", "scale_out",
                                              "scale_out"]
-    assert passed and report["passed"] and report["card"] == "cpu"
+    failed = [row for row in rows if row.get("status") not in (None, "ok", "skipped")]
+    assert passed and report["passed"] and report["card"] == "cpu", failed
     assert report["resident"]["status"] == "skipped" and report["resident"]["images"] == 220_025
     run, swa = report["epochs"]
     assert run["status"] == "ok" and run["precision"] == "auto" and run["train_images_per_s"] > 0
-    assert run["peak_memory_mb"] is None and 0 <= run["val_auc"] <= 1 and run["batch_size"] == 32
+    assert run["peak_memory_mb"] is None and run["batch_size"] == 32
+    assert run["val_auc"] == reference["best_val_auc"]
     assert swa["status"] == "ok" and swa["swa"] and swa["swa_bn_seconds"] > 0, "SWA's BatchNorm pass is timed"
     assert report["correctness"] == [], "the correctness checks are a GPU's (make test proves the CPU path)"
     assert report["tta"]["status"] == "ok" and report["tta"]["views"] == "d4"
@@ -113,7 +155,8 @@ def test_gpu_check_plans_rows_by_value_within_its_budget_and_a_cut_off_run_keeps
     import signal
     import time
 
-    from kit.gpu_check import planned_epochs, read_rows, run_gpu_check
+    from kit.gpu_check import planned_epochs, run_gpu_check
+    from kit.gpu_report import read_rows
 
     plan = planned_epochs(("baseline", "baseline_bn", "compete_effnet_b0", "effnet_b0"), ["auto", "fp16"],
                           ("baseline_bn", "effnet_b0"))

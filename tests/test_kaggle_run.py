@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_notebook import local_wheels, offline_bundle  # noqa: F401  (fixtures: the bundle's wheels, offline)
 
 from kit.competition import COMPETITION
 from kit.config import load_config, to_dict
@@ -22,6 +23,8 @@ from kit.kaggle_run import kaggle_run, state_path
 from conftest import REPO
 
 USER = "kit-tester"
+# every kaggle-run writes the bundle: its wheels from a local folder, never the package index
+pytestmark = pytest.mark.usefixtures("offline_bundle")
 
 
 def competition_sample() -> pd.DataFrame:

@@ -1,21 +1,73 @@
 """The kit inside a Kaggle notebook: attached read-only from the bundle, run from another working directory."""
 
+import base64
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from kit.bundle import write_bundle
+import kit.bundle
+from kit.bundle import OFFLINE_PACKAGES, write_bundle
 from kit.errors import KitError
 
 from conftest import offline_pip_environment, python_without
+
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def installed_wheels(packages, folder: Path) -> Path:
+    """Each of `packages` as installed here, packed back into the wheel it was installed from (its files as its
+    RECORD lists them, its WHEEL tags): a local wheel source for this Python, made without the network."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for package in packages:
+        dist = importlib.metadata.distribution(package)
+        site = Path(dist.locate_file(""))
+        info = next(f.parts[0] for f in dist.files if f.parts[0].endswith(".dist-info"))
+        tags = [line.split(":", 1)[1].strip().split("-") for line in dist.read_text("WHEEL").splitlines()
+                if line.startswith("Tag:")]
+        tag = "-".join(".".join(sorted({t[i] for t in tags})) for i in range(3))
+        records = []
+        with zipfile.ZipFile(folder / f"{info[:-len('.dist-info')]}-{tag}.whl", "w") as wheel:
+            for file in dist.files:
+                if file.parts[0] == ".." or "__pycache__" in file.parts or (file.parts[0] == info and file.name in (
+                        "RECORD", "INSTALLER", "REQUESTED", "direct_url.json")):
+                    continue
+                data = (site / file).read_bytes()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                records.append(f"{file.as_posix()},sha256={digest},{len(data)}\n")
+                wheel.writestr(file.as_posix(), data)
+            wheel.writestr(f"{info}/RECORD", "".join(records) + f"{info}/RECORD,,\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def local_wheels(tmp_path_factory) -> Path:
+    """The bundle's offline packages as wheels in a local folder, packed from this environment."""
+    return installed_wheels(OFFLINE_PACKAGES, tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture
+def offline_bundle(local_wheels, monkeypatch) -> Path:
+    """`write_bundle` without the network: its wheels from `local_wheels` (KIT_WHEELS), for this Python only (what
+    the installed packages were built for), and pip's index unreachable should anything ask it."""
+    for name in [name for name in os.environ if name.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    for name, value in offline_pip_environment().items():
+        if name.startswith("PIP_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv(kit.bundle.WHEELS_VARIABLE, str(local_wheels))
+    monkeypatch.setattr(kit.bundle, "TARGET_PYTHONS", (THIS_PYTHON,))
+    return local_wheels
 
 RUN_NOTEBOOK = r"""
 import json, sys
@@ -45,7 +97,8 @@ BARE_IMAGE_LACKS = ("albumentations", "albucore", "pydantic", "annotated_types",
 
 
 @pytest.mark.slow
-def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_output(demo_data, tmp_path):
+def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_output(demo_data, tmp_path,
+                                                                                      offline_bundle):
     kaggle = tmp_path / "kaggle"
     kit_input = kaggle / "input" / "hcd-kit"
     competition_input = kaggle / "input" / "histopathologic-cancer-detection"
@@ -97,7 +150,7 @@ def test_notebook_runs_offline_from_a_read_only_bundle_keeping_only_results_as_o
 
 
 @pytest.mark.slow
-def test_a_bare_torch_machine_runs_the_gpu_check_from_the_bundle_offline(tmp_path):
+def test_a_bare_torch_machine_runs_the_gpu_check_from_the_bundle_offline(tmp_path, offline_bundle):
     """The README's three lines on a machine with its own torch and no internet: the bundle's wheels installed into
     a folder on PYTHONPATH (never torch), then `python3 -m kit gpu-check`."""
     python = python_without(BARE_IMAGE_LACKS, tmp_path / "gpu-box")
@@ -126,13 +179,35 @@ def test_a_bare_torch_machine_runs_the_gpu_check_from_the_bundle_offline(tmp_pat
     assert where.stdout.startswith(str(site)), "albumentations from the bundle's wheels"
 
 
-def test_bundle_holds_the_kit_configs_and_notebook(tmp_path):
+def test_bundle_holds_the_kit_configs_notebook_and_a_wheel_of_each_offline_package(tmp_path, offline_bundle):
     with zipfile.ZipFile(write_bundle(tmp_path / "kit.zip")) as bundle:
         names = set(bundle.namelist())
+        pinned = bundle.read("wheels/requirements-offline.txt").decode().split()
     assert {"kit/__init__.py", "kit/api.py", "configs/baseline.yaml", "notebooks/kaggle.ipynb",
             "requirements.txt", "requirements-kaggle.txt", "wheels/ttach-0.0.3-py3-none-any.whl"} <= names
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
     json.loads(zipfile.ZipFile(tmp_path / "kit.zip").read("notebooks/kaggle.ipynb"))
+    assert pinned[:2] == ["ttach==0.0.3", "albumentations==2.0.8"] and len(pinned) == len(OFFLINE_PACKAGES)
+    wheels = {name.split("/")[1] for name in names if name.endswith(".whl")}
+    for spec in pinned:                          # each at its tested version, from the local folder
+        name, version = spec.split("==")
+        assert any(w.lower().startswith(f"{name.replace('-', '_')}-{version}-") for w in wheels), spec
+    assert wheels == {w.name for w in offline_bundle.glob("*.whl")}
+
+
+def test_a_bundle_whose_wheel_folder_lacks_a_python_is_refused_naming_it(tmp_path, offline_bundle, monkeypatch):
+    """Without internet, KIT_WHEELS must hold every target Python's wheels: this folder has this Python's only."""
+    other = "3.12" if THIS_PYTHON != "3.12" else "3.11"
+    monkeypatch.setattr(kit.bundle, "TARGET_PYTHONS", (THIS_PYTHON, other))
+    with pytest.raises(KitError) as caught:
+        write_bundle(tmp_path / "kit.zip")
+    message = str(caught.value)
+    assert message.startswith(f"could not fetch the wheels the offline bundle needs for Python {other} (ttach==0.0.3, "
+                              f"albumentations==2.0.8, ")
+    assert f"from {offline_bundle}: " in message and "No matching distribution found for" in message
+    assert message.endswith(f"add them to {offline_bundle} (KIT_WHEELS), or unset KIT_WHEELS where pip can reach its "
+                            f"package index")
+    assert not (tmp_path / "kit.zip").exists()
 
 
 def test_on_kaggle_runs_and_cache_default_to_scratch_unless_set(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Fold-parallel training (`make train-all PARALLEL=N`): folds in worker processes, shared data built once, the fold
 lock respected, a failed fold named while the others finish, Ctrl-C that stops all and resumes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from kit import api
+from kit.checkpoints import load_checkpoint
 from kit.data import cache_dir_for
 from kit.errors import KitError
 from kit.parallel import prepare_shared, resolve_parallel
@@ -61,35 +63,68 @@ def test_parallel_values():
             resolve_parallel(bad)
 
 
+# Loaded at start-up by every Python process of a run given its folder on PYTHONPATH: a fold worker (KIT_PARENT_PID
+# set) stops once its first epoch is saved, marks that, and waits there until Ctrl-C reaches it. No fold can finish
+# before both have saved an epoch, however the two share the machine.
+HOLD_AFTER_EPOCH_1 = """
+import os
+if os.environ.get("KIT_PARENT_PID"):
+    import time
+    from pathlib import Path
+
+    import kit.fold
+
+    train_fold = kit.fold.train_fold
+
+    def held_after_epoch_1(cfg, fold, *args, on_epoch_end=None, **options):
+        def hold(epoch, row):
+            if epoch == 1:
+                Path(os.environ["KIT_TEST_MARKS"], f"fold{fold}").touch()
+                while True:
+                    time.sleep(0.05)
+        return train_fold(cfg, fold, *args, on_epoch_end=hold, **options)
+
+    kit.fold.train_fold = held_after_epoch_1
+"""
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_every_worker_and_the_rerun_resumes_each_fold(quick_config):
-    cfg = quick_config(epochs=3, max_train_images=64, **{"tta.views": "none"})
+def test_ctrl_c_stops_every_worker_and_the_rerun_resumes_each_fold(quick_config, tmp_path):
+    cfg = quick_config(epochs=2, max_train_images=64, **{"tta.views": "none"})
     command = [sys.executable, "-m", "kit", "train-all", "--parallel", "2", "--config", "configs/demo.yaml",
-               "--data-dir", cfg.data_dir, "--out", cfg.out_dir, "folds.n_splits=2", "epochs=3",
+               "--data-dir", cfg.data_dir, "--out", cfg.out_dir, "folds.n_splits=2", "epochs=2",
                "max_train_images=64", "batch_size=32", "tta.views=none"]
+    hook, marks = tmp_path / "hook", tmp_path / "marks"
+    hook.mkdir()
+    marks.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_AFTER_EPOCH_1)
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(hook), KIT_TEST_MARKS=str(marks)),
                            preexec_fn=as_from_a_terminal)
-    logs = [experiment_dir(cfg) / f"fold{fold}.log" for fold in (0, 1)]
     try:
-        deadline = time.monotonic() + 240
-        while not all(log.is_file() and "epoch 1/3: train_loss" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and run.poll() is None, "both folds should have started"
+        deadline = time.monotonic() + 300
+        while sorted(path.name for path in marks.iterdir()) != ["fold0", "fold1"]:
+            assert time.monotonic() < deadline and run.poll() is None, "both folds should have saved epoch 1"
             time.sleep(0.2)
         os.killpg(run.pid, signal.SIGINT)            # what a terminal sends to the whole process group
         _, err = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("interrupted: folds ")
-    saved = [fold for fold in (0, 1) if (fold_dir(cfg, fold) / "last.pt").is_file()]
-    assert saved and not any((fold_dir(cfg, fold) / "metrics.json").is_file() for fold in (0, 1))
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("interrupted: folds 0, 1 stopped; every fold keeps its finished epochs; "
+                                            "rerun the same command to resume")
+    for fold in (0, 1):
+        assert load_checkpoint(fold_dir(cfg, fold) / "last.pt")["epoch"] == 1
+        assert not (fold_dir(cfg, fold) / "metrics.json").is_file()
+        assert f"interrupted in epoch 2 of fold {fold}: epoch 1 is saved" in \
+            (experiment_dir(cfg) / f"fold{fold}.log").read_text()
 
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert all((fold_dir(cfg, fold) / "metrics.json").is_file() for fold in (0, 1))
-    for fold in saved:
-        assert "resuming after epoch" in (experiment_dir(cfg) / f"fold{fold}.log").read_text()
+    for fold in (0, 1):
+        assert json.loads((fold_dir(cfg, fold) / "metrics.json").read_text())["epochs_trained"] == 2
+        assert "resuming after epoch 1" in (experiment_dir(cfg) / f"fold{fold}.log").read_text()
 
 
 def children_of(pid: int) -> list[int]:

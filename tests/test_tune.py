@@ -195,7 +195,7 @@ def test_prove_keeps_the_starting_config_when_the_tuned_one_gains_nothing(tiny_c
 
 
 def test_the_command_line_reads_tune_and_prove_arguments():
-    from kit.cli import KitArgumentParser, _add_experiment_options
+    from kit.cli_parser import KitArgumentParser, _add_experiment_options
     from kit.tune import add_tune_commands
 
     parser = KitArgumentParser(prog="kit")
