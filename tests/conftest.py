@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +27,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
     os.environ.setdefault("MKL_NUM_THREADS", _threads)
 
+import kit.bundle  # noqa: E402
+from kit.bundle import OFFLINE_PACKAGES  # noqa: E402
 from kit.config import load_config  # noqa: E402
 from kit.demo_data import make_demo_data  # noqa: E402
 
@@ -145,3 +151,63 @@ def offline_pip_environment() -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
     return dict(env, PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
                 PIP_TIMEOUT="2", PIP_DISABLE_PIP_VERSION_CHECK="1")
+
+
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def installed_wheels(packages, folder: Path) -> Path:
+    """Each of `packages` as installed here, packed back into the wheel it was installed from (its files as its
+    RECORD lists them, its WHEEL tags): a local wheel source for this Python, made without the network."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for package in packages:
+        dist = importlib.metadata.distribution(package)
+        site = Path(dist.locate_file(""))
+        info = next(f.parts[0] for f in dist.files if f.parts[0].endswith(".dist-info"))
+        tags = [line.split(":", 1)[1].strip().split("-") for line in dist.read_text("WHEEL").splitlines()
+                if line.startswith("Tag:")]
+        tag = "-".join(".".join(sorted({t[i] for t in tags})) for i in range(3))
+        records = []
+        with zipfile.ZipFile(folder / f"{info[:-len('.dist-info')]}-{tag}.whl", "w") as wheel:
+            for file in dist.files:
+                if file.parts[0] == ".." or "__pycache__" in file.parts or (file.parts[0] == info and file.name in (
+                        "RECORD", "INSTALLER", "REQUESTED", "direct_url.json")):
+                    continue
+                data = (site / file).read_bytes()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                records.append(f"{file.as_posix()},sha256={digest},{len(data)}\n")
+                wheel.writestr(file.as_posix(), data)
+            wheel.writestr(f"{info}/RECORD", "".join(records) + f"{info}/RECORD,,\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def local_wheels(tmp_path_factory) -> Path:
+    """The bundle's offline packages as wheels in a local folder, packed from this environment."""
+    return installed_wheels(OFFLINE_PACKAGES, tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture
+def offline_bundle(local_wheels, monkeypatch) -> Path:
+    """`write_bundle` without the network: its wheels from `local_wheels` (KIT_WHEELS), for this Python only (what
+    the installed packages were built for), and pip's index unreachable should anything ask it."""
+    for name in [name for name in os.environ if name.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    for name, value in offline_pip_environment().items():
+        if name.startswith("PIP_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv(kit.bundle.WHEELS_VARIABLE, str(local_wheels))
+    monkeypatch.setattr(kit.bundle, "TARGET_PYTHONS", (THIS_PYTHON,))
+    return local_wheels
+
+
+def assert_the_best_epoch_is_kept(cfg, fold: int, metrics: dict) -> None:
+    """The fold's reported best val AUC is the best of its history.csv, and best.pt holds that epoch: exact values a
+    fold of a few images can still be held to (its AUC itself says little there)."""
+    from kit.checkpoints import load_checkpoint
+    from kit.runs import fold_dir
+
+    history = pd.read_csv(fold_dir(cfg, fold) / "history.csv")
+    best = load_checkpoint(fold_dir(cfg, fold) / "best.pt")
+    assert metrics["best_val_auc"] == best["val_auc"] == pytest.approx(history["val_auc"].max(), abs=1e-12)   # CSV
+    assert metrics["best_epoch"] == best["epoch"] == int(history.loc[history["val_auc"].idxmax(), "epoch"])

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_notebook import local_wheels, offline_bundle  # noqa: F401  (fixtures: the bundle's wheels, offline)
 
 from kit.competition import COMPETITION
 from kit.config import load_config, to_dict

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from kit.config import load_config
 from kit.demo_data import SLIDES_CSV, TEST_LABELS_CSV
@@ -118,7 +119,10 @@ def test_results_runs_seeds_and_writes_mean_and_std(tmp_path):
               out_dir=str(tmp_path / "runs"), results_md=page, **QUIET)
     rows = read_rows(tmp_path / "runs" / "results.jsonl")
     assert [(r["entry"], r["seed"], r["folds"]) for r in rows] == [("baseline_bn", 0, 1), ("baseline_bn", 1, 1)]
-    assert all(0 <= r["test_auc"] <= 1 and 0 <= r["cv_auc"] <= 1 for r in rows)
+    for row in rows:          # each row's CV AUC is its run's out-of-fold AUC, exactly
+        (oof_file,) = (tmp_path / "runs").glob(f"baseline_bn-*-seed{row['seed']}/fold0/oof.csv")
+        oof = pd.read_csv(oof_file)
+        assert row["cv_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["pred"]), abs=1e-12)
     cv = [r["cv_auc"] for r in rows]
     assert f"| `baseline_bn` | 1 of 5 folds, 1 epochs, tta.views=none | 2 | {np.mean(cv):.4f} ± {np.std(cv, ddof=1):.4f} |" \
         in page.read_text()

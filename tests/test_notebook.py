@@ -1,15 +1,11 @@
 """The kit inside a Kaggle notebook: attached read-only from the bundle, run from another working directory."""
 
-import base64
-import hashlib
-import importlib.metadata
 import json
 import os
 import re
 import shutil
 import stat
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -20,54 +16,7 @@ import kit.bundle
 from kit.bundle import OFFLINE_PACKAGES, write_bundle
 from kit.errors import KitError
 
-from conftest import offline_pip_environment, python_without
-
-THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def installed_wheels(packages, folder: Path) -> Path:
-    """Each of `packages` as installed here, packed back into the wheel it was installed from (its files as its
-    RECORD lists them, its WHEEL tags): a local wheel source for this Python, made without the network."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for package in packages:
-        dist = importlib.metadata.distribution(package)
-        site = Path(dist.locate_file(""))
-        info = next(f.parts[0] for f in dist.files if f.parts[0].endswith(".dist-info"))
-        tags = [line.split(":", 1)[1].strip().split("-") for line in dist.read_text("WHEEL").splitlines()
-                if line.startswith("Tag:")]
-        tag = "-".join(".".join(sorted({t[i] for t in tags})) for i in range(3))
-        records = []
-        with zipfile.ZipFile(folder / f"{info[:-len('.dist-info')]}-{tag}.whl", "w") as wheel:
-            for file in dist.files:
-                if file.parts[0] == ".." or "__pycache__" in file.parts or (file.parts[0] == info and file.name in (
-                        "RECORD", "INSTALLER", "REQUESTED", "direct_url.json")):
-                    continue
-                data = (site / file).read_bytes()
-                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-                records.append(f"{file.as_posix()},sha256={digest},{len(data)}\n")
-                wheel.writestr(file.as_posix(), data)
-            wheel.writestr(f"{info}/RECORD", "".join(records) + f"{info}/RECORD,,\n")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def local_wheels(tmp_path_factory) -> Path:
-    """The bundle's offline packages as wheels in a local folder, packed from this environment."""
-    return installed_wheels(OFFLINE_PACKAGES, tmp_path_factory.mktemp("wheels"))
-
-
-@pytest.fixture
-def offline_bundle(local_wheels, monkeypatch) -> Path:
-    """`write_bundle` without the network: its wheels from `local_wheels` (KIT_WHEELS), for this Python only (what
-    the installed packages were built for), and pip's index unreachable should anything ask it."""
-    for name in [name for name in os.environ if name.startswith("PIP_")]:
-        monkeypatch.delenv(name)
-    for name, value in offline_pip_environment().items():
-        if name.startswith("PIP_"):
-            monkeypatch.setenv(name, value)
-    monkeypatch.setenv(kit.bundle.WHEELS_VARIABLE, str(local_wheels))
-    monkeypatch.setattr(kit.bundle, "TARGET_PYTHONS", (THIS_PYTHON,))
-    return local_wheels
+from conftest import THIS_PYTHON, offline_pip_environment, python_without
 
 RUN_NOTEBOOK = r"""
 import json, sys
