@@ -313,7 +313,7 @@ def tune(cfg: Config, space_path: str | Path | None, minutes: float, folds=(0,),
         if parallel == 1:
             run_trials(cfg, space, folds, minutes * 60, storage, trials, log, clock, pruner, bar=bar)
         else:
-            run_workers(cfg, path, minutes * 60, folds, parallel, storage, trials, bar, clock)
+            run_workers(cfg, path, minutes * 60, folds, parallel, storage, trials, bar, clock, pruner)
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(f"tune {cfg.name}: stopped by Ctrl-C; the trial that was running is recorded as cut "
@@ -333,8 +333,12 @@ def tune(cfg: Config, space_path: str | Path | None, minutes: float, folds=(0,),
     return summary
 
 
-def run_workers(cfg: Config, space_path: Path, seconds: float, folds, parallel: int, storage, trials, bar, clock):
-    """`parallel` processes, each running trials on the shared study until the budget; the bar follows the study."""
+def run_workers(cfg: Config, space_path: Path, seconds: float, folds, parallel: int, storage, trials, bar, clock,
+                pruner=None):
+    """`parallel` processes, each running trials on the shared study until the budget; the bar follows the study.
+    A study's pruner is not stored with it: the workers are told which (successive halving, or none)."""
+    import optuna
+
     folder = tune_dir(cfg)
     config_path = folder / "tune-config.yaml"
     save_config(cfg, config_path)
@@ -342,7 +346,8 @@ def run_workers(cfg: Config, space_path: Path, seconds: float, folds, parallel: 
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     each = None if trials is None else math.ceil(trials / parallel)
     command = [sys.executable, "-m", "kit.tune", str(config_path), str(space_path), str(seconds),
-               ",".join(map(str, folds)), storage or "", str(each or 0)]
+               ",".join(map(str, folds)), storage or "", str(each or 0),
+               "none" if isinstance(pruner, optuna.pruners.NopPruner) else "successive-halving"]
     workers = []
     for worker in range(parallel):
         with open(folder / f"worker{worker}.log", "w") as out:
@@ -400,13 +405,16 @@ def run_tune_command(args, cfg: Config, load_experiment) -> None:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """A `parallel` worker: python -m kit.tune CONFIG SPACE SECONDS FOLDS STORAGE TRIALS WORKER; its errors as one
-    line and exit 2, Ctrl-C as 130 (the command line's convention)."""
-    config, space_path, seconds, folds, storage, trials, worker = argv
+    """A `parallel` worker: python -m kit.tune CONFIG SPACE SECONDS FOLDS STORAGE TRIALS PRUNER WORKER; its errors
+    as one line and exit 2, Ctrl-C as 130 (the command line's convention)."""
+    import optuna
+
+    config, space_path, seconds, folds, storage, trials, pruner, worker = argv
     try:
         cfg = load_config(config)
         run_trials(cfg, load_space(cfg, Path(space_path)), tuple(int(f) for f in folds.split(",")), float(seconds),
-                   storage or None, int(trials) or None, lambda line: print(line, flush=True), worker=int(worker))
+                   storage or None, int(trials) or None, lambda line: print(line, flush=True), worker=int(worker),
+                   pruner=optuna.pruners.NopPruner() if pruner == "none" else None)
     except KitError as err:
         print(f"error: {err}", flush=True)
         return 2

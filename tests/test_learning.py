@@ -71,7 +71,8 @@ def test_the_hard_set_has_slides_held_out_answers_and_noisy_labels(hard_data):
 
 def test_the_stall_detector_warns_when_the_loss_stays_at_the_prior(quick_config):
     messages = []
-    metrics = train_fold(quick_config(epochs=1, max_train_images=64, **{"optimizer.lr": 1e-12}), 0,
+    # 64 steps of two images: past the 50 steps the warning waits for (a tiny set's first steps say nothing)
+    metrics = train_fold(quick_config(epochs=1, max_train_images=128, batch_size=2, **{"optimizer.lr": 1e-12}), 0,
                          log=messages.append)
     warnings = [m for m in messages if m.startswith("warning: fold 0 epoch 1: train loss")]
     assert len(warnings) == 1 and "predicting the prior for every patch" in warnings[0]
