@@ -180,7 +180,7 @@ def weights_mismatch_on_meta(model_cfg: ModelConfig, source: str, options: dict,
     try:
         with torch.device("meta"):
             net = create_timm_model(model_cfg, source, options, pretrained=False)
-        return weights_mismatch(net, timm.models.load_state_dict(str(weights_file)))
+        return weights_mismatch(net, timm.models.load_state_dict(str(weights_file), weights_only=True))
     except Exception:
         return {}
 
@@ -230,7 +230,7 @@ def load_backbone_weights(net: nn.Module, name: str, weights_file: Path) -> None
     if not weights_file.is_file():
         raise KitError(f"config `model.pretrained_file`: {weights_file} not found")
     try:
-        found = timm.models.load_state_dict(str(weights_file))
+        found = timm.models.load_state_dict(str(weights_file), weights_only=True)
     except Exception as err:
         if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
             raise KitError(f"config `model.pretrained_file`: {weights_file} holds pickled Python objects besides "
