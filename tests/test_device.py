@@ -153,7 +153,7 @@ def test_mixed_precision_trains_and_predicts_with_tta_on_cpu(amp_dtype, scaled):
 def test_resume_across_precisions(quick_config, monkeypatch, first, then):
     """A CPU or bf16 run saves the scaler as {}; fp16 resumes it with a fresh scale, and the other way round the
     saved scale is simply not needed. The precision is recorded in last.pt."""
-    cfg = quick_config(epochs=2, max_train_images=64, **{"folds.n_splits": 10, "tta.views": "none"})
+    cfg = quick_config(epochs=2, max_train_images=32, **{"folds.n_splits": 10, "tta.views": "none"})
     monkeypatch.setattr(kit.engine, "autocast_dtype", lambda *args: first)
 
     def stop(epoch, row):
