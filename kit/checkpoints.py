@@ -75,9 +75,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """`load_checkpoint`, checked to be the kind its name says (last.pt or best.pt) in a version this kit reads."""
+    """`load_checkpoint`, checked to be the kind its name says (last.pt or best.pt; a file renamed by the user is
+    taken as the kind it says it is) in a version this kit reads."""
     state = load_checkpoint(path)
-    expected = KINDS[Path(path).name]
+    expected = KINDS.get(Path(path).name, state.get("kind", KINDS[BEST]))
     kind, version = state.get("kind", expected), state.get("version", 0)
     if kind != expected:
         raise KitError(f"{path} is a `{kind}` checkpoint, not `{expected}`: it was copied or renamed; put it back "

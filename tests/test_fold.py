@@ -193,3 +193,10 @@ def test_a_frozen_features_fold_refuses_to_resume_after_the_backbone_weights_cha
     with pytest.raises(KitError, match=r"its head was trained on other features .*retrain it with FORCE=1"):
         train_fold(cfg, 0, **QUIET)
     assert (fold_dir(cfg, 0) / "history.csv").read_bytes() == history, "nothing of the old run was mixed in"
+
+
+def test_a_best_pt_copied_under_another_name_still_predicts(trained_fold, tmp_path):
+    best = load_checkpoint(fold_dir(trained_fold, 0) / BEST)
+    torch.save(best, tmp_path / "fold0-weights.pt")
+    model, _ = model_from_best(tmp_path / "fold0-weights.pt")
+    assert_same_state(model.state_dict(), best["model"])
