@@ -1,7 +1,7 @@
 """The kit's command line, `hcd-kit` (or `python -m kit`): `hcd-kit <command> --config … key=value …`.
 
-Every make target is one call of it. Only argument parsing and wiring live here; every command is a few calls into the pipeline modules. A KitError, or
-an OS error (disk full, read-only, a file where a folder should be), becomes one line on stderr and exit status 2;
+Every make target is one call of it. Only wiring lives here (the grammar is kit/cli_parser.py); every command is a
+few calls into the pipeline modules. A KitError, or an OS error (disk full, read-only, a file where a folder should be), becomes one line on stderr and exit status 2;
 Ctrl-C says what was and was not saved at that stage and exits 130.
 """
 
